@@ -1,0 +1,107 @@
+"""Engine options: one dataclass shared by ``LLM(...)``, ``pdserve serve`` and the Ray workers.
+
+Torch-free so the CLI can build it. ``add_cli_args``/``from_cli_args`` turn the
+fields into ``--kebab-case`` flags, so the servers and the offline API accept
+the same options under the same names.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from typing import Any
+
+# The bundled default model (trained by tools/train_tiny.py); PDSERVE_DEFAULT_MODEL overrides it.
+DEFAULT_MODEL_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "pdserve-mini")
+
+ROLES = ("colocated", "prefill", "decode")
+DTYPES = ("auto", "bfloat16", "float32")
+
+
+def default_model() -> str:
+    return os.environ.get("PDSERVE_DEFAULT_MODEL", DEFAULT_MODEL_DIR)
+
+
+@dataclasses.dataclass
+class EngineArgs:
+    model: str = dataclasses.field(default_factory=default_model)
+    served_model_name: str | None = None
+    role: str = "colocated"
+    device: str = "auto"  # auto = cuda when present, else cpu
+    dtype: str = "auto"  # auto = bfloat16 (fast on CPUs with AVX512-BF16 and on GPUs)
+    seed: int = 0
+    # kv cache
+    block_size: int = 64
+    kv_cache_memory_gb: float = 1.0  # budget for the latent cache of every layer (MTP included)
+    num_kv_blocks: int | None = None  # overrides the memory budget (tests)
+    enable_prefix_caching: bool = True
+    # scheduler
+    max_num_seqs: int = 64  # cap on running requests
+    max_num_batched_tokens: int = 2048  # per-step token budget
+    enable_chunked_prefill: bool = True
+    max_model_len: int | None = None  # None = the model's max_position_embeddings
+    scheduling_policy: str = "fcfs"  # fcfs | priority
+    max_waiting_requests: int = 4096  # beyond this the API answers 429
+    # attention math for prefill: "naive" expands K/V; decode always runs absorbed over pages
+    mla_prefill: str = "naive"
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"role: must be one of {ROLES}, got {self.role!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype: must be one of {DTYPES}, got {self.dtype!r}")
+        if self.scheduling_policy not in ("fcfs", "priority"):
+            raise ValueError(f"scheduling_policy: must be 'fcfs' or 'priority', got {self.scheduling_policy!r}")
+        if self.mla_prefill not in ("naive", "absorbed"):
+            raise ValueError(f"mla_prefill: must be 'naive' or 'absorbed', got {self.mla_prefill!r}")
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_waiting_requests"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}: must be positive, got {getattr(self, name)}")
+        if self.kv_cache_memory_gb <= 0:
+            raise ValueError(f"kv_cache_memory_gb: must be positive, got {self.kv_cache_memory_gb}")
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or os.path.basename(os.path.normpath(self.model))
+
+    # ---- command line ----------------------------------------------------
+    @classmethod
+    def add_cli_args(cls, parser: argparse.ArgumentParser) -> None:
+        group = parser.add_argument_group("engine options")
+        for f in dataclasses.fields(cls):
+            flag = "--" + f.name.replace("_", "-")
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            kind = _field_type(f)
+            if kind is bool:
+                group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+            else:
+                choices = {"role": ROLES, "dtype": DTYPES, "scheduling_policy": ("fcfs", "priority"),
+                           "mla_prefill": ("naive", "absorbed")}.get(f.name)
+                group.add_argument(flag, type=kind, default=default, choices=choices,
+                                   help=f"(default: {default})")
+
+    @classmethod
+    def from_cli_args(cls, ns: argparse.Namespace) -> "EngineArgs":
+        return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if hasattr(ns, f.name)})
+
+    @classmethod
+    def from_kwargs(cls, model: str | None = None, **kwargs: Any) -> "EngineArgs":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise TypeError(f"unknown engine option(s): {', '.join(unknown)}")
+        if model is not None:
+            kwargs["model"] = model
+        return cls(**kwargs)
+
+
+def _field_type(f: dataclasses.Field) -> type:
+    t = str(f.type)
+    if t.startswith("bool"):
+        return bool
+    if t.startswith("int"):
+        return int
+    if t.startswith("float"):
+        return float
+    return str

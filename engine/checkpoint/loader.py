@@ -1,0 +1,236 @@
+"""Reading checkpoints in the official Hugging Face DeepSeek layout.
+
+A checkpoint directory holds ``config.json`` and either one ``model.safetensors``
+or shards listed in ``model.safetensors.index.json`` (``weight_map``: tensor name
+-> shard file). FP8 checkpoints store each quantized weight as float8_e4m3fn with
+a fp32 ``<module>.weight_scale_inv`` beside it; the loader dequantizes those pairs.
+
+Loading first reads only the safetensors headers and checks them against
+``checkpoint_schema(cfg)``, so a broken checkpoint fails before any data is read,
+with one ``CheckpointError`` naming the file and the tensor. Tensors are then read
+lazily shard by shard and yielded one at a time: memory holds one tensor (plus the
+memory-mapped shard), never the whole model. Tensors the schema does not know
+(``rotary_emb.inv_freq`` and the like) are ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from collections.abc import Iterator
+
+import torch
+from safetensors import SafetensorError, safe_open
+from tqdm import tqdm
+
+from engine.checkpoint.fp8 import dequantize_block_fp8
+from engine.checkpoint.schema import TensorSpec, checkpoint_schema, scale_inv_shape
+from engine.model.config import ConfigError, ModelConfig
+
+SINGLE_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+
+
+class CheckpointError(Exception):
+    """A checkpoint pdserve cannot load; the message names the file and, where it applies, the tensor."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredTensor:
+    file: str  # path of the safetensors file holding it
+    dtype: str  # safetensors dtype name: "BF16", "F32", "F8_E4M3", ...
+    shape: tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointIndex:
+    """What a checkpoint directory stores, from the safetensors headers alone."""
+
+    path: str
+    source: str  # the file that lists the tensors: the index JSON, or model.safetensors
+    files: tuple[str, ...]  # safetensors files, in shard order
+    tensors: dict[str, StoredTensor]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(os.path.getsize(f) for f in self.files)
+
+
+def scale_name(weight_name: str) -> str:
+    """``x.weight`` -> ``x.weight_scale_inv`` (DeepSeek's name for a weight's block scales)."""
+    return weight_name + "_scale_inv"
+
+
+def is_fp8_dtype(dtype: str) -> bool:
+    return dtype.startswith("F8_")
+
+
+def _require_dir(path: str) -> None:
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: checkpoint directory not found")
+
+
+def load_config(path: str | os.PathLike) -> ModelConfig:
+    """The ModelConfig of a checkpoint directory's config.json; errors as CheckpointError."""
+    path = os.fspath(path)
+    _require_dir(path)
+    try:
+        return ModelConfig.from_dir(path)
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from e
+
+
+def _read_header(file: str) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """name -> (dtype, shape) for every tensor of a safetensors file, reading only its header."""
+    try:
+        with safe_open(file, framework="pt") as f:
+            return {
+                name: (s.get_dtype(), tuple(s.get_shape()))
+                for name in f.keys()
+                for s in (f.get_slice(name),)
+            }
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{file}: not a readable safetensors file, truncated or corrupt ({e})") from e
+
+
+def _read_weight_map(index_file: str) -> dict[str, str]:
+    try:
+        with open(index_file, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{index_file}: not readable JSON ({e})") from e
+    weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index_file}: no 'weight_map' object of tensor name -> shard file")
+    return weight_map
+
+
+def read_index(path: str | os.PathLike) -> CheckpointIndex:
+    """List the tensors of a checkpoint directory (names, dtypes, shapes, files) without reading their data."""
+    path = os.fspath(path)
+    _require_dir(path)
+    index_file = os.path.join(path, INDEX_NAME)
+    single_file = os.path.join(path, SINGLE_NAME)
+    if os.path.isfile(index_file):
+        weight_map = _read_weight_map(index_file)
+        shards = sorted(set(weight_map.values()))
+        for shard in shards:
+            if not os.path.isfile(os.path.join(path, shard)):
+                raise CheckpointError(f"{index_file}: shard file {shard!r} is missing from {path}")
+        headers = {shard: _read_header(os.path.join(path, shard)) for shard in shards}
+        tensors = {}
+        for name, shard in weight_map.items():
+            if name not in headers[shard]:
+                raise CheckpointError(f"{os.path.join(path, shard)}: does not hold tensor {name!r} "
+                                      f"that {INDEX_NAME} places there")
+            tensors[name] = StoredTensor(os.path.join(path, shard), *headers[shard][name])
+        return CheckpointIndex(path, index_file, tuple(os.path.join(path, s) for s in shards), tensors)
+    if os.path.isfile(single_file):
+        tensors = {name: StoredTensor(single_file, *info) for name, info in _read_header(single_file).items()}
+        return CheckpointIndex(path, single_file, (single_file,), tensors)
+    raise CheckpointError(f"{path}: neither {SINGLE_NAME} nor {INDEX_NAME} found")
+
+
+def _is_mtp_tensor(name: str, cfg: ModelConfig) -> bool:
+    parts = name.split(".")
+    return len(parts) > 2 and parts[1] == "layers" and int(parts[2]) >= cfg.num_hidden_layers
+
+
+def _check_missing(index: CheckpointIndex, schema: dict[str, TensorSpec], cfg: ModelConfig) -> None:
+    missing = [name for name in schema if name not in index.tensors]
+    if not missing:
+        return
+    more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+    hint = ""
+    if all(_is_mtp_tensor(n, cfg) for n in missing):
+        hint = (f"; config.json declares num_nextn_predict_layers={cfg.num_nextn_predict_layers} "
+                f"(load with include_mtp=False to skip the MTP layers)")
+    raise CheckpointError(f"{index.source}: missing tensor {missing[0]!r}{more}{hint}")
+
+
+def _check_tensor(index: CheckpointIndex, name: str, spec: TensorSpec) -> None:
+    stored = index.tensors[name]
+    if stored.shape != spec.shape:
+        raise CheckpointError(f"{stored.file}: tensor {name!r} has shape {list(stored.shape)}, "
+                              f"expected {list(spec.shape)} from config.json")
+    if not is_fp8_dtype(stored.dtype):
+        return
+    if len(spec.shape) != 2:
+        raise CheckpointError(f"{stored.file}: tensor {name!r} is stored {stored.dtype}, "
+                              f"but only 2-D weights can carry block scales")
+    scale = index.tensors.get(scale_name(name))
+    if scale is None:
+        raise CheckpointError(f"{stored.file}: tensor {name!r} is stored {stored.dtype} "
+                              f"without its block scales {scale_name(name)!r}")
+    if scale.shape != scale_inv_shape(spec.shape):
+        raise CheckpointError(f"{scale.file}: tensor {scale_name(name)!r} has shape {list(scale.shape)}, "
+                              f"expected {list(scale_inv_shape(spec.shape))} for weight shape {list(spec.shape)}")
+
+
+def check_checkpoint(index: CheckpointIndex, cfg: ModelConfig, include_mtp: bool = True) -> dict[str, TensorSpec]:
+    """Check the stored tensors against the schema of ``cfg``; returns that schema. Raises CheckpointError."""
+    schema = checkpoint_schema(cfg, include_mtp)
+    _check_missing(index, schema, cfg)
+    for name, spec in schema.items():
+        _check_tensor(index, name, spec)
+    return schema
+
+
+def _open(file: str):
+    try:
+        return safe_open(file, framework="pt")
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{file}: not a readable safetensors file, truncated or corrupt ({e})") from e
+
+
+def _get(handle, file: str, name: str) -> torch.Tensor:
+    try:
+        return handle.get_tensor(name)
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{file}: cannot read tensor {name!r} ({e})") from e
+
+
+def _materialize(handle, index: CheckpointIndex, name: str, dtype: torch.dtype | None) -> torch.Tensor:
+    """One schema tensor from the open shard, FP8 pairs dequantized, cast to ``dtype`` (None: as stored)."""
+    stored = index.tensors[name]
+    tensor = _get(handle, stored.file, name)
+    if not is_fp8_dtype(stored.dtype):
+        return tensor if dtype is None else tensor.to(dtype)
+    scale = index.tensors[scale_name(name)]
+    if scale.file == stored.file:
+        scale_inv = _get(handle, scale.file, scale_name(name))
+    else:  # the scale landed in the next shard
+        with _open(scale.file) as other:
+            scale_inv = _get(other, scale.file, scale_name(name))
+    return dequantize_block_fp8(tensor, scale_inv, dtype or torch.float32)
+
+
+def iter_checkpoint_tensors(
+    path: str | os.PathLike,
+    cfg: ModelConfig,
+    dtype: torch.dtype | None,
+    include_mtp: bool = True,
+    progress: bool = True,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(name, tensor)`` for every tensor of ``checkpoint_schema(cfg, include_mtp)``, shard by shard.
+
+    Tensors come cast to ``dtype``; FP8 weights are dequantized block-wise (product in
+    fp32, then cast). ``dtype=None`` keeps each tensor's stored dtype (FP8 weights come
+    out float32). The whole checkpoint is validated before the first tensor is yielded.
+    """
+    index = read_index(path)
+    schema = check_checkpoint(index, cfg, include_mtp)
+    by_file: dict[str, list[str]] = {f: [] for f in index.files}
+    for name in schema:
+        by_file[index.tensors[name].file].append(name)
+    with tqdm(total=len(schema), desc="loading checkpoint", unit="tensor", file=sys.stderr,
+              disable=not progress) as bar:
+        for file, names in by_file.items():
+            if not names:
+                continue
+            with _open(file) as handle:
+                for name in names:
+                    yield name, _materialize(handle, index, name, dtype)
+                    bar.update(1)

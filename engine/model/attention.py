@@ -1,0 +1,206 @@
+"""MLA attention math over the paged latent cache.
+
+Only the latent is cached: one row per token per layer, ``[kv_lora_rank |
+qk_rope_head_dim]`` (normed compressed KV, then the rotated rope key). A layer's
+cache is ``[num_blocks, block_size, width]``; a token's *slot* is
+``block * block_size + offset``.
+
+Two computations, proven equal in the tests:
+
+* **naive** — expand the context's latent through ``kv_b_proj`` into per-head
+  K and V, then ordinary attention. Cheapest when many queries share a context
+  (prefill).
+* **absorbed** — fold ``W_UK`` into the query (``q_nope · W_UK`` lives in the
+  latent space) and ``W_UV`` into the output, so attention reads only the
+  cached latent rows. What decode runs: per step it touches
+  ``context × (kv_lora_rank + rope)`` numbers instead of
+  ``context × heads × (nope + rope + v)``.
+
+Tokens of a step are laid out flat, sequence after sequence. ``AttentionMetadata``
+(built once per step, shared by every layer) says which tokens belong to which
+sequence, where their rows go, and which rows each sequence attends to.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclasses.dataclass
+class SeqSpan:
+    """One sequence of a step with more than one new token (or any sequence without a cache)."""
+
+    q_start: int
+    q_end: int
+    context_len: int
+    context_slots: torch.Tensor | None  # [context_len] cache rows; None = the new tokens are the whole context
+
+
+@dataclasses.dataclass
+class DecodeBatch:
+    """Sequences with exactly one new token, attended in one batched absorbed pass."""
+
+    token_index: torch.Tensor  # [Bd] positions of their tokens in the flat step
+    slots: torch.Tensor  # [Bd, Lmax] cache rows of each context, padded
+    valid: torch.Tensor  # [Bd, Lmax] True where the row belongs to the context
+
+
+@dataclasses.dataclass
+class AttentionMetadata:
+    num_tokens: int
+    spans: list[SeqSpan]
+    decode: DecodeBatch | None
+    slot_mapping: torch.Tensor | None  # [T] rows the step's new tokens are written to; None = no cache
+    kv_caches: list[torch.Tensor] | None  # per layer index (MTP layers after the main ones)
+    prefill_mode: str = "naive"  # "naive" | "absorbed"
+
+    @classmethod
+    def no_cache(cls, seq_lens: list[int], prefill_mode: str = "naive") -> "AttentionMetadata":
+        """Whole sequences, attended causally among themselves, nothing cached (reference runs, training)."""
+        spans, start = [], 0
+        for n in seq_lens:
+            spans.append(SeqSpan(start, start + n, n, None))
+            start += n
+        return cls(num_tokens=start, spans=spans, decode=None, slot_mapping=None, kv_caches=None,
+                   prefill_mode=prefill_mode)
+
+    @classmethod
+    def paged(
+        cls,
+        query_lens: list[int],
+        context_lens: list[int],
+        block_tables: list[list[int]],
+        block_size: int,
+        kv_caches: list[torch.Tensor],
+        device: torch.device,
+        prefill_mode: str = "naive",
+    ) -> "AttentionMetadata":
+        """A step over the paged cache: sequence i has query_lens[i] new tokens ending its context_lens[i]."""
+        b = len(query_lens)
+        width = max(len(t) for t in block_tables)
+        tables = torch.zeros(b, width, dtype=torch.long)  # [B, max_blocks]
+        for i, t in enumerate(block_tables):
+            tables[i, : len(t)] = torch.tensor(t, dtype=torch.long)
+        ctx = torch.tensor(context_lens, dtype=torch.long)  # [B]
+        q = torch.tensor(query_lens, dtype=torch.long)  # [B]
+        lmax = int(ctx.max())
+        pos = torch.arange(lmax)  # [Lmax]
+        slots = tables[:, pos // block_size] * block_size + pos % block_size  # [B, Lmax]
+        valid = pos[None, :] < ctx[:, None]  # [B, Lmax]
+        new = valid & (pos[None, :] >= (ctx - q)[:, None])  # [B, Lmax] rows written this step
+        slot_mapping = slots[new]  # [T] in sequence order, positions ascending
+        starts = torch.cumsum(q, 0) - q
+        is_dec = q == 1
+        spans = [
+            SeqSpan(int(starts[i]), int(starts[i]) + query_lens[i], context_lens[i], slots[i, : context_lens[i]].to(device))
+            for i in range(b) if query_lens[i] != 1
+        ]
+        decode = None
+        if bool(is_dec.any()):
+            idx = is_dec.nonzero().flatten()
+            dmax = int(ctx[idx].max())
+            decode = DecodeBatch(starts[idx].to(device), slots[idx, :dmax].to(device), valid[idx, :dmax].to(device))
+        return cls(num_tokens=int(q.sum()), spans=spans, decode=decode, slot_mapping=slot_mapping.to(device),
+                   kv_caches=kv_caches, prefill_mode=prefill_mode)
+
+
+@dataclasses.dataclass
+class MLAWeights:
+    """The per-head up-projections of one layer, views of ``kv_b_proj.weight``."""
+
+    w_uk: torch.Tensor  # [H, Dn, R]  latent -> key (nope part)
+    w_uv: torch.Tensor  # [H, Dv, R]  latent -> value
+    scale: float
+
+    @classmethod
+    def from_kv_b_proj(cls, weight: torch.Tensor, num_heads: int, nope: int, v: int, scale: float) -> "MLAWeights":
+        w = weight.view(num_heads, nope + v, -1)  # [H, Dn+Dv, R]
+        return cls(w_uk=w[:, :nope], w_uv=w[:, nope:], scale=scale)
+
+
+def mla_attention(
+    q_nope: torch.Tensor,  # [T, H, Dn]
+    q_pe: torch.Tensor,  # [T, H, Dr] rotated
+    latent: torch.Tensor,  # [T, R] normed compressed kv of the new tokens
+    k_pe: torch.Tensor,  # [T, Dr] rotated rope key of the new tokens
+    w: MLAWeights,
+    meta: AttentionMetadata,
+    layer_idx: int,
+) -> torch.Tensor:  # [T, H * Dv]
+    rows = torch.cat([latent, k_pe], dim=-1)  # [T, R+Dr]
+    cache = None
+    if meta.kv_caches is not None:
+        cache = meta.kv_caches[layer_idx].view(-1, rows.shape[-1])  # [num_slots, R+Dr]
+        cache.index_copy_(0, meta.slot_mapping, rows.to(cache.dtype))
+    heads, dv = w.w_uv.shape[0], w.w_uv.shape[1]
+    out = q_nope.new_empty(q_nope.shape[0], heads, dv)
+    for span in meta.spans:
+        ctx = rows[span.q_start:span.q_end] if span.context_slots is None else cache[span.context_slots]
+        q = slice(span.q_start, span.q_end)
+        fn = _naive if meta.prefill_mode == "naive" else _absorbed_one
+        out[q] = fn(q_nope[q], q_pe[q], ctx, w)
+    if meta.decode is not None:
+        d = meta.decode
+        out[d.token_index] = _absorbed_decode(q_nope[d.token_index], q_pe[d.token_index], cache[d.slots], d.valid, w)
+    return out.flatten(1)
+
+
+def _causal_mask(q_len: int, ctx_len: int, device: torch.device) -> torch.Tensor:
+    """[Q, L] True where query i (at context position ctx_len - q_len + i) may attend key j."""
+    q_pos = torch.arange(ctx_len - q_len, ctx_len, device=device)
+    return torch.arange(ctx_len, device=device)[None, :] <= q_pos[:, None]
+
+
+def _naive(q_nope: torch.Tensor, q_pe: torch.Tensor, ctx: torch.Tensor, w: MLAWeights) -> torch.Tensor:
+    """Expanded K/V for one sequence: q [Q, H, *], ctx [L, R+Dr] -> [Q, H, Dv]."""
+    r = w.w_uk.shape[2]
+    ctx_len, heads = ctx.shape[0], q_nope.shape[1]
+    c_lat, c_pe = ctx[:, :r].to(q_nope.dtype), ctx[:, r:].to(q_nope.dtype)
+    k_nope = torch.einsum("lr,hdr->hld", c_lat, w.w_uk)  # [H, L, Dn]
+    v = torch.einsum("lr,hvr->hlv", c_lat, w.w_uv)  # [H, L, Dv]
+    k = torch.cat([k_nope, c_pe[None].expand(heads, ctx_len, -1)], dim=-1)  # [H, L, Dn+Dr]
+    q = torch.cat([q_nope, q_pe], dim=-1).transpose(0, 1)  # [H, Q, Dn+Dr]
+    q_len = q.shape[1]
+    if q_len == ctx_len:
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=w.scale)
+    else:
+        mask = _causal_mask(q_len, ctx_len, q.device)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=w.scale)
+    return o.transpose(0, 1)  # [Q, H, Dv]
+
+
+def _absorb_query(q_nope: torch.Tensor, q_pe: torch.Tensor, w: MLAWeights) -> torch.Tensor:
+    q_lat = torch.einsum("...hd,hdr->...hr", q_nope, w.w_uk)  # [..., H, R]
+    return torch.cat([q_lat, q_pe], dim=-1)  # [..., H, R+Dr]
+
+
+def _absorbed_one(q_nope: torch.Tensor, q_pe: torch.Tensor, ctx: torch.Tensor, w: MLAWeights) -> torch.Tensor:
+    """Latent-space attention for one sequence: q [Q, H, *], ctx [L, R+Dr] -> [Q, H, Dv]."""
+    r = w.w_uk.shape[2]
+    q = _absorb_query(q_nope, q_pe, w)  # [Q, H, R+Dr]
+    ctx = ctx.to(q.dtype)
+    scores = torch.einsum("qhc,lc->hql", q, ctx).float() * w.scale  # [H, Q, L]
+    scores.masked_fill_(~_causal_mask(q.shape[0], ctx.shape[0], q.device), float("-inf"))
+    p = scores.softmax(-1).to(q.dtype)
+    o_lat = torch.einsum("hql,lr->qhr", p, ctx[:, :r])  # [Q, H, R]
+    return torch.einsum("qhr,hvr->qhv", o_lat, w.w_uv)
+
+
+def _absorbed_decode(
+    q_nope: torch.Tensor,  # [B, H, Dn]
+    q_pe: torch.Tensor,  # [B, H, Dr]
+    ctx: torch.Tensor,  # [B, Lmax, R+Dr] gathered context rows
+    valid: torch.Tensor,  # [B, Lmax]
+    w: MLAWeights,
+) -> torch.Tensor:  # [B, H, Dv]
+    r = w.w_uk.shape[2]
+    q = _absorb_query(q_nope, q_pe, w)  # [B, H, R+Dr]
+    ctx = ctx.to(q.dtype)
+    scores = torch.bmm(q, ctx.transpose(1, 2)).float() * w.scale  # [B, H, Lmax]
+    scores.masked_fill_(~valid[:, None, :], float("-inf"))
+    p = scores.softmax(-1).to(q.dtype)
+    o_lat = torch.bmm(p, ctx[..., :r])  # [B, H, R]
+    return torch.einsum("bhr,hvr->bhv", o_lat, w.w_uv)

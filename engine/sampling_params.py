@@ -1,0 +1,101 @@
+"""Per-request sampling parameters, shaped like vLLM's so users can switch.
+
+Torch-free: the API layer builds these from HTTP/gRPC requests. ``validate()``
+raises ``ValueError`` whose message starts with the offending parameter's name
+(the servers turn it into a 400 / INVALID_ARGUMENT naming ``param``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+MAX_N = 64
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 256
+MAX_LOGPROBS = 20
+
+
+class SamplingParamError(ValueError):
+    def __init__(self, param: str, message: str):
+        super().__init__(f"{param}: {message}")
+        self.param = param
+
+
+@dataclasses.dataclass
+class SamplingParams:
+    n: int = 1
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1 = off
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    max_tokens: int | None = 16  # None = up to the context length
+    min_tokens: int = 0
+    stop: list[str] = dataclasses.field(default_factory=list)
+    stop_token_ids: list[int] = dataclasses.field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = None  # top-k logprobs per generated token (0 = only the sampled one)
+    prompt_logprobs: int | None = None
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if self.top_k == -1:
+            self.top_k = 0
+        self.validate()
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def validate(self) -> None:
+        def is_int(x: Any) -> bool:
+            return isinstance(x, int) and not isinstance(x, bool)
+
+        def is_num(x: Any) -> bool:
+            return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x  # rejects NaN
+
+        def check(cond: bool, param: str, msg: str) -> None:
+            if not cond:
+                raise SamplingParamError(param, msg)
+
+        check(is_int(self.n) and 1 <= self.n <= MAX_N, "n", f"must be an integer in [1, {MAX_N}], got {self.n!r}")
+        check(is_num(self.temperature) and 0.0 <= self.temperature <= 100.0, "temperature",
+              f"must be in [0, 100], got {self.temperature!r}")
+        check(is_num(self.top_p) and 0.0 < self.top_p <= 1.0, "top_p", f"must be in (0, 1], got {self.top_p!r}")
+        check(is_int(self.top_k) and self.top_k >= 0, "top_k", f"must be -1, 0 (off) or a positive integer, got {self.top_k!r}")
+        check(is_num(self.min_p) and 0.0 <= self.min_p <= 1.0, "min_p", f"must be in [0, 1], got {self.min_p!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            check(is_num(v) and -2.0 <= v <= 2.0, name, f"must be in [-2, 2], got {v!r}")
+        check(is_num(self.repetition_penalty) and 0.0 < self.repetition_penalty <= 2.0, "repetition_penalty",
+              f"must be in (0, 2], got {self.repetition_penalty!r}")
+        check(self.seed is None or (is_int(self.seed) and -(2**63) <= self.seed < 2**64), "seed",
+              f"must be an integer, got {self.seed!r}")
+        check(self.max_tokens is None or (is_int(self.max_tokens) and self.max_tokens >= 1), "max_tokens",
+              f"must be an integer >= 1, got {self.max_tokens!r}")
+        check(is_int(self.min_tokens) and self.min_tokens >= 0, "min_tokens", f"must be an integer >= 0, got {self.min_tokens!r}")
+        if self.max_tokens is not None:
+            check(self.min_tokens <= self.max_tokens, "min_tokens",
+                  f"({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
+        check(isinstance(self.stop, list) and all(isinstance(s, str) and s for s in self.stop), "stop",
+              "must be a non-empty string or a list of non-empty strings")
+        check(len(self.stop) <= MAX_STOP_STRINGS, "stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}")
+        check(all(len(s) <= MAX_STOP_STRING_CHARS for s in self.stop), "stop",
+              f"each stop string is at most {MAX_STOP_STRING_CHARS} characters")
+        check(isinstance(self.stop_token_ids, list) and all(is_int(t) and t >= 0 for t in self.stop_token_ids),
+              "stop_token_ids", "must be a list of non-negative integers")
+        check(isinstance(self.ignore_eos, bool), "ignore_eos", "must be a boolean")
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            check(v is None or (is_int(v) and 0 <= v <= MAX_LOGPROBS), name,
+                  f"must be an integer in [0, {MAX_LOGPROBS}], got {v!r}")
+
+    def clone(self, **changes: Any) -> "SamplingParams":
+        return dataclasses.replace(self, **changes)

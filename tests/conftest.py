@@ -1,0 +1,29 @@
+"""Shared fixtures: small random checkpoints in the official DeepSeek layout.
+
+Session-scoped and shared between tests: treat the directories as read-only
+(copy them with ``shutil.copytree`` before breaking or extending one).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> str:
+    """The ``tiny`` preset, bf16, seed 0, with its tokenizer (about 1 MB)."""
+    from engine.checkpoint.random_ckpt import make_random_checkpoint
+
+    path = tmp_path_factory.mktemp("ckpt") / "tiny"
+    make_random_checkpoint(path, "tiny", seed=0)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_fp8_checkpoint(tmp_path_factory) -> str:
+    """The ``tiny`` preset, seed 0, in DeepSeek's block-FP8 layout."""
+    from engine.checkpoint.random_ckpt import make_random_checkpoint
+
+    path = tmp_path_factory.mktemp("ckpt") / "tiny-fp8"
+    make_random_checkpoint(path, "tiny", seed=0, fp8=True)
+    return str(path)
