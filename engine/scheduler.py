@@ -1,0 +1,221 @@
+"""Continuous batching with one rule: each request's computed tokens catch up to its known tokens.
+
+Queues: ``waiting`` (FCFS, or by ``(priority, arrival)`` in priority mode) and
+``running`` (admission order). Each ``schedule()``:
+
+1. running requests first, in order: each gets ``num_tokens - num_computed``
+   new tokens, cut to what is left of the step's token budget (chunked
+   prefill); if its blocks cannot be allocated, the lowest-priority running
+   request is preempted (blocks freed, ``num_computed = 0``, back to the front
+   of ``waiting``: recompute) until they can;
+2. then, unless something was preempted this step, waiting requests are
+   admitted while the budget, the running cap and the free blocks allow; a
+   newly admitted request first takes its cached prefix.
+
+A request samples a token in a step when that step brings it fully up to date.
+``update()`` appends sampled tokens, applies token-level stops and frees the
+blocks of finished requests. Nothing here knows about prefill or decode phases.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections import deque
+
+from engine.kv_cache import KVCacheManager
+from engine.request import Request, RequestStatus
+
+
+@dataclasses.dataclass
+class SchedulerConfig:
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    enable_chunked_prefill: bool = True
+    policy: str = "fcfs"  # fcfs | priority
+
+
+@dataclasses.dataclass
+class ScheduledRequest:
+    req: Request
+    num_new_tokens: int
+    sample: bool  # this step completes the known tokens: sample the next one
+
+    @property
+    def start(self) -> int:
+        """Position of the first new token."""
+        return self.req.num_computed_tokens
+
+
+@dataclasses.dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest]
+    preempted: list[Request]
+    num_tokens: int
+
+    @property
+    def empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager):
+        self.config = config
+        self.kv = kv
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.num_preemptions = 0
+
+    # ---- queue management ---------------------------------------------------------
+    def add(self, req: Request) -> None:
+        self.requests[req.request_id] = req
+        req.status = RequestStatus.WAITING
+        if self.config.policy == "priority":
+            key = (req.priority, req.arrival_time)
+            i = next((i for i, r in enumerate(self.waiting) if (r.priority, r.arrival_time) > key), len(self.waiting))
+            self.waiting.insert(i, req)
+        else:
+            self.waiting.append(req)
+
+    def finish(self, req: Request, reason: str, stop_reason: int | str | None = None) -> None:
+        """End a request for any reason (stop, length, abort); frees its blocks."""
+        if req.finished:
+            return
+        if req.status == RequestStatus.WAITING and req in self.waiting:
+            self.waiting.remove(req)
+        elif req in self.running:
+            self.running.remove(req)
+        req.status = RequestStatus.FINISHED
+        req.finish_reason = req.finish_reason or reason
+        if stop_reason is not None:
+            req.stop_reason = stop_reason
+        req.metrics.finished_time = time.time()
+        self.kv.free(req.request_id)
+        self.requests.pop(req.request_id, None)
+
+    def park(self, req: Request) -> None:
+        """Prefill role: stop scheduling the request but keep its blocks until its KV is exported."""
+        self.running.remove(req)
+        req.status = RequestStatus.PARKED
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- one step -----------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[ScheduledRequest] = []
+        preempted: list[Request] = []
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if n <= 0:
+                i += 1
+                continue
+            while self.kv.allocate(req.request_id, req.num_computed_tokens + n) is None:
+                victim = self._pick_victim()
+                if self.running.index(victim) < i:
+                    i -= 1
+                    budget += self._unschedule(victim, scheduled)
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is req:
+                    break
+            if req.status != RequestStatus.RUNNING:
+                continue  # req itself was preempted; running[i] is now the next one
+            scheduled.append(ScheduledRequest(req, n, sample=req.num_computed_tokens + n == req.num_tokens))
+            budget -= n
+            i += 1
+
+        if not preempted:
+            budget = self._admit(budget, scheduled)
+        return SchedulerOutput(scheduled, preempted, self.config.max_num_batched_tokens - budget)
+
+    def _admit(self, budget: int, scheduled: list[ScheduledRequest]) -> int:
+        skipped: list[Request] = []
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[0]
+            if req.wait_for is not None and not self._sibling_ready(req.wait_for):
+                skipped.append(self.waiting.popleft())
+                continue
+            if req.kv_import is None and req.num_computed_tokens == 0:
+                req.num_computed_tokens = self.kv.match_prefix(req.request_id, req.all_token_ids)
+                req.metrics.num_cached_tokens = max(req.metrics.num_cached_tokens, req.num_computed_tokens)
+            n = req.num_tokens - req.num_computed_tokens
+            if n > budget and not self.config.enable_chunked_prefill:
+                self._release(req)
+                break
+            n = min(n, budget)
+            if self.kv.allocate(req.request_id, req.num_computed_tokens + n) is None:
+                self._release(req)
+                break
+            self.waiting.popleft()
+            self.running.append(req)
+            req.status = RequestStatus.RUNNING
+            if req.metrics.scheduled_time is None:
+                req.metrics.scheduled_time = time.time()
+            scheduled.append(ScheduledRequest(req, n, sample=req.num_computed_tokens + n == req.num_tokens))
+            budget -= n
+        self.waiting.extendleft(reversed(skipped))
+        return budget
+
+    def _sibling_ready(self, sibling: Request) -> bool:
+        return sibling.status != RequestStatus.WAITING and (
+            sibling.finished or sibling.num_computed_tokens >= sibling.num_prompt_tokens)
+
+    def _release(self, req: Request) -> None:
+        """Undo an admission attempt that did not fit (prefix blocks returned)."""
+        self.kv.free(req.request_id)
+        if req.kv_import is None:
+            req.num_computed_tokens = 0
+
+    def _pick_victim(self) -> Request:
+        if self.config.policy == "priority":
+            return max(self.running, key=lambda r: (r.priority, r.arrival_time))
+        return self.running[-1]
+
+    @staticmethod
+    def _unschedule(req: Request, scheduled: list[ScheduledRequest]) -> int:
+        entry = next(s for s in scheduled if s.req is req)
+        scheduled.remove(entry)
+        return entry.num_new_tokens
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self.kv.free(req.request_id)
+        req.num_computed_tokens = 0
+        req.kv_import = None  # recompute from tokens, like any preempted request
+        req.status = RequestStatus.WAITING
+        req.metrics.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    # ---- after the model ran ------------------------------------------------------------
+    def update(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
+        """Advance computed tokens, append sampled ones, apply token stops; returns requests with a new token."""
+        now = time.time()
+        updated: list[Request] = []
+        for s in out.scheduled:
+            req = s.req
+            req.num_computed_tokens += s.num_new_tokens
+            req.kv_import = None
+            self.kv.commit_computed(req.request_id, req.all_token_ids, req.num_computed_tokens)
+            if not s.sample:
+                continue
+            token = sampled[req.request_id]
+            req.output_token_ids.append(token)
+            if req.metrics.first_token_time is None:
+                req.metrics.first_token_time = now
+            req.metrics.last_token_time = now
+            updated.append(req)
+            if req.check_stop_token(token):
+                self.finish(req, req.finish_reason)
+        return updated

@@ -1,0 +1,198 @@
+"""The engine end to end on the tiny random checkpoint (fp32, so tokens can be compared exactly).
+
+Greedy tokens of a request must be the same alone, inside a batch of 32
+mixed-length requests, with chunked prefill at a small chunk, on a prefix-cache
+hit, through a prefill engine → payload → decode engine, under preemption, and
+equal to transformers' greedy generate.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from engine import LLM, SamplingParams
+from engine.engine import LLMEngine
+from engine.args import EngineArgs
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
+
+
+def _prompts(n: int, vocab: int, seed: int = 0, lo: int = 3, hi: int = 150) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(vocab) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+
+
+def _tokens(outs) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in outs]
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_checkpoint):
+    return LLM(tiny_checkpoint, dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def prompts(llm):
+    return _prompts(32, llm.engine.config.vocab_size)
+
+
+@pytest.fixture(scope="module")
+def alone(llm, prompts):
+    """Reference: each request run by itself."""
+    return [_tokens(llm.generate([p], GREEDY))[0] for p in prompts]
+
+
+def test_batch_of_32_equals_alone(llm, prompts, alone):
+    assert _tokens(llm.generate(prompts, GREEDY)) == alone
+    assert llm.engine.kv.num_used_blocks == 0
+
+
+def test_chunked_prefill_equals_alone(tiny_checkpoint, prompts, alone):
+    small = LLM(tiny_checkpoint, dtype="float32", max_num_batched_tokens=16, enable_prefix_caching=False)
+    assert _tokens(small.generate(prompts[:8], GREEDY)) == alone[:8]
+
+
+def test_prefix_cache_hit_equals_alone(tiny_checkpoint, prompts, alone):
+    cached = LLM(tiny_checkpoint, dtype="float32", block_size=16)
+    long = [p for p in prompts if len(p) > 40][:4]
+    want = [alone[prompts.index(p)] for p in long]
+    assert _tokens(cached.generate(long, GREEDY)) == want
+    hits_before = cached.engine.kv.prefix_hits
+    assert _tokens(cached.generate(long, GREEDY)) == want  # second time: served from the prefix cache
+    assert cached.engine.kv.prefix_hits - hits_before >= sum((len(p) - 1) // 16 * 16 for p in long)
+
+
+def test_prefill_decode_handoff_equals_alone(tiny_checkpoint, prompts, alone):
+    prefill = LLMEngine(EngineArgs(model=tiny_checkpoint, dtype="float32", role="prefill"))
+    decode = LLMEngine(EngineArgs(model=tiny_checkpoint, dtype="float32", role="decode"))
+    for i, p in enumerate(prompts[:6]):
+        prefill.add_request(f"r{i}", p, GREEDY)
+    while prefill.has_unfinished():
+        prefill.step()
+    payloads = [prefill.export_kv(f"r{i}") for i in range(6)]
+    assert prefill.kv.num_used_blocks == 0
+    for payload in payloads:
+        assert payload.num_tokens == len(payload.prompt_token_ids)
+        assert payload.num_layers == prefill.runner.model.num_cache_layers
+        decode.add_request(payload.request_id, payload.prompt_token_ids, payload.params, kv=payload)
+    got: dict[str, list[int]] = {}
+    while decode.has_unfinished():
+        for out in decode.step():
+            got.setdefault(out.request_id, []).extend(out.outputs[0].token_ids)
+    assert [got[f"r{i}"] for i in range(6)] == alone[:6]
+    assert decode.kv.num_used_blocks == 0
+
+
+def test_matches_transformers_generate(tiny_checkpoint, prompts, alone):
+    transformers = pytest.importorskip("transformers")
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32).eval()
+    for p, ours in list(zip(prompts, alone))[:4]:
+        with torch.no_grad():
+            want = ref.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long), max_new_tokens=64, min_new_tokens=64, do_sample=False,
+                                eos_token_id=None, pad_token_id=0)[0, len(p):].tolist()
+        assert ours == want
+
+
+def test_preemption_keeps_greedy_tokens_and_frees_blocks(tiny_checkpoint, prompts, alone):
+    # 12 blocks of 16 tokens cannot hold 8 requests of up to 150 + 64 tokens at once
+    tight = LLM(tiny_checkpoint, dtype="float32", block_size=16, num_kv_blocks=14, enable_prefix_caching=False)
+    subset = [p for p in prompts if len(p) < 150][:8]
+    want = [alone[prompts.index(p)] for p in subset]
+    assert _tokens(tight.generate(subset, GREEDY)) == want
+    assert tight.engine.scheduler.num_preemptions > 0
+    assert tight.engine.kv.num_used_blocks == 0
+
+
+def test_abort_frees_every_block(llm, prompts):
+    eng = llm.engine
+    for i, p in enumerate(prompts[:8]):
+        eng.add_request(f"a{i}", p, GREEDY)
+    eng.step()
+    eng.step()
+    assert eng.kv.num_used_blocks > 0
+    for i in range(8):
+        eng.abort(f"a{i}")
+    assert eng.kv.num_used_blocks == 0 and not eng.has_unfinished()
+
+
+def test_kv_bytes_per_token_is_latent_only(llm, capsys):
+    cfg = llm.engine.config
+    runner = llm.engine.runner
+    layers = runner.model.num_cache_layers
+    assert runner.cache_bytes_per_token == (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * layers * 4
+    mha = layers * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * 4
+    with capsys.disabled():
+        print(f"\nKV bytes/token: MLA latent {runner.cache_bytes_per_token} vs MHA-equivalent {mha} "
+              f"({mha / runner.cache_bytes_per_token:.1f}x)")
+    assert runner.kv_caches[0].shape[-1] == cfg.kv_cache_width
+
+
+def test_seeded_sampling_independent_of_batch(llm, prompts):
+    params = SamplingParams(temperature=0.9, top_p=0.95, seed=1234, max_tokens=24, ignore_eos=True)
+    other = SamplingParams(temperature=1.0, max_tokens=24, ignore_eos=True)
+    target = prompts[5]
+    alone = _tokens(llm.generate([target], params))[0]
+    mixed = llm.generate(prompts[:3] + [target] + prompts[6:9], [other] * 3 + [params] + [other] * 3)
+    assert mixed[3].outputs[0].token_ids == alone
+    unseeded = _tokens(llm.generate([target, target], [other, other]))
+    assert unseeded[0] != unseeded[1]
+
+
+def test_n_completions_share_the_prompt(llm, prompts):
+    params = SamplingParams(n=4, temperature=1.0, seed=7, max_tokens=16, ignore_eos=True)
+    out = llm.generate([prompts[2]], params)[0]
+    assert [o.index for o in out.outputs] == [0, 1, 2, 3]
+    assert len({tuple(o.token_ids) for o in out.outputs}) > 1
+    assert all(len(o.token_ids) == 16 for o in out.outputs)
+    assert llm.engine.kv.num_used_blocks == 0
+
+
+def test_stop_strings_and_tokens(llm):
+    tok = llm.tokenizer
+    free = llm.generate(["def f(x):"], SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))[0].outputs[0]
+    assert len(free.text) > 6
+    stop = free.text[3:6]
+    cut = llm.generate(["def f(x):"], SamplingParams(temperature=0, max_tokens=40, stop=[stop], ignore_eos=True))
+    out = cut[0].outputs[0]
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+    assert out.text == free.text[: free.text.index(stop)]
+    stop_id = free.token_ids[5]
+    by_id = llm.generate(["def f(x):"], SamplingParams(temperature=0, max_tokens=40, stop_token_ids=[stop_id],
+                                                        ignore_eos=True))[0].outputs[0]
+    assert by_id.token_ids == free.token_ids[: free.token_ids.index(stop_id) + 1]
+    assert by_id.stop_reason == stop_id
+    assert tok.decode(free.token_ids, skip_special_tokens=True) == free.text
+
+
+def test_logprobs_and_prompt_logprobs(llm, prompts):
+    p = prompts[7][:40]
+    params = SamplingParams(temperature=0, max_tokens=5, logprobs=3, prompt_logprobs=2, ignore_eos=True)
+    out = llm.generate([p], params)[0]
+    comp = out.outputs[0]
+    assert len(comp.logprobs) == 5
+    for tok, entry in zip(comp.token_ids, comp.logprobs):
+        assert next(iter(entry)) == tok and len(entry) >= 3
+        assert entry[tok] == max(entry.values())  # greedy picks the most likely token
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(p)
+    assert all(next(iter(e)) == t for e, t in zip(out.prompt_logprobs[1:], p[1:]))
+    # chunked prefill gives the same prompt logprobs
+    small = LLM(llm.engine.args.model, dtype="float32", max_num_batched_tokens=7)
+    again = small.generate([p], params)[0]
+    for a, b in zip(out.prompt_logprobs[1:], again.prompt_logprobs[1:]):
+        assert a.keys() == b.keys() and all(abs(a[k] - b[k]) < 1e-4 for k in a)
+
+
+def test_invalid_requests_name_the_parameter(llm):
+    eng = llm.engine
+    with pytest.raises(ValueError, match="prompt"):
+        eng.add_request("x1", [], GREEDY)
+    with pytest.raises(ValueError, match="prompt"):
+        eng.add_request("x2", [eng.config.vocab_size + 5], GREEDY)
+    with pytest.raises(ValueError, match="max_tokens"):
+        eng.add_request("x3", [1, 2, 3], SamplingParams(max_tokens=eng.max_model_len))
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=-1)
+    assert not eng.has_unfinished()
