@@ -15,6 +15,7 @@ import sys
 SUBCOMMAND_MODULES = (
     "serving.commands.serve",
     "serving.commands.checkpoint",
+    "serving.commands.bench",
 )
 
 

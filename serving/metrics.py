@@ -1,7 +1,7 @@
 """Prometheus metrics for the API surfaces, in their own ``CollectorRegistry``.
 
 Names are prefixed ``pdserve_``. Per-request metrics carry a ``protocol`` label
-("http" here; the gRPC server will share the same ``ServingMetrics`` with "grpc"):
+("http" here; the gRPC server shares the same ``ServingMetrics`` with "grpc"):
 
 * histograms ``time_to_first_token_seconds``, ``inter_token_latency_seconds`` (time
   between successive outputs of a request), ``e2e_request_latency_seconds``,

@@ -263,16 +263,15 @@ class RunningServer:
 
 
 @contextlib.contextmanager
-def running_server(client, tokenizer: Tokenizer, **app_kwargs) -> Iterator[RunningServer]:
-    """Serve ``build_app(client, tokenizer, **app_kwargs)`` with uvicorn on a free 127.0.0.1 port.
+def serve_asgi(app, client=None, log_level: str = "warning") -> Iterator[str]:
+    """Serve an ASGI app with uvicorn on a free 127.0.0.1 port; yields its base URL.
 
     The server's event loop runs in a thread; ``client.start()``/``client.shutdown()``
-    are awaited in it when the client has them. Stopped (and the thread joined) on exit.
+    are awaited in it when a client with them is given. Stopped (thread joined) on exit.
     """
-    app = build_app(client, tokenizer, **app_kwargs)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=5))
+    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="off", timeout_graceful_shutdown=5))
     errors: list[BaseException] = []
 
     async def main() -> None:
@@ -299,10 +298,18 @@ def running_server(client, tokenizer: Tokenizer, **app_kwargs) -> Iterator[Runni
             raise RuntimeError(f"test server did not start: {errors}")
         time.sleep(0.01)
     try:
-        yield RunningServer(f"http://127.0.0.1:{sock.getsockname()[1]}", client, app)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
     finally:
         server.should_exit = True
         thread.join(timeout=30)
         sock.close()
         assert not thread.is_alive(), "test server did not stop"
         assert not errors, f"test server failed: {errors}"
+
+
+@contextlib.contextmanager
+def running_server(client, tokenizer: Tokenizer, **app_kwargs) -> Iterator[RunningServer]:
+    """Serve ``build_app(client, tokenizer, **app_kwargs)`` (see ``serve_asgi``)."""
+    app = build_app(client, tokenizer, **app_kwargs)
+    with serve_asgi(app, client) as url:
+        yield RunningServer(url, client, app)

@@ -1,7 +1,7 @@
 """``pdserve serve``: the OpenAI-compatible HTTP server over the in-process engine.
 
     pdserve serve [--model DIR] [--host 127.0.0.1] [--port 8000] [--api-key KEY]
-                  [--max-body-bytes N] [--log-level info] [engine options...]
+                  [--max-body-bytes N] [--grpc-port N] [--log-level info] [engine options...]
 
 Order of work: check the options, load the tokenizer from the model directory, bind
 the port, build ``AsyncEngine(EngineArgs.from_cli_args(ns))`` and ``await start()``,
@@ -12,6 +12,10 @@ running requests finish for ``--graceful-shutdown-timeout`` seconds (then cancel
 them), after which ``engine.shutdown()`` runs; a second SIGINT skips the wait. A
 missing or broken model directory, a port in use, or an engine that fails to load is
 a one-line error with exit status 2. The API key may also come from ``PDSERVE_API_KEY``.
+With ``--grpc-port N`` the gRPC API (``serving.grpc_server``) also listens on HOST:N,
+in the same event loop over the same engine, tokenizer and metrics, and prints
+``pdserve: gRPC API (pdserve.v1.PDServe) at HOST:PORT`` when started; it stops after
+uvicorn, giving its running calls the same graceful timeout.
 Access lines (JSON) go to stderr via the ``pdserve.access`` logger instead of uvicorn's.
 """
 
@@ -47,6 +51,8 @@ def register(subparsers: Any) -> None:
                    help="largest accepted request body (default: 4 MiB)")
     p.add_argument("--graceful-shutdown-timeout", type=float, default=10.0,
                    help="seconds running requests may take to finish after SIGINT/SIGTERM")
+    p.add_argument("--grpc-port", type=int, default=None,
+                   help="also serve the gRPC API on this port, same host (0 picks a free one; default: off)")
     p.add_argument("--log-level", choices=LOG_LEVELS, default="info")
     EngineArgs.add_cli_args(p)
     p.set_defaults(func=run)
@@ -139,6 +145,7 @@ async def _announce_when_ready(server: Any, model_name: str, url: str) -> None:
 async def _serve(engine: Any, tokenizer: Any, sock: socket.socket, ns: argparse.Namespace, model_dir: str) -> int:
     import uvicorn
 
+    from serving.metrics import ServingMetrics
     from serving.openai_api import DEFAULT_MAX_BODY_BYTES, build_app
 
     class Server(uvicorn.Server):
@@ -149,8 +156,11 @@ async def _serve(engine: Any, tokenizer: Any, sock: socket.socket, ns: argparse.
     try:
         with _engine_failures(model_dir):
             await engine.start()
+        metrics = ServingMetrics(engine.stats)  # one registry for HTTP and gRPC (label protocol)
         app = build_app(engine, tokenizer, api_key=ns.api_key or os.environ.get("PDSERVE_API_KEY") or None,
-                        max_body_bytes=ns.max_body_bytes or DEFAULT_MAX_BODY_BYTES)
+                        max_body_bytes=ns.max_body_bytes or DEFAULT_MAX_BODY_BYTES, metrics=metrics)
+        grpc_server = None if ns.grpc_port is None else await _start_grpc(engine, tokenizer, metrics, ns.host,
+                                                                          ns.grpc_port)
         config = uvicorn.Config(app, log_level=ns.log_level, access_log=False, lifespan="off",
                                 timeout_graceful_shutdown=ns.graceful_shutdown_timeout)
         server = Server(config)
@@ -170,9 +180,26 @@ async def _serve(engine: Any, tokenizer: Any, sock: socket.socket, ns: argparse.
             announce.cancel()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
+            if grpc_server is not None:
+                await grpc_server.stop(ns.graceful_shutdown_timeout)
     finally:
         await _shutdown(engine, model_dir, ns.graceful_shutdown_timeout)
     return 0
+
+
+async def _start_grpc(engine: Any, tokenizer: Any, metrics: Any, host: str, port: int) -> Any:
+    """The gRPC server beside HTTP in this loop; a bad or busy port is a CLI error."""
+    from serving.grpc_server import SERVICE_NAME, start_grpc_server
+
+    if not 0 <= port <= 65535:
+        raise CLIError(f"--grpc-port must be in [0, 65535], got {port}")
+    try:
+        server = await start_grpc_server(engine, tokenizer, metrics, host, port)
+    except RuntimeError as e:
+        raise CLIError(f"cannot listen for gRPC on {host}:{port}: {e}") from e
+    where = f"[{host}]:{server.port}" if ":" in host else f"{host}:{server.port}"
+    print(f"pdserve: gRPC API ({SERVICE_NAME}) at {where}", flush=True)
+    return server
 
 
 async def _shutdown(engine: Any, model: str, timeout: float) -> None:

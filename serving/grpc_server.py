@@ -1,0 +1,304 @@
+"""The gRPC API (``pdserve.v1.PDServe``, ``serving/proto/pdserve.proto``) over any ``EngineClient``.
+
+``start_grpc_server(client, tokenizer, metrics, host, port)`` starts a ``grpc.aio``
+server in the running event loop, beside the HTTP app of the same process and
+sharing its ``EngineClient``, tokenizer and ``ServingMetrics`` (requests are labelled
+``protocol="grpc"``). Like the HTTP app it never starts or stops ``client``.
+
+Requests go through the HTTP API's own code: the sampling fields become a
+``CompletionRequest`` and pass ``api_common.check_model``, ``resolve_max_tokens``
+and ``sampling_params``, and the engine requests run in a ``Generation``, so both
+surfaces accept, reject and name parameters alike. The ``APIError`` those raise maps
+onto a status by its HTTP status: 400 INVALID_ARGUMENT, 404 NOT_FOUND, 429
+RESOURCE_EXHAUSTED, 503 UNAVAILABLE (a ``request_id`` already running is
+ALREADY_EXISTS); the offending field goes in the trailing metadata ``pdserve-param``.
+A cancelled call (client gone, deadline) aborts its engine request, which frees its KV blocks.
+
+Also served: ``grpc.health.v1.Health`` (SERVING / NOT_SERVING from ``client.health()``,
+refreshed on every ``Check`` and every ``health_interval`` seconds for ``Watch``, for
+the overall server ``""`` and for ``pdserve.v1.PDServe``) and server reflection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+import uuid
+from typing import Any, Iterator, NoReturn
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from engine.outputs import CompletionOutput, EngineClient, EngineError, GenerateRequest
+from engine.tokenizer import Tokenizer
+from serving import api_common as common
+from serving.errors import APIError, from_engine_error, invalid
+from serving.generation import Generation
+from serving.metrics import ServingMetrics
+from serving.protocol import CompletionRequest
+from serving.proto import pdserve_pb2 as pb
+from serving.proto import pdserve_pb2_grpc as pb_grpc
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PDServe"].full_name  # "pdserve.v1.PDServe"
+DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+PARAM_METADATA_KEY = "pdserve-param"
+
+_STATUS_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND,
+                 409: grpc.StatusCode.ALREADY_EXISTS, 429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+                 503: grpc.StatusCode.UNAVAILABLE}
+
+# SamplingParams message fields that map one-to-one onto CompletionRequest fields.
+_SCALAR_FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+                  "repetition_penalty", "seed", "max_tokens", "min_tokens", "ignore_eos", "logprobs",
+                  "skip_special_tokens", "include_stop_str_in_output")
+
+
+class _Abort(Exception):
+    """An ``APIError`` on its way to ``context.abort``."""
+
+    def __init__(self, error: APIError):
+        super().__init__(error.message)
+        self.error = error
+
+
+def _status(e: APIError) -> grpc.StatusCode:
+    return _STATUS_CODES.get(e.status, grpc.StatusCode.INTERNAL)
+
+
+async def _abort(context: grpc.aio.ServicerContext, e: APIError) -> NoReturn:
+    metadata = ((PARAM_METADATA_KEY, e.param),) if e.param else ()
+    await context.abort(_status(e), e.message, trailing_metadata=metadata)
+
+
+@contextlib.contextmanager
+def _api_errors() -> Iterator[None]:
+    """``APIError`` (and the engine's errors) as ``_Abort`` for the handler to report."""
+    try:
+        yield
+    except APIError as e:
+        raise _Abort(e) from e
+    except (EngineError, ValueError) as e:  # ValueError: the engine's own request validation
+        raise _Abort(from_engine_error(e)) from e
+
+
+def completion_request(request: pb.GenerateRequest) -> CompletionRequest:
+    """The HTTP ``CompletionRequest`` a gRPC ``GenerateRequest`` stands for (unset fields: HTTP defaults)."""
+    sp = request.sampling_params
+    data: dict[str, Any] = {name: getattr(sp, name) for name in _SCALAR_FIELDS if sp.HasField(name)}
+    if sp.stop:
+        data["stop"] = list(sp.stop)
+    if sp.stop_token_ids:
+        data["stop_token_ids"] = list(sp.stop_token_ids)
+    if request.model:
+        data["model"] = request.model
+    if request.HasField("add_special_tokens"):
+        data["add_special_tokens"] = request.add_special_tokens
+    kind = request.WhichOneof("prompt")
+    data["prompt"] = request.text if kind == "text" else list(request.token_ids.ids) if kind else ""
+    data["priority"] = request.priority
+    return common.parse_model(CompletionRequest, data)
+
+
+def _prompt_ids(req: CompletionRequest, tokenizer: Tokenizer) -> list[int]:
+    if isinstance(req.prompt, str):
+        ids = tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens) if req.prompt else []
+    else:
+        ids = req.prompt
+        common.check_token_ids(ids, tokenizer.vocab_size, "prompt")
+    if not ids:
+        raise invalid("prompt is empty (set text or token_ids)", "prompt")
+    return ids
+
+
+def engine_request(req: CompletionRequest, prompt_ids: list[int], max_model_len: int,
+                   request_id: str) -> GenerateRequest:
+    """The engine request, with the context-length check and ``SamplingParams`` of ``/v1/completions``."""
+    max_tokens = common.resolve_max_tokens(req.max_tokens, len(prompt_ids), max_model_len, "max_tokens", "prompt")
+    params = common.sampling_params(req, max_tokens=max_tokens, logprobs=req.logprobs)
+    prompt = req.prompt if isinstance(req.prompt, str) else None
+    return GenerateRequest(request_id, prompt_ids, params, prompt=prompt, priority=req.priority)
+
+
+def _logprobs(c: CompletionOutput, k: int) -> list[pb.TokenLogprob]:
+    out = []
+    for tid, entry in zip(c.token_ids, c.logprobs or []):
+        top = [pb.TopLogprob(token_id=t, logprob=v) for t, v in common.top_entries(entry, k)]
+        out.append(pb.TokenLogprob(token_id=tid, logprob=common.sampled_logprob(entry, tid), top_logprobs=top))
+    return out
+
+
+def _usage(gen: Generation) -> pb.Usage:
+    usage = pb.Usage(prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens,
+                     total_tokens=gen.prompt_tokens + gen.completion_tokens)
+    if gen.cached_tokens is not None:
+        usage.cached_tokens = gen.cached_tokens
+    return usage
+
+
+def _response(request_id: str, c: CompletionOutput, logprobs: int | None) -> pb.GenerateResponse:
+    msg = pb.GenerateResponse(request_id=request_id, index=c.index, token_ids=c.token_ids, text=c.text,
+                              finish_reason=c.finish_reason or "")
+    if logprobs is not None and c.logprobs:
+        msg.logprobs.extend(_logprobs(c, logprobs))
+    if isinstance(c.stop_reason, int):
+        msg.stop_token_id = c.stop_reason
+    elif isinstance(c.stop_reason, str):
+        msg.stop_string = c.stop_reason
+    return msg
+
+
+class PDServeServicer(pb_grpc.PDServeServicer):
+    """``pdserve.v1.PDServe`` over ``client``; running requests are kept by id for ``Abort``."""
+
+    def __init__(self, client: EngineClient, tokenizer: Tokenizer, metrics: ServingMetrics):
+        self.client = client
+        self.tokenizer = tokenizer
+        self.metrics = metrics
+        self.created = int(time.time())
+        self._running: dict[str, bool] = {}  # request id -> aborted by an Abort call
+
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
+        try:
+            request_id = request.request_id or f"grpc-{uuid.uuid4().hex}"
+            if request_id in self._running:
+                raise _Abort(APIError(409, f"request_id {request_id!r} is already running", param="request_id"))
+            with _api_errors():
+                req = completion_request(request)
+                common.check_model(req.model, self.client.model_name)
+                ids = _prompt_ids(req, self.tokenizer)
+                gen = Generation(self.client, [engine_request(req, ids, self.client.max_model_len, request_id)],
+                                 self.metrics, protocol="grpc")
+        except _Abort as e:
+            await _abort(context, e.error)
+        self._running[request_id] = False
+        try:
+            with _api_errors():
+                async for _, delta in gen.outputs():
+                    last = len(delta.outputs) - 1 if delta.finished else -1
+                    for j, c in enumerate(delta.outputs):
+                        if c.finish_reason == "abort" and not self._running[request_id]:
+                            raise APIError(503, "the request was aborted by the engine (shutting down?)",
+                                           code="engine_unavailable")
+                        if not c.text and not c.token_ids and c.finish_reason is None:
+                            continue
+                        msg = _response(request_id, c, req.logprobs)
+                        if j == last:
+                            msg.usage.CopyFrom(_usage(gen))
+                        await context.write(msg)
+        except _Abort as e:
+            await _abort(context, e.error)
+        finally:  # also on cancellation (client gone, deadline): close() is shielded and aborts the engine request
+            del self._running[request_id]
+            await gen.close()
+
+    async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
+        if request.request_id not in self._running:
+            return pb.AbortResponse(aborted=False)
+        self._running[request.request_id] = True
+        await self.client.abort(request.request_id)
+        return pb.AbortResponse(aborted=True)
+
+    async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
+        try:
+            common.check_model(request.model or None, self.client.model_name)
+        except APIError as e:
+            await _abort(context, e)
+        add = request.add_special_tokens if request.HasField("add_special_tokens") else True
+        ids = self.tokenizer.encode(request.text, add_special_tokens=add)
+        return pb.TokenizeResponse(token_ids=ids, max_model_len=self.client.max_model_len)
+
+    async def Detokenize(self, request: pb.DetokenizeRequest,
+                         context: grpc.aio.ServicerContext) -> pb.DetokenizeResponse:
+        ids = list(request.token_ids)
+        try:
+            common.check_model(request.model or None, self.client.model_name)
+            common.check_token_ids(ids, self.tokenizer.vocab_size, "token_ids")
+        except APIError as e:
+            await _abort(context, e)
+        return pb.DetokenizeResponse(text=self.tokenizer.decode(ids, skip_special_tokens=request.skip_special_tokens))
+
+    async def ListModels(self, request: pb.ListModelsRequest,
+                         context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
+        card = pb.ModelCard(id=self.client.model_name, max_model_len=self.client.max_model_len, owned_by="pdserve",
+                            created=self.created)
+        return pb.ListModelsResponse(models=[card])
+
+
+class _HealthServicer(health_aio.HealthServicer):
+    """The standard health service; ``Check`` asks the engine first, so it is never stale."""
+
+    def __init__(self, client: EngineClient):
+        super().__init__()
+        self.client = client
+
+    async def refresh(self) -> None:
+        try:
+            healthy = await self.client.health()
+        except Exception as e:  # a health probe answers, it does not raise
+            logger.warning("EngineClient.health() failed: %s", e)
+            healthy = False
+        status = health_pb2.HealthCheckResponse.SERVING if healthy else health_pb2.HealthCheckResponse.NOT_SERVING
+        for service in ("", SERVICE_NAME):
+            await self.set(service, status)
+
+    async def Check(self, request: health_pb2.HealthCheckRequest,
+                    context: grpc.aio.ServicerContext) -> health_pb2.HealthCheckResponse:
+        await self.refresh()
+        return await super().Check(request, context)
+
+
+@dataclasses.dataclass
+class GrpcServer:
+    """A started gRPC server; ``await stop(grace)`` ends it (running calls get ``grace`` seconds)."""
+
+    server: grpc.aio.Server
+    port: int
+    servicer: PDServeServicer
+    health: _HealthServicer
+    _watcher: asyncio.Task
+
+    async def stop(self, grace: float | None = None) -> None:
+        self._watcher.cancel()
+        await asyncio.gather(self._watcher, return_exceptions=True)
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+
+
+async def _watch_health(health: _HealthServicer, interval: float) -> None:
+    while True:
+        await health.refresh()
+        await asyncio.sleep(interval)
+
+
+async def start_grpc_server(client: EngineClient, tokenizer: Tokenizer, metrics: ServingMetrics, host: str,
+                            port: int, *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                            health_interval: float = 1.0) -> GrpcServer:
+    """Serve ``pdserve.v1.PDServe``, health and reflection on ``host:port`` (0 picks a free port).
+
+    Raises ``RuntimeError`` when the address cannot be bound.
+    """
+    options = [("grpc.max_receive_message_length", max_message_bytes),
+               ("grpc.max_send_message_length", max_message_bytes),
+               ("grpc.so_reuseport", 0)]
+    server = grpc.aio.server(options=options)
+    servicer = PDServeServicer(client, tokenizer, metrics)
+    pb_grpc.add_PDServeServicer_to_server(servicer, server)
+    health = _HealthServicer(client)
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    bound = server.add_insecure_port(address)
+    if bound == 0:  # older grpcio reports a failed bind this way instead of raising
+        raise RuntimeError(f"cannot listen on {address}")
+    await health.refresh()
+    await server.start()
+    watcher = asyncio.ensure_future(_watch_health(health, health_interval))
+    return GrpcServer(server, bound, servicer, health, watcher)

@@ -1,0 +1,198 @@
+"""``pdserve bench`` against real uvicorn servers on 127.0.0.1: timings checked against a
+fake engine with known delays, the JSON and PNG of a sweep, ``--compare`` ratios, and
+failures (a closed port, 5xx/4xx, malformed or broken streams, a hung request) counted
+by kind without a crash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from fake_engine import FakeEngine, make_model_dir, running_server, serve_asgi
+from engine.tokenizer import load_tokenizer
+from serving.cli import main
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return load_tokenizer(make_model_dir(str(tmp_path_factory.mktemp("model"))))
+
+
+class PrefillDelayEngine(FakeEngine):
+    """``FakeEngine`` that waits ``first_delay`` more before its first token (a slow prefill)."""
+
+    def __init__(self, tokenizer, *, first_delay: float, **kwargs):
+        super().__init__(tokenizer, **kwargs)
+        self.first_delay = first_delay
+
+    async def generate(self, request):
+        await asyncio.sleep(self.first_delay)
+        async for out in super().generate(request):
+            yield out
+
+
+def bench(tmp_path, *args: str) -> tuple[int, dict]:
+    out = tmp_path / "bench.json"
+    rc = main(["bench", "--no-progress", "--json", str(out), *args])
+    return rc, json.loads(out.read_text())
+
+
+def test_measures_known_delays(tok, tmp_path, capsys):
+    # first token after first_delay + token_delay, then one token (one SSE chunk) per token_delay
+    engine = PrefillDelayEngine(tok, first_delay=0.08, token_delay=0.02)
+    with running_server(engine, tok) as srv:
+        rc, doc = bench(tmp_path, "--base-url", srv.v1, "--input-len", "8", "--output-len", "10",
+                        "--num-prompts", "6", "--concurrency", "2")
+    assert rc == 0
+    [run] = doc["runs"]
+    s = run["summary"]
+    assert (s["completed"], s["failed"], s["total_output_tokens"], s["total_input_tokens"]) == (6, 0, 60, 48)
+    assert all(r["output_tokens"] == 10 and r["output_tokens_from"] == "usage" and len(r["itl_s"]) == 9
+               for r in run["requests"])
+    assert 100 <= s["ttft_ms"]["mean"] <= 160, s["ttft_ms"]
+    assert 20 <= s["tpot_ms"]["mean"] <= 28, s["tpot_ms"]
+    assert 20 <= s["itl_ms"]["mean"] <= 28, s["itl_ms"]
+    assert s["ttft_ms"]["p50"] <= s["ttft_ms"]["p90"] <= s["ttft_ms"]["p99"]
+    e2e = s["e2el_ms"]["mean"]
+    assert e2e == pytest.approx(s["ttft_ms"]["mean"] + 9 * s["tpot_ms"]["mean"], rel=1e-6)
+    out = capsys.readouterr().out
+    assert "A C=2" in out and "TTFT p99 (ms)" in out and "output tok/s" in out
+
+
+def test_sweep_writes_records_and_png(tok, tmp_path):
+    png = tmp_path / "bench.png"
+    with running_server(FakeEngine(tok, token_delay=0.002), tok) as srv:
+        rc, doc = bench(tmp_path, "--base-url", srv.url, "--dataset", "shared-prefix", "--input-len", "12",
+                        "--output-len", "5", "--num-prompts", "4", "--concurrency", "1,3", "--plot", str(png))
+    assert rc == 0
+    assert [(r["endpoint"], r["concurrency"]) for r in doc["runs"]] == [("A", 1), ("A", 3)]
+    assert doc["config"]["levels"] == [1, 3] and doc["config"]["prefix_len"] == 6
+    for run in doc["runs"]:
+        assert [r["index"] for r in run["requests"]] == [0, 1, 2, 3]
+        assert all(r["ok"] and r["prompt_tokens"] == 12 and r["output_tokens"] == 5 for r in run["requests"])
+        assert all(r["ttft_s"] > 0 and r["tpot_s"] > 0 and r["e2e_s"] > r["ttft_s"] for r in run["requests"])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_chat_endpoint_with_jsonl_dataset(tok, tmp_path):
+    data = tmp_path / "prompts.jsonl"
+    data.write_text('{"prompt": "Hello world", "max_tokens": 3}\n\n{"prompt": "The quick brown fox"}\n')
+    with running_server(FakeEngine(tok, token_delay=0.001), tok) as srv:
+        rc, doc = bench(tmp_path, "--base-url", srv.url, "--endpoint", "chat", "--dataset", str(data),
+                        "--output-len", "4", "--num-prompts", "3", "--model", "fake-model")
+    assert rc == 0
+    [run] = doc["runs"]
+    assert run["concurrency"] == 3 and [r["output_tokens"] for r in run["requests"]] == [3, 4, 3]
+
+
+def test_bad_dataset_is_a_cli_error(tmp_path, capsys):
+    assert main(["bench", "--base-url", "http://127.0.0.1:9", "--dataset", str(tmp_path / "missing.jsonl")]) == 2
+    assert "cannot read dataset" in capsys.readouterr().err
+
+
+def test_unreachable_endpoint_counts_connection_errors():
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    p = subprocess.run([sys.executable, "-m", "serving.cli", "bench", "--base-url", f"http://127.0.0.1:{port}",
+                        "--num-prompts", "3", "--timeout", "5", "--no-progress"],
+                       cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert p.returncode == 1
+    assert "Traceback" not in p.stderr + p.stdout
+    assert "3 of 3 requests failed: connection_error 3" in p.stderr
+    assert "errors: connection_error" in p.stdout
+
+
+# ---- a misbehaving server ------------------------------------------------------------------
+def chaos_app():
+    """Request k of /v1/completions: k % 6 == 0 streams properly, then 500, 429, a malformed
+    ``data:`` line, a stream without ``[DONE]``, a connection dropped mid-body."""
+    counter = iter(range(1_000_000))
+
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        if scope["path"] == "/v1/models":
+            return await _send(send, 200, b'{"object": "list", "data": [{"id": "chaos"}]}', "application/json")
+        while (await receive()).get("more_body"):
+            pass
+        kind = next(counter) % 6
+        if kind in (1, 2):
+            return await _send(send, 500 if kind == 1 else 429, b'{"error": {"message": "no"}}', "application/json")
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream")]})
+        chunk = b'data: {"choices": [{"index": 0, "text": "hi"}]}\n\n'
+        if kind == 0:
+            body = chunk * 3 + b'data: {"choices": [], "usage": {"prompt_tokens": 2, "completion_tokens": 3}}\n\n'
+            return await send({"type": "http.response.body", "body": body + b"data: [DONE]\n\n"})
+        if kind == 3:
+            return await send({"type": "http.response.body", "body": chunk + b"data: {not json\n\n"})
+        if kind == 4:
+            return await send({"type": "http.response.body", "body": chunk})
+        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        if kind == 5:
+            raise RuntimeError("the server dies mid-stream")
+
+    return app
+
+
+async def _send(send, status: int, body: bytes, content_type: str) -> None:
+    await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", content_type.encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def test_server_failures_are_counted_by_kind(tmp_path, capsys):
+    with serve_asgi(chaos_app(), log_level="critical") as url:  # its broken streams are on purpose
+        rc, doc = bench(tmp_path, "--base-url", url, "--num-prompts", "12", "--concurrency", "1", "--warmup", "0",
+                        "--output-len", "3", "--timeout", "2")
+    assert rc == 1
+    s = doc["runs"][0]["summary"]
+    assert doc["runs"][0]["model"] == "chaos"
+    assert (s["completed"], s["failed"], s["total_output_tokens"]) == (2, 10, 6)
+    assert s["errors"] == {"http_429": 2, "http_500": 2, "incomplete_stream": 2, "malformed_sse": 2,
+                           "stream_broken": 2}
+    err = capsys.readouterr().err
+    assert "10 of 12 requests failed" in err and "Traceback" not in err
+
+
+def test_hung_request_times_out(tmp_path):
+    async def hang(scope, receive, send):
+        if scope["type"] == "http":
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b'data: {"choices": [{"text": "x"}]}\n\n',
+                        "more_body": True})
+            await asyncio.sleep(30)
+
+    with serve_asgi(hang, log_level="critical") as url:
+        t0 = time.monotonic()
+        rc, doc = bench(tmp_path, "--base-url", url, "--num-prompts", "2", "--warmup", "0", "--timeout", "0.5",
+                        "--model", "m")
+        elapsed = time.monotonic() - t0
+    assert rc == 1 and elapsed < 5
+    assert doc["runs"][0]["summary"]["errors"] == {"timeout": 2}
+
+
+def test_compare_alternates_and_prints_ratios(tok, tmp_path, capsys):
+    with running_server(FakeEngine(tok, token_delay=0.01), tok) as fast, \
+            running_server(FakeEngine(tok, token_delay=0.03), tok) as slow:
+        rc, doc = bench(tmp_path, "--base-url", fast.url, "--compare", slow.url, "--input-len", "8",
+                        "--output-len", "8", "--num-prompts", "4", "--concurrency", "1,2")
+    assert rc == 0
+    assert [(r["endpoint"], r["concurrency"]) for r in doc["runs"]] == [("A", 1), ("B", 1), ("A", 2), ("B", 2)]
+    b_rows = [r for r in doc["ratios"] if r["endpoint"] == "B"]
+    assert len(b_rows) == 2
+    for row in b_rows:  # B is 3x slower per token
+        assert 0.2 <= row["output_throughput"] <= 0.6, row
+        assert 2.0 <= row["tpot_mean"] <= 3.5, row
+    out = capsys.readouterr().out
+    assert "relative to A" in out and "C=2 B: output tok/s x0." in out
