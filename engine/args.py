@@ -17,6 +17,8 @@ DEFAULT_MODEL_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath
 
 ROLES = ("colocated", "prefill", "decode")
 DTYPES = ("auto", "bfloat16", "float32")
+KV_CACHE_DTYPES = ("auto", "fp8")
+WEIGHT_MODES = ("auto", "dequantize")
 
 
 def default_model() -> str:
@@ -30,12 +32,16 @@ class EngineArgs:
     role: str = "colocated"
     device: str = "auto"  # auto = cuda when present, else cpu
     dtype: str = "auto"  # auto = bfloat16 (fast on CPUs with AVX512-BF16 and on GPUs)
+    # auto = an FP8 checkpoint's projections stay FP8 in memory; dequantize = load them as ``dtype``
+    weights: str = "auto"
     seed: int = 0
     # kv cache
     block_size: int = 64
     kv_cache_memory_gb: float = 1.0  # budget for the latent cache of every layer (MTP included)
     num_kv_blocks: int | None = None  # overrides the memory budget (tests)
     enable_prefix_caching: bool = True
+    # auto = the model dtype; fp8 = latent as e4m3 with per-128 fp32 scales, rope key kept bf16 (docs/FP8.md)
+    kv_cache_dtype: str = "auto"
     # scheduler
     max_num_seqs: int = 64  # cap on running requests
     max_num_batched_tokens: int = 2048  # per-step token budget
@@ -45,12 +51,19 @@ class EngineArgs:
     max_waiting_requests: int = 4096  # beyond this the API answers 429
     # attention math for prefill: "naive" expands K/V; decode always runs absorbed over pages
     mla_prefill: str = "naive"
+    # speculative decoding: "mtp" drafts with the checkpoint's MTP layer, verified losslessly
+    speculative: str | None = None
+    num_speculative_tokens: int = 1
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
             raise ValueError(f"role: must be one of {ROLES}, got {self.role!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype: must be one of {DTYPES}, got {self.dtype!r}")
+        if self.weights not in WEIGHT_MODES:
+            raise ValueError(f"weights: must be one of {WEIGHT_MODES}, got {self.weights!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype: must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
         if self.scheduling_policy not in ("fcfs", "priority"):
             raise ValueError(f"scheduling_policy: must be 'fcfs' or 'priority', got {self.scheduling_policy!r}")
         if self.mla_prefill not in ("naive", "absorbed"):
@@ -58,8 +71,17 @@ class EngineArgs:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_waiting_requests"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: must be positive, got {getattr(self, name)}")
+        if self.speculative not in (None, "mtp"):
+            raise ValueError(f"speculative: only 'mtp' is supported, got {self.speculative!r}")
+        if not 1 <= self.num_speculative_tokens <= 8:
+            raise ValueError(f"num_speculative_tokens: must be in [1, 8], got {self.num_speculative_tokens}")
         if self.kv_cache_memory_gb <= 0:
             raise ValueError(f"kv_cache_memory_gb: must be positive, got {self.kv_cache_memory_gb}")
+
+    @property
+    def lookahead(self) -> int:
+        """Cache slots a request may need past its known tokens (speculative drafts)."""
+        return self.num_speculative_tokens if self.speculative else 0
 
     @property
     def model_name(self) -> str:
@@ -77,7 +99,8 @@ class EngineArgs:
                 group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
             else:
                 choices = {"role": ROLES, "dtype": DTYPES, "scheduling_policy": ("fcfs", "priority"),
-                           "mla_prefill": ("naive", "absorbed")}.get(f.name)
+                           "weights": WEIGHT_MODES, "kv_cache_dtype": KV_CACHE_DTYPES,
+                           "mla_prefill": ("naive", "absorbed"), "speculative": ("mtp",)}.get(f.name)
                 group.add_argument(flag, type=kind, default=default, choices=choices,
                                    help=f"(default: {default})")
 

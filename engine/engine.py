@@ -53,6 +53,30 @@ class StepTimings:
     total_seconds: float = 0.0
 
 
+@dataclasses.dataclass
+class SpecStats:
+    """Speculative decoding counters: verify passes, drafts, accepted drafts by position."""
+
+    k: int
+    drafts: int = 0
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+    accepted_per_position: list[int] = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        self.accepted_per_position = [0] * self.k
+
+    def record(self, out, model_out) -> None:
+        for s in out.scheduled:
+            if s.num_draft_tokens:
+                accepted = len(model_out.sampled[s.req.request_id]) - 1
+                self.drafts += 1
+                self.draft_tokens += s.num_draft_tokens
+                self.accepted_tokens += accepted
+                for i in range(accepted):
+                    self.accepted_per_position[i] += 1
+
+
 class LLMEngine:
     def __init__(self, args: EngineArgs):
         self.args = args
@@ -63,15 +87,16 @@ class LLMEngine:
         self.kv = KVCacheManager(self.runner.num_blocks, args.block_size, args.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens, args.enable_chunked_prefill,
-                            args.scheduling_policy), self.kv)
+                            args.scheduling_policy, args.lookahead), self.kv)
         limit = args.max_model_len or self.config.max_position_embeddings
-        capacity = self.runner.num_blocks * args.block_size
+        capacity = self.runner.num_blocks * args.block_size - args.lookahead
         if capacity < limit:
             log.warning("max_model_len lowered from %d to %d: the KV cache holds no longer sequence", limit, capacity)
         self.max_model_len = min(limit, capacity, self.config.max_position_embeddings)
         self.eos_token_ids = self.config.eos_token_ids or (self.tokenizer.eos_token_ids if self.tokenizer else [])
         self.sequences: dict[str, list[_Sequence]] = {}  # user request id -> its sequences
         self.timings = StepTimings()
+        self.spec = SpecStats(args.num_speculative_tokens)
 
     @property
     def model_name(self) -> str:
@@ -164,12 +189,8 @@ class LLMEngine:
             return []
         tables = {s.req.request_id: self.kv.block_table(s.req.request_id) for s in out.scheduled}
         model_out = self.runner.execute(out, tables)
-        for req_id, (lp, top) in model_out.logprobs.items():
-            req = self.scheduler.requests[req_id]
-            req.cumulative_logprob += lp
-            if req.params.logprobs is not None:
-                req.output_logprobs.append(top)
-        updated = self.scheduler.update(out, model_out.sampled)
+        self.spec.record(out, model_out)
+        updated = self.scheduler.update(out, model_out)
         if self.role == "prefill":
             for req in updated:
                 if not req.finished:
@@ -192,6 +213,8 @@ class LLMEngine:
             if not deltas and not done:
                 continue
             first = seqs[0].req
+            first.metrics.num_draft_tokens = sum(s.req.num_draft_tokens for s in seqs)
+            first.metrics.num_accepted_tokens = sum(s.req.num_accepted_tokens for s in seqs)
             outputs.append(RequestOutput(
                 request_id=pid, prompt_token_ids=first.prompt_token_ids, outputs=deltas, finished=done,
                 prompt_logprobs=first.prompt_logprobs if first.num_computed_tokens >= first.num_prompt_tokens else None,
@@ -208,10 +231,16 @@ class LLMEngine:
             return None
         text = ""
         if seq.detok is not None:
-            text = seq.detok.add(new) if new else ""
-            if seq.detok.stop_reason is not None:
-                self.scheduler.finish(req, "stop", seq.detok.stop_reason)
-            elif req.finished:
+            for i, token in enumerate(new):  # one at a time: a step may bring several (speculative)
+                text += seq.detok.add([token])
+                if seq.detok.stop_reason is not None:
+                    req.truncate_output(seq.num_reported + i + 1)
+                    new = new[: i + 1]
+                    req.finish_reason = None  # the stop string came first, whatever else stopped it
+                    self.scheduler.finish(req, "stop", seq.detok.stop_reason)
+                    req.finish_reason, req.stop_reason = "stop", seq.detok.stop_reason
+                    break
+            if req.finished and seq.detok.stop_reason is None:
                 text += seq.detok.finish()
         logprobs = None
         if req.params.logprobs is not None:
@@ -241,4 +270,6 @@ class LLMEngine:
             num_running=len(self.scheduler.running), num_waiting=self.scheduler.num_waiting,
             kv_blocks_total=self.kv.num_blocks, kv_blocks_used=self.kv.num_used_blocks,
             prefix_cache_queries=self.kv.prefix_queries, prefix_cache_hits=self.kv.prefix_hits,
-            num_preemptions=self.scheduler.num_preemptions)
+            num_preemptions=self.scheduler.num_preemptions, spec_drafts=self.spec.drafts,
+            spec_draft_tokens=self.spec.draft_tokens, spec_accepted_tokens=self.spec.accepted_tokens,
+            spec_accepted_per_position=list(self.spec.accepted_per_position))

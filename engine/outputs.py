@@ -44,6 +44,8 @@ class RequestMetrics:
     finished_time: float | None = None
     num_preemptions: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    num_draft_tokens: int = 0  # speculative drafts verified for this request
+    num_accepted_tokens: int = 0  # of which accepted
 
 
 @dataclasses.dataclass
@@ -100,6 +102,12 @@ class EngineStats:
     prefix_cache_queries: int = 0  # tokens looked up
     prefix_cache_hits: int = 0  # tokens found
     num_preemptions: int = 0
+    # speculative decoding (cumulative): verify passes with drafts, draft tokens, accepted ones,
+    # and accepted counts by draft position (index 0 = first draft)
+    spec_drafts: int = 0
+    spec_draft_tokens: int = 0
+    spec_accepted_tokens: int = 0
+    spec_accepted_per_position: list[int] = dataclasses.field(default_factory=list)
 
     @property
     def kv_usage(self) -> float:

@@ -48,6 +48,9 @@ class Request:
     generator: Any = None  # torch.Generator for seeded sampling (engine side only)
     wait_for: "Request | None" = None  # n > 1: start after this sibling's prompt is computed (prefix sharing)
     kv_import: Any = None  # decode role: KV rows to write before the first step
+    spec_token_ids: list[int] = dataclasses.field(default_factory=list)  # MTP drafts to verify next step
+    num_draft_tokens: int = 0  # drafts verified so far
+    num_accepted_tokens: int = 0  # of which accepted
     metrics: RequestMetrics = dataclasses.field(init=False)
 
     def __post_init__(self) -> None:
@@ -65,6 +68,19 @@ class Request:
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
+
+    def append_token(self, token: int, logprob: float, top: dict[int, float] | None) -> bool:
+        """Append a generated token (with its raw logprob); True when a token-level stop ended the request."""
+        self.output_token_ids.append(token)
+        self.cumulative_logprob += logprob
+        if self.params.logprobs is not None:
+            self.output_logprobs.append(top)
+        return self.check_stop_token(token)
+
+    def truncate_output(self, length: int) -> None:
+        """Drop generated tokens past ``length`` (a stop string ended the text earlier)."""
+        del self.output_token_ids[length:]
+        del self.output_logprobs[length:]
 
     @property
     def max_tokens(self) -> int:

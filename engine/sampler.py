@@ -290,6 +290,25 @@ def penalized_logits(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tens
     return x
 
 
+def sampling_probs(x: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+    """Steps 5-8 on penalized logits ``x`` [B, V]: the (unnormalised) distribution a row samples from.
+
+    Temperature, top-k, softmax, top-p, min-p; ``x`` is not modified. Speculative decoding
+    verifies drafts against exactly this distribution.
+    """
+    if meta.temperature is not None:
+        x = x / meta.temperature
+    if meta.top_k is not None:
+        x = _apply_top_k(x, meta.top_k, meta.max_top_k)
+    probs = x.softmax(dim=-1)  # [B, V]
+    if meta.top_p is not None:
+        _apply_top_p(probs, meta.top_p)
+    if meta.min_p is not None:
+        threshold = probs.amax(dim=-1, keepdim=True) * meta.min_p  # [B, 1]
+        probs.masked_fill_(probs < threshold, 0.0)
+    return probs
+
+
 class Sampler:
     """Applies the per-row sampling pipeline to one step's logits. Stateless but for its generator."""
 
@@ -311,16 +330,7 @@ class Sampler:
 
     def _sample(self, x: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
         """Temperature, top-k, top-p, min-p, then the exponential race. ``x`` is not modified."""
-        if meta.temperature is not None:
-            x = x / meta.temperature
-        if meta.top_k is not None:
-            x = _apply_top_k(x, meta.top_k, meta.max_top_k)
-        probs = x.softmax(dim=-1)  # [B, V]
-        if meta.top_p is not None:
-            _apply_top_p(probs, meta.top_p)
-        if meta.min_p is not None:
-            threshold = probs.amax(dim=-1, keepdim=True) * meta.min_p  # [B, 1]
-            probs.masked_fill_(probs < threshold, 0.0)
+        probs = sampling_probs(x, meta)  # [B, V]
         noise = self._exponential_noise(probs, meta)  # [B, V]
         return probs.div_(noise).argmax(dim=-1)
 

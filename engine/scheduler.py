@@ -33,13 +33,15 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 2048
     enable_chunked_prefill: bool = True
     policy: str = "fcfs"  # fcfs | priority
+    lookahead: int = 0  # extra cache slots per request for speculative drafts
 
 
 @dataclasses.dataclass
 class ScheduledRequest:
     req: Request
-    num_new_tokens: int
-    sample: bool  # this step completes the known tokens: sample the next one
+    num_new_tokens: int  # known tokens computed this step (drafts included)
+    sample: bool  # this step completes the known tokens: sample the next one (verify the drafts)
+    num_draft_tokens: int = 0  # the last ones of the new tokens are drafts to verify
 
     @property
     def start(self) -> int:
@@ -116,11 +118,13 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if req.num_tokens + len(req.spec_token_ids) - req.num_computed_tokens > budget:
+                req.spec_token_ids = []  # drafts are verified whole or not at all
+            n = min(req.num_tokens + len(req.spec_token_ids) - req.num_computed_tokens, budget)
             if n <= 0:
                 i += 1
                 continue
-            while self.kv.allocate(req.request_id, req.num_computed_tokens + n) is None:
+            while self._allocate(req, n) is None:
                 victim = self._pick_victim()
                 if self.running.index(victim) < i:
                     i -= 1
@@ -131,7 +135,7 @@ class Scheduler:
                     break
             if req.status != RequestStatus.RUNNING:
                 continue  # req itself was preempted; running[i] is now the next one
-            scheduled.append(ScheduledRequest(req, n, sample=req.num_computed_tokens + n == req.num_tokens))
+            scheduled.append(self._entry(req, n))
             budget -= n
             i += 1
 
@@ -154,7 +158,7 @@ class Scheduler:
                 self._release(req)
                 break
             n = min(n, budget)
-            if self.kv.allocate(req.request_id, req.num_computed_tokens + n) is None:
+            if self._allocate(req, n) is None:
                 self._release(req)
                 break
             self.waiting.popleft()
@@ -162,10 +166,19 @@ class Scheduler:
             req.status = RequestStatus.RUNNING
             if req.metrics.scheduled_time is None:
                 req.metrics.scheduled_time = time.time()
-            scheduled.append(ScheduledRequest(req, n, sample=req.num_computed_tokens + n == req.num_tokens))
+            scheduled.append(self._entry(req, n))
             budget -= n
         self.waiting.extendleft(reversed(skipped))
         return budget
+
+    def _allocate(self, req: Request, n: int) -> list[int] | None:
+        return self.kv.allocate(req.request_id, req.num_computed_tokens + n + self.config.lookahead)
+
+    @staticmethod
+    def _entry(req: Request, n: int) -> ScheduledRequest:
+        drafts = len(req.spec_token_ids)
+        sample = req.num_computed_tokens + n == req.num_tokens + drafts
+        return ScheduledRequest(req, n, sample, drafts if sample else 0)
 
     def _sibling_ready(self, sibling: Request) -> bool:
         return sibling.status != RequestStatus.WAITING and (
@@ -193,29 +206,50 @@ class Scheduler:
         self.kv.free(req.request_id)
         req.num_computed_tokens = 0
         req.kv_import = None  # recompute from tokens, like any preempted request
+        req.spec_token_ids = []
         req.status = RequestStatus.WAITING
         req.metrics.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(req)
 
     # ---- after the model ran ------------------------------------------------------------
-    def update(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
-        """Advance computed tokens, append sampled ones, apply token stops; returns requests with a new token."""
+    def update(self, out: SchedulerOutput, model_out) -> list[Request]:
+        """Advance computed tokens, append sampled ones (accepted drafts + bonus), apply token stops.
+
+        ``model_out`` carries, per request that sampled, its new tokens with their logprobs and
+        (speculative decoding) the drafts to verify next step. Returns the requests with new tokens.
+        """
         now = time.time()
         updated: list[Request] = []
         for s in out.scheduled:
             req = s.req
-            req.num_computed_tokens += s.num_new_tokens
             req.kv_import = None
-            self.kv.commit_computed(req.request_id, req.all_token_ids, req.num_computed_tokens)
             if not s.sample:
+                req.num_computed_tokens += s.num_new_tokens
+                self.kv.commit_computed(req.request_id, req.all_token_ids, req.num_computed_tokens)
                 continue
-            token = sampled[req.request_id]
-            req.output_token_ids.append(token)
+            tokens = model_out.sampled[req.request_id]
+            accepted = len(tokens) - 1  # drafts accepted; the last token is the bonus / sampled one
+            req.num_computed_tokens += s.num_new_tokens - (s.num_draft_tokens - accepted)
+            req.num_draft_tokens += s.num_draft_tokens
+            req.num_accepted_tokens += accepted
+            req.spec_token_ids = []
+            # positions < num_computed now hold the old tokens and the accepted drafts
+            self.kv.commit_computed(req.request_id, req.all_token_ids + tokens[:accepted], req.num_computed_tokens)
+            for token, (lp, top) in zip(tokens, model_out.logprobs[req.request_id]):
+                if req.append_token(token, lp, top):
+                    self.finish(req, req.finish_reason)
+                    break
             if req.metrics.first_token_time is None:
                 req.metrics.first_token_time = now
             req.metrics.last_token_time = now
             updated.append(req)
-            if req.check_stop_token(token):
-                self.finish(req, req.finish_reason)
+            if not req.finished:
+                req.spec_token_ids = self._trim_drafts(req, model_out.drafts.get(req.request_id, []))
         return updated
+
+    @staticmethod
+    def _trim_drafts(req: Request, drafts: list[int]) -> list[int]:
+        """Never draft past max_tokens or the context: a step adds at most len(drafts) + 1 tokens."""
+        room = min(req.max_tokens - len(req.output_token_ids), req.max_model_len - req.num_tokens) - 1
+        return drafts[: max(room, 0)]

@@ -192,19 +192,26 @@ def _get(handle, file: str, name: str) -> torch.Tensor:
         raise CheckpointError(f"{file}: cannot read tensor {name!r} ({e})") from e
 
 
-def _materialize(handle, index: CheckpointIndex, name: str, dtype: torch.dtype | None) -> torch.Tensor:
-    """One schema tensor from the open shard, FP8 pairs dequantized, cast to ``dtype`` (None: as stored)."""
+def _materialize(handle, index: CheckpointIndex, name: str, dtype: torch.dtype | None,
+                 keep_fp8: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    """One schema tensor from the open shard, cast to ``dtype`` (None: as stored); an FP8 pair is
+    dequantized, or with ``keep_fp8`` yielded raw: the e4m3 weight, then its fp32 ``weight_scale_inv``."""
     stored = index.tensors[name]
     tensor = _get(handle, stored.file, name)
     if not is_fp8_dtype(stored.dtype):
-        return tensor if dtype is None else tensor.to(dtype)
+        yield name, tensor if dtype is None else tensor.to(dtype)
+        return
     scale = index.tensors[scale_name(name)]
     if scale.file == stored.file:
         scale_inv = _get(handle, scale.file, scale_name(name))
     else:  # the scale landed in the next shard
         with _open(scale.file) as other:
             scale_inv = _get(other, scale.file, scale_name(name))
-    return dequantize_block_fp8(tensor, scale_inv, dtype or torch.float32)
+    if keep_fp8:
+        yield name, tensor
+        yield scale_name(name), scale_inv.to(torch.float32)
+    else:
+        yield name, dequantize_block_fp8(tensor, scale_inv, dtype or torch.float32)
 
 
 def iter_checkpoint_tensors(
@@ -213,12 +220,14 @@ def iter_checkpoint_tensors(
     dtype: torch.dtype | None,
     include_mtp: bool = True,
     progress: bool = True,
+    keep_fp8: bool = False,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, tensor)`` for every tensor of ``checkpoint_schema(cfg, include_mtp)``, shard by shard.
 
     Tensors come cast to ``dtype``; FP8 weights are dequantized block-wise (product in
     fp32, then cast). ``dtype=None`` keeps each tensor's stored dtype (FP8 weights come
-    out float32). The whole checkpoint is validated before the first tensor is yielded.
+    out float32). ``keep_fp8=True`` yields FP8 weights as stored instead, each followed by its
+    fp32 ``<name>_scale_inv``. The whole checkpoint is validated before the first tensor is yielded.
     """
     index = read_index(path)
     schema = check_checkpoint(index, cfg, include_mtp)
@@ -232,5 +241,5 @@ def iter_checkpoint_tensors(
                 continue
             with _open(file) as handle:
                 for name in names:
-                    yield name, _materialize(handle, index, name, dtype)
+                    yield from _materialize(handle, index, name, dtype, keep_fp8)
                     bar.update(1)

@@ -28,6 +28,8 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
+from engine.model.kv_cache_fp8 import read_rows, write_rows
+
 
 @dataclasses.dataclass
 class SeqSpan:
@@ -131,20 +133,22 @@ def mla_attention(
     layer_idx: int,
 ) -> torch.Tensor:  # [T, H * Dv]
     rows = torch.cat([latent, k_pe], dim=-1)  # [T, R+Dr]
-    cache = None
+    cache, rank = None, latent.shape[-1]
     if meta.kv_caches is not None:
-        cache = meta.kv_caches[layer_idx].view(-1, rows.shape[-1])  # [num_slots, R+Dr]
-        cache.index_copy_(0, meta.slot_mapping, rows.to(cache.dtype))
+        cache = meta.kv_caches[layer_idx]  # [num_blocks, block_size, R+Dr], or packed FP8 bytes
+        write_rows(cache, meta.slot_mapping, rows, rank)
     heads, dv = w.w_uv.shape[0], w.w_uv.shape[1]
     out = q_nope.new_empty(q_nope.shape[0], heads, dv)
     for span in meta.spans:
-        ctx = rows[span.q_start:span.q_end] if span.context_slots is None else cache[span.context_slots]
+        ctx = (rows[span.q_start:span.q_end] if span.context_slots is None
+               else read_rows(cache, span.context_slots, rank, q_nope.dtype))
         q = slice(span.q_start, span.q_end)
         fn = _naive if meta.prefill_mode == "naive" else _absorbed_one
         out[q] = fn(q_nope[q], q_pe[q], ctx, w)
     if meta.decode is not None:
         d = meta.decode
-        out[d.token_index] = _absorbed_decode(q_nope[d.token_index], q_pe[d.token_index], cache[d.slots], d.valid, w)
+        out[d.token_index] = _absorbed_decode(q_nope[d.token_index], q_pe[d.token_index],
+                                              read_rows(cache, d.slots, rank, q_nope.dtype), d.valid, w)
     return out.flatten(1)
 
 

@@ -28,6 +28,7 @@ from torch import nn
 
 from engine.model.attention import AttentionMetadata, MLAWeights, mla_attention
 from engine.model.config import ModelConfig
+from engine.model.fp8 import FP8
 from engine.model.layers import (
     ColumnParallelLinear,
     ParallelGroup,
@@ -44,7 +45,8 @@ from engine.model.rope import RotaryEmbedding
 class MLA(nn.Module):
     """Multi-head latent attention; heads split over the TP group."""
 
-    def __init__(self, cfg: ModelConfig, layer_idx: int, rope: RotaryEmbedding, dtype: torch.dtype, tp: ParallelGroup):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, rope: RotaryEmbedding, dtype: torch.dtype, tp: ParallelGroup,
+                 fp8: bool = False):
         super().__init__()
         self.layer_idx = layer_idx
         self.rope = rope
@@ -53,16 +55,16 @@ class MLA(nn.Module):
         self.kv_lora_rank = cfg.kv_lora_rank
         h, q_out = cfg.hidden_size, cfg.num_attention_heads * cfg.qk_head_dim
         if cfg.q_lora_rank:
-            self.q_a_proj = ReplicatedLinear(h, cfg.q_lora_rank, dtype)
+            self.q_a_proj = ReplicatedLinear(h, cfg.q_lora_rank, dtype, fp8)
             self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps, dtype)
-            self.q_b_proj = ColumnParallelLinear(cfg.q_lora_rank, q_out, dtype, tp)
+            self.q_b_proj = ColumnParallelLinear(cfg.q_lora_rank, q_out, dtype, tp, fp8)
         else:
-            self.q_proj = ColumnParallelLinear(h, q_out, dtype, tp)
-        self.kv_a_proj_with_mqa = ReplicatedLinear(h, cfg.kv_lora_rank + cfg.qk_rope_head_dim, dtype)
+            self.q_proj = ColumnParallelLinear(h, q_out, dtype, tp, fp8)
+        self.kv_a_proj_with_mqa = ReplicatedLinear(h, cfg.kv_lora_rank + cfg.qk_rope_head_dim, dtype, fp8)
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps, dtype)
         self.kv_b_proj = ColumnParallelLinear(
-            cfg.kv_lora_rank, cfg.num_attention_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), dtype, tp)
-        self.o_proj = RowParallelLinear(cfg.num_attention_heads * cfg.v_head_dim, h, dtype, tp)
+            cfg.kv_lora_rank, cfg.num_attention_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), dtype, tp, fp8)
+        self.o_proj = RowParallelLinear(cfg.num_attention_heads * cfg.v_head_dim, h, dtype, tp, fp8)
         self.softmax_scale = cfg.softmax_scale
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -77,7 +79,7 @@ class MLA(nn.Module):
         latent = self.kv_a_layernorm(latent)  # [T, R]
         q_pe = self.rope(q_pe, positions)  # [T, H, Dr]
         k_pe = self.rope(k_pe, positions)  # [T, Dr]
-        w = MLAWeights.from_kv_b_proj(self.kv_b_proj.weight, self.heads, self.nope, self.v_dim, self.softmax_scale)
+        w = MLAWeights.from_kv_b_proj(self.kv_b_proj.dense_weight(x.dtype), self.heads, self.nope, self.v_dim, self.softmax_scale)
         out = mla_attention(q_nope, q_pe, latent, k_pe, w, meta, self.layer_idx)  # [T, H*Dv]
         return self.o_proj(out)
 
@@ -85,25 +87,26 @@ class MLA(nn.Module):
 class MLP(nn.Module):
     """SiLU-gated MLP, intermediate dimension split over the TP group."""
 
-    def __init__(self, hidden: int, inter: int, dtype: torch.dtype, tp: ParallelGroup):
+    def __init__(self, hidden: int, inter: int, dtype: torch.dtype, tp: ParallelGroup, fp8: bool = False):
         super().__init__()
-        self.gate_proj = ColumnParallelLinear(hidden, inter, dtype, tp)
-        self.up_proj = ColumnParallelLinear(hidden, inter, dtype, tp)
-        self.down_proj = RowParallelLinear(inter, hidden, dtype, tp)
+        self.gate_proj = ColumnParallelLinear(hidden, inter, dtype, tp, fp8)
+        self.up_proj = ColumnParallelLinear(hidden, inter, dtype, tp, fp8)
+        self.down_proj = RowParallelLinear(inter, hidden, dtype, tp, fp8)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class MoE(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, tp: ParallelGroup, ep: ParallelGroup):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, tp: ParallelGroup, ep: ParallelGroup, fp8: bool = False):
         super().__init__()
         self.gate = Gate(cfg)
         placement = ExpertPlacement.identity(cfg.n_routed_experts)
         self.dispatcher = MoEDispatcher(placement, ep)
-        self.experts = Experts(len(placement.local_slots), cfg.hidden_size, cfg.moe_intermediate_size, dtype)
+        self.experts = Experts(len(placement.local_slots), cfg.hidden_size, cfg.moe_intermediate_size, dtype,
+                               fp8)
         self.shared_experts = (
-            MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, dtype, tp)
+            MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, dtype, tp, fp8)
             if cfg.n_shared_experts else None
         )
 
@@ -118,13 +121,13 @@ class MoE(nn.Module):
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int, rope: RotaryEmbedding, dtype: torch.dtype,
-                 tp: ParallelGroup, ep: ParallelGroup):
+                 tp: ParallelGroup, ep: ParallelGroup, fp8: bool = False):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.self_attn = MLA(cfg, layer_idx, rope, dtype, tp)
+        self.self_attn = MLA(cfg, layer_idx, rope, dtype, tp, fp8)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.mlp = MoE(cfg, dtype, tp, ep) if cfg.is_moe_layer(layer_idx) else MLP(
-            cfg.hidden_size, cfg.intermediate_size, dtype, tp)
+        self.mlp = MoE(cfg, dtype, tp, ep, fp8) if cfg.is_moe_layer(layer_idx) else MLP(
+            cfg.hidden_size, cfg.intermediate_size, dtype, tp, fp8)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), positions, meta)
@@ -142,13 +145,13 @@ class MTPLayer(nn.Module):
     """One multi-token-prediction module (checkpoint layer ``num_hidden_layers + k``)."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int, rope: RotaryEmbedding, dtype: torch.dtype,
-                 tp: ParallelGroup, ep: ParallelGroup):
+                 tp: ParallelGroup, ep: ParallelGroup, fp8: bool = False):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, dtype, tp)
         self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.eh_proj = ReplicatedLinear(2 * cfg.hidden_size, cfg.hidden_size, dtype)
-        self.block = DecoderLayer(cfg, layer_idx, rope, dtype, tp, ep)
+        self.block = DecoderLayer(cfg, layer_idx, rope, dtype, tp, ep, fp8)  # eh_proj stays unquantized, as stored
         self.shared_head = SharedHead(cfg, dtype, tp)
 
     def forward(self, next_ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
@@ -164,7 +167,10 @@ class MTPLayer(nn.Module):
 
 class DeepseekV3ForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype = torch.bfloat16, max_positions: int | None = None,
-                 tp: ParallelGroup | None = None, ep: ParallelGroup | None = None, with_mtp: bool = True):
+                 tp: ParallelGroup | None = None, ep: ParallelGroup | None = None, with_mtp: bool = True,
+                 fp8: bool = False):
+        """``fp8``: hold the projections the checkpoint stores in block FP8 as e4m3 + ``weight_scale_inv``
+        (load with ``iter_checkpoint_tensors(..., keep_fp8=True)``); otherwise every weight is ``dtype``."""
         super().__init__()
         self.cfg = cfg
         self.dtype = dtype
@@ -173,14 +179,14 @@ class DeepseekV3ForCausalLM(nn.Module):
         self.tp = tp
         rope = RotaryEmbedding(cfg, max_positions or cfg.max_position_embeddings)
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, dtype, tp)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, rope, dtype, tp, ep) for i in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, rope, dtype, tp, ep, fp8) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, dtype, tp)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         n_mtp = cfg.num_nextn_predict_layers if with_mtp else 0
         self.mtp = nn.ModuleList(
-            MTPLayer(cfg, cfg.num_hidden_layers + k, rope, dtype, tp, ep) for k in range(n_mtp))
+            MTPLayer(cfg, cfg.num_hidden_layers + k, rope, dtype, tp, ep, fp8) for k in range(n_mtp))
 
     @property
     def num_cache_layers(self) -> int:
@@ -221,11 +227,14 @@ class DeepseekV3ForCausalLM(nn.Module):
                 tensor = tensor.narrow(shard_dim, self.tp.rank * dst.shape[shard_dim], dst.shape[shard_dim])
             if tuple(dst.shape) != tuple(tensor.shape):
                 raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} does not fit parameter {tuple(dst.shape)}")
+            if (dst.dtype == FP8) != (tensor.dtype == FP8):
+                raise ValueError(f"{name}: checkpoint dtype {tensor.dtype} does not fit parameter dtype {dst.dtype} "
+                                 f"(FP8 parameters take the raw FP8 checkpoint tensors: keep_fp8=True)")
             dst.copy_(tensor)
             loaded.add(name)
         return loaded
 
-    _EXPERT = re.compile(r"(.*)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+    _EXPERT = re.compile(r"(.*)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.(weight|weight_scale_inv)$")
 
     def _param_for(self, name: str, params: dict[str, nn.Parameter]):
         """Checkpoint name -> (parameter, index into it or None), or None when not held here."""
@@ -234,13 +243,14 @@ class DeepseekV3ForCausalLM(nn.Module):
             return None
         m = self._EXPERT.match(local)
         if m:
-            prefix, e, proj = m.group(1), int(m.group(2)), m.group(3)
-            experts = self.get_submodule(prefix + ".mlp.experts")
-            inter = experts.inter
+            prefix, e, proj, kind = m.group(1), int(m.group(2)), m.group(3), m.group(4)
+            suffix = "" if kind == "weight" else "_scale_inv"
             if proj == "down_proj":
-                return params[prefix + ".mlp.experts.w2"], e
-            rows = slice(0, inter) if proj == "gate_proj" else slice(inter, 2 * inter)
-            return params[prefix + ".mlp.experts.w13"], (e, rows)
+                return params[prefix + ".mlp.experts.w2" + suffix], e
+            w13 = params[prefix + ".mlp.experts.w13" + suffix]
+            half = w13.shape[1] // 2  # gate rows (or gate scale blocks), then up's
+            rows = slice(0, half) if proj == "gate_proj" else slice(half, 2 * half)
+            return w13, (e, rows)
         return (params[local], None) if local in params else None
 
     def _local_name(self, name: str) -> str | None:

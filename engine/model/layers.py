@@ -16,6 +16,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from engine.model.fp8 import FP8, dequant_tile, fp8_linear, scale_shape
+
 
 @dataclasses.dataclass(frozen=True)
 class ParallelGroup:
@@ -53,36 +55,64 @@ def _param(shape: tuple[int, ...], dtype: torch.dtype, shard_dim: int | None) ->
     return p
 
 
-class ReplicatedLinear(nn.Module):
-    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype):
+class _Linear(nn.Module):
+    """``weight [out, in]`` in the model dtype, or (``fp8=True``) DeepSeek's block FP8 pair:
+    ``weight`` float8_e4m3fn and ``weight_scale_inv`` fp32 ``[ceil(out/128), ceil(in/128)]``,
+    both kept as loaded and cut along the same ``shard_dim`` (see ``engine/model/fp8.py``)."""
+
+    def __init__(self, shape: tuple[int, int], dtype: torch.dtype, shard_dim: int | None, fp8: bool,
+                 tp_size: int = 1):
         super().__init__()
-        self.weight = _param((out_features, in_features), dtype, None)
+        self.fp8 = fp8
+        if not fp8:
+            self.weight = _param(shape, dtype, shard_dim)
+            return
+        if tp_size > 1 and shape[shard_dim] % 128:
+            raise ValueError(f"FP8 weight shard {shape} is not a whole number of 128-wide blocks along dim {shard_dim}")
+        self.weight = _param(shape, FP8, shard_dim)
+        self.weight_scale_inv = _param(scale_shape(*shape), torch.float32, shard_dim)
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.fp8:
+            return F.linear(x, self.weight)
+        return fp8_linear(x, self.weight, self.weight_scale_inv)
+
+    def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight as a dense tensor (FP8: dequantized now, not kept)."""
+        if not self.fp8:
+            return self.weight
+        return dequant_tile(self.weight, self.weight_scale_inv, 0, self.weight.shape[0], dtype)
+
+
+class ReplicatedLinear(_Linear):
+    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype, fp8: bool = False):
+        super().__init__((out_features, in_features), dtype, None, fp8)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
+        return self._matmul(x)
 
 
-class ColumnParallelLinear(nn.Module):
+class ColumnParallelLinear(_Linear):
     """Output features split over ranks; each rank returns its slice (no collective)."""
 
-    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype, tp: ParallelGroup):
-        super().__init__()
-        self.weight = _param((tp.split(out_features, "output features"), in_features), dtype, 0)
+    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype, tp: ParallelGroup,
+                 fp8: bool = False):
+        super().__init__((tp.split(out_features, "output features"), in_features), dtype, 0, fp8, tp.size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
+        return self._matmul(x)
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(_Linear):
     """Input features split over ranks; partial outputs are summed with an all-reduce."""
 
-    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype, tp: ParallelGroup):
-        super().__init__()
+    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype, tp: ParallelGroup,
+                 fp8: bool = False):
+        super().__init__((out_features, tp.split(in_features, "input features")), dtype, 1, fp8, tp.size)
         self.tp = tp
-        self.weight = _param((out_features, tp.split(in_features, "input features")), dtype, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.tp.all_reduce(F.linear(x, self.weight))
+        return self.tp.all_reduce(self._matmul(x))
 
 
 class VocabParallelEmbedding(nn.Module):

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.model.config import ModelConfig
+from engine.model.fp8 import FP8, fp8_linear, scale_shape
 from engine.model.layers import ParallelGroup, _param
 
 
@@ -133,13 +134,26 @@ class MoEDispatcher:
 
 
 class Experts(nn.Module):
-    """Local routed experts, stacked: w13 = [gate; up] and w2 (down), one slice per physical slot."""
+    """Local routed experts, stacked: w13 = [gate; up] and w2 (down), one slice per physical slot.
 
-    def __init__(self, num_local: int, hidden: int, inter: int, dtype: torch.dtype):
+    ``fp8=True`` keeps them as DeepSeek's FP8 checkpoints store them: e4m3 ``w13``/``w2`` with
+    fp32 block scales ``w13_scale_inv [E, 2*ceil(I/128), ceil(H/128)]`` (gate's blocks, then
+    up's, so any intermediate size stacks) and ``w2_scale_inv [E, ceil(H/128), ceil(I/128)]``.
+    """
+
+    def __init__(self, num_local: int, hidden: int, inter: int, dtype: torch.dtype, fp8: bool = False):
         super().__init__()
         self.inter = inter
-        self.w13 = _param((num_local, 2 * inter, hidden), dtype, None)
-        self.w2 = _param((num_local, hidden, inter), dtype, None)
+        self.fp8 = fp8
+        if not fp8:
+            self.w13 = _param((num_local, 2 * inter, hidden), dtype, None)
+            self.w2 = _param((num_local, hidden, inter), dtype, None)
+            return
+        self.w13 = _param((num_local, 2 * inter, hidden), FP8, None)
+        self.w2 = _param((num_local, hidden, inter), FP8, None)
+        gate_blocks, hidden_blocks = scale_shape(inter, hidden)
+        self.w13_scale_inv = _param((num_local, 2 * gate_blocks, hidden_blocks), torch.float32, None)
+        self.w2_scale_inv = _param((num_local, *scale_shape(hidden, inter)), torch.float32, None)
 
     def forward(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """x [N, D] sorted by expert, counts[e] rows each -> [N, D]."""
@@ -148,7 +162,16 @@ class Experts(nn.Module):
         for e, n in enumerate(counts):
             if n:
                 rows = slice(start, start + n)
-                gate, up = F.linear(x[rows], self.w13[e]).chunk(2, dim=-1)
-                out[rows] = F.linear(F.silu(gate) * up, self.w2[e])
+                if self.fp8:
+                    out[rows] = self._fp8_expert(x[rows], e)
+                else:
+                    gate, up = F.linear(x[rows], self.w13[e]).chunk(2, dim=-1)
+                    out[rows] = F.linear(F.silu(gate) * up, self.w2[e])
                 start += n
         return out
+
+    def _fp8_expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        i, half = self.inter, self.w13_scale_inv.shape[1] // 2
+        gate = fp8_linear(x, self.w13[e, :i], self.w13_scale_inv[e, :half])
+        up = fp8_linear(x, self.w13[e, i:], self.w13_scale_inv[e, half:])
+        return fp8_linear(F.silu(gate) * up, self.w2[e], self.w2_scale_inv[e])

@@ -1,0 +1,124 @@
+"""MTP speculative decoding: draft with the MTP layer, verify in one main-model forward.
+
+A request that has drafts ``d_1..d_k`` schedules its last known token ``x_n`` and
+the drafts together; the main model's logits at positions ``n..n+k`` give the
+target distributions ``p_0..p_k`` (each after the request's penalties,
+temperature, top-k, top-p and min-p, with the earlier drafts counted in its
+history). Drafts are the MTP head's argmax, so the draft distribution is
+one-hot and the standard speculative rule (Leviathan et al. 2023) reads:
+
+* greedy rows: accept ``d_i`` while ``d_i == argmax p_{i-1}``; the first
+  mismatch's argmax (or ``argmax p_k`` when all agree) is the bonus token —
+  token for token what plain greedy decoding produces;
+* sampled rows: accept ``d_i`` with probability ``p_{i-1}(d_i)``; on a
+  rejection draw from ``p_{i-1}`` without ``d_i`` (the residual
+  ``max(0, p - q)``, renormalised); when all are accepted draw the bonus from
+  ``p_k``. Outputs follow the main model's distribution exactly.
+
+Drafting (``MTPProposer``): MTP row ``t`` reads the main model's hidden state at
+``t`` and the embedding of token ``t+1`` and predicts ``t+2``. After a step, the
+MTP layer runs over every main position whose next token is now known (writing
+its own cache rows, which later steps attend to); its output at the last one
+gives ``d_1``. Drafts ``d_2..d_k`` reuse the MTP layer autoregressively on its
+own output hidden state; the rows those extra passes write are speculative and
+are overwritten by the real rows one step later.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from engine.model.attention import AttentionMetadata
+from engine.sampler import SamplingMetadata, SamplingRow, penalized_logits, sampling_probs
+
+
+@dataclasses.dataclass
+class VerifyGroup:
+    """One request's verify rows: ``len(drafts) + 1`` consecutive rows of the logits."""
+
+    first_row: int
+    drafts: list[int]
+    generator: torch.Generator | None
+
+
+def verify(logits: torch.Tensor, rows: list[SamplingRow], groups: list[VerifyGroup],
+           shared: torch.Generator | None) -> list[list[int]]:
+    """Accepted drafts + the bonus token, per group. ``logits`` [R, V], one row per verify position."""
+    meta = SamplingMetadata.build(rows, logits.device)
+    x = penalized_logits(logits, meta)  # [R, V]
+    argmax = x.argmax(-1).tolist()
+    greedy = [True] * len(rows) if meta.all_greedy else (
+        meta.greedy.tolist() if meta.greedy is not None else [False] * len(rows))
+    probs = None if meta.all_greedy else sampling_probs(x, meta)  # [R, V]
+    out = []
+    for g in groups:
+        gen = g.generator or shared
+        tokens: list[int] = []
+        for i, d in enumerate(g.drafts + [None]):
+            r = g.first_row + i
+            if greedy[r]:
+                tokens.append(argmax[r])
+                if argmax[r] != d:
+                    break
+                continue
+            p = probs[r]
+            if d is not None and torch.rand((), generator=gen, device=p.device) * p.sum() < p[d]:
+                tokens.append(d)
+                continue
+            if d is not None:
+                p = p.clone()
+                p[d] = 0.0
+            tokens.append(int(torch.multinomial(p, 1, generator=gen)))
+            break
+        out.append(tokens)
+    return out
+
+
+@dataclasses.dataclass
+class MTPJob:
+    """One request's MTP pass: main positions ``start..start+count-1`` (whose next tokens are known)."""
+
+    start: int
+    count: int
+    next_ids: list[int]  # token t+1 for each position t
+    hidden_rows: list[int]  # rows of the step's main hidden states
+    draft: bool  # propose drafts after this pass (the request sampled this step)
+
+
+class MTPProposer:
+    def __init__(self, model, num_speculative_tokens: int, block_size: int):
+        self.model = model
+        self.k = num_speculative_tokens
+        self.block_size = block_size
+
+    def run(self, hidden: torch.Tensor, jobs: list[MTPJob], tables: list[list[int]], kv_caches,
+            device: torch.device) -> list[list[int]]:
+        """MTP rows for every job's positions; drafts (k tokens) for jobs with ``draft``, [] for others."""
+        model = self.model
+        ids = torch.tensor([t for j in jobs for t in j.next_ids], device=device)
+        pos = torch.tensor([p for j in jobs for p in range(j.start, j.start + j.count)], device=device)
+        h = hidden[torch.tensor([r for j in jobs for r in j.hidden_rows], device=device)]
+        meta = AttentionMetadata.paged([j.count for j in jobs], [j.start + j.count for j in jobs], tables,
+                                       self.block_size, kv_caches, device)
+        mtp_h = model.mtp_forward(0, ids, h, pos, meta)  # [T, D]
+        drafting = [i for i, j in enumerate(jobs) if j.draft]
+        drafts: list[list[int]] = [[] for _ in jobs]
+        if not drafting:
+            return drafts
+        ends = torch.cumsum(torch.tensor([j.count for j in jobs]), 0) - 1
+        last = mtp_h[ends[drafting].to(device)]  # [B, D] MTP hidden at each drafting job's last position
+        tok = model.mtp[0].logits(last).argmax(-1)  # [B]
+        for i, t in zip(drafting, tok.tolist()):
+            drafts[i].append(t)
+        for step in range(1, self.k):
+            # the MTP layer again, one position further, on its own hidden state (speculative rows)
+            pos_s = [jobs[i].start + jobs[i].count + step - 1 for i in drafting]
+            meta_s = AttentionMetadata.paged([1] * len(drafting), [p + 1 for p in pos_s],
+                                             [tables[i] for i in drafting], self.block_size, kv_caches, device)
+            last = model.mtp_forward(0, tok, last, torch.tensor(pos_s, device=device), meta_s)
+            tok = model.mtp[0].logits(last).argmax(-1)
+            for i, t in zip(drafting, tok.tolist()):
+                drafts[i].append(t)
+        return drafts

@@ -1,0 +1,142 @@
+"""MTP speculative decoding is lossless.
+
+Greedy: identical tokens with and without MTP (batch 1 and 32, k = 1 and 3,
+chunked prefill, prefix caching, stop strings, max_tokens, n > 1, the
+prefill → decode hand-off). Sampling: the verification rule reproduces the
+target distribution (chi-square on a small vocabulary, drafts right and wrong).
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from engine import LLM, SamplingParams
+from engine.args import EngineArgs
+from engine.engine import LLMEngine
+from engine.sampler import SamplingRow
+from engine.spec_decode import VerifyGroup, verify
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+
+
+def _prompts(n: int, vocab: int, seed: int = 3) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(vocab) for _ in range(rng.randint(3, 90))] for _ in range(n)]
+
+
+def _tokens(outs) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in outs]
+
+
+@pytest.fixture(scope="module")
+def plain(tiny_checkpoint):
+    return LLM(tiny_checkpoint, dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def prompts(plain):
+    return _prompts(32, plain.engine.config.vocab_size)
+
+
+@pytest.fixture(scope="module")
+def reference(plain, prompts):
+    return _tokens(plain.generate(prompts, GREEDY))
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_greedy_identical_batch_32_and_alone(tiny_checkpoint, prompts, reference, k):
+    spec = LLM(tiny_checkpoint, dtype="float32", speculative="mtp", num_speculative_tokens=k)
+    assert _tokens(spec.generate(prompts, GREEDY)) == reference
+    assert [_tokens(spec.generate([p], GREEDY))[0] for p in prompts[:4]] == reference[:4]
+    stats = spec.engine.stats()
+    assert stats.spec_drafts > 0 and stats.spec_draft_tokens >= stats.spec_drafts
+    assert spec.engine.kv.num_used_blocks == 0
+
+
+def test_greedy_identical_with_chunking_prefix_cache_stops_and_n(tiny_checkpoint, plain, prompts, reference):
+    spec = LLM(tiny_checkpoint, dtype="float32", speculative="mtp", num_speculative_tokens=2,
+               max_num_batched_tokens=24, block_size=16)
+    assert _tokens(spec.generate(prompts[:6], GREEDY)) == reference[:6]
+    assert _tokens(spec.generate(prompts[:6], GREEDY)) == reference[:6]  # now with prefix-cache hits
+    assert spec.engine.kv.prefix_hits > 0
+    short = SamplingParams(temperature=0.0, max_tokens=7, ignore_eos=True)
+    outs = spec.generate(prompts[:8], short)
+    assert all(len(t) == 7 for t in _tokens(outs))  # never overshoots max_tokens
+    assert _tokens(outs) == [r[:7] for r in reference[:8]]
+    text = "def f(x):"
+    free = plain.generate([text], GREEDY)[0].outputs[0]
+    stop = free.text[4:7]
+    want = plain.generate([text], SamplingParams(temperature=0, max_tokens=40, stop=[stop], ignore_eos=True))
+    got = spec.generate([text], SamplingParams(temperature=0, max_tokens=40, stop=[stop], ignore_eos=True))
+    assert got[0].outputs[0].text == want[0].outputs[0].text
+    assert got[0].outputs[0].token_ids == want[0].outputs[0].token_ids
+    n_out = spec.generate([prompts[0]], SamplingParams(n=3, temperature=0, max_tokens=20, ignore_eos=True))[0]
+    assert [o.token_ids for o in n_out.outputs] == [reference[0][:20]] * 3
+    assert spec.engine.kv.num_used_blocks == 0
+
+
+def test_greedy_identical_through_kv_handoff(tiny_checkpoint, prompts, reference):
+    args = dict(model=tiny_checkpoint, dtype="float32", speculative="mtp", num_speculative_tokens=2)
+    prefill = LLMEngine(EngineArgs(role="prefill", **args))
+    decode = LLMEngine(EngineArgs(role="decode", **args))
+    for i, p in enumerate(prompts[:6]):
+        prefill.add_request(f"r{i}", p, GREEDY)
+    while prefill.has_unfinished():
+        prefill.step()
+    for i in range(6):
+        payload = prefill.export_kv(f"r{i}")
+        decode.add_request(payload.request_id, payload.prompt_token_ids, payload.params, kv=payload)
+    got: dict[str, list[int]] = {}
+    while decode.has_unfinished():
+        for out in decode.step():
+            got.setdefault(out.request_id, []).extend(out.outputs[0].token_ids)
+    assert [got[f"r{i}"] for i in range(6)] == reference[:6]
+    assert decode.stats().spec_drafts > 0
+    assert prefill.kv.num_used_blocks == 0 and decode.kv.num_used_blocks == 0
+
+
+def _chi2_ok(counts: torch.Tensor, probs: torch.Tensor) -> bool:
+    """Pearson chi-square against expected counts; critical value for p = 0.001 at <= 6 dof is 22.5."""
+    expected = probs * counts.sum()
+    keep = expected > 0
+    assert counts[~keep].sum() == 0, "sampled a token of probability 0"
+    stat = ((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum().item()
+    return stat < 22.5
+
+
+@pytest.mark.parametrize("temperature,top_k", [(1.0, 0), (0.7, 3)])
+def test_verification_follows_the_target_distribution(temperature, top_k):
+    """First emitted token ~ p_0 and, when d_1 was accepted, the second ~ p_1: the exact spec rule."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0], [0.0, 1.5, 1.0, -0.5, 0.3]])  # p_0, p_1 (5-token vocab)
+    params = SamplingParams(temperature=temperature, top_k=top_k, max_tokens=10)
+
+    def target(row: int) -> torch.Tensor:
+        x = logits[row] / temperature
+        if top_k:
+            x = x.masked_fill(x < x.topk(top_k).values[-1], float("-inf"))
+        return x.softmax(-1)
+
+    for draft in (0, 2, 4):  # the likely token, a middling one, one outside top-k
+        rows = [SamplingRow(params, [1], []), SamplingRow(params, [1], [draft])]
+        first = torch.zeros(5)
+        second = torch.zeros(5)
+        for _ in range(4000):
+            out = verify(logits, rows, [VerifyGroup(0, [draft], None)], g)[0]
+            first[out[0]] += 1
+            if len(out) == 2:
+                second[out[1]] += 1
+        assert _chi2_ok(first, target(0))
+        if target(0)[draft] > 0.05:
+            assert _chi2_ok(second, target(1))
+
+
+def test_verification_greedy_rows_take_the_argmax():
+    logits = torch.tensor([[0.0, 3.0, 1.0], [2.0, 0.0, 1.0], [0.0, 0.0, 5.0]])
+    params = SamplingParams(temperature=0.0)
+    rows = [SamplingRow(params, [0], []), SamplingRow(params, [0], [1]), SamplingRow(params, [0], [1, 0])]
+    assert verify(logits, rows, [VerifyGroup(0, [1, 0], None)], None) == [[1, 0, 2]]  # all accepted + bonus
+    assert verify(logits, rows, [VerifyGroup(0, [2, 0], None)], None) == [[1]]  # first rejected
