@@ -203,6 +203,9 @@ def usage(gen: Generation) -> dict[str, Any]:
                            "total_tokens": gen.prompt_tokens + gen.completion_tokens}
     if gen.cached_tokens is not None:
         out["prompt_tokens_details"] = {"cached_tokens": gen.cached_tokens}
+    drafts, accepted = gen.spec_tokens
+    if drafts:  # speculative decoding: this request's MTP acceptance (a pdserve extension)
+        out["spec_decode"] = {"draft_tokens": drafts, "accepted_tokens": accepted}
     return out
 
 

@@ -16,6 +16,7 @@ SUBCOMMAND_MODULES = (
     "serving.commands.serve",
     "serving.commands.checkpoint",
     "serving.commands.bench",
+    "serving.commands.up",
 )
 
 

@@ -32,6 +32,8 @@ class _Timing:
     queue_seconds: float | None = None
     finish_reasons: dict[int, str] = dataclasses.field(default_factory=dict)
     cached_tokens: int | None = None
+    draft_tokens: int = 0  # speculative decoding: drafts verified for this request
+    accepted_tokens: int = 0
     done: bool = False
 
 
@@ -69,6 +71,11 @@ class Generation:
     def cached_tokens(self) -> int | None:
         known = [t.cached_tokens for t in self.timings if t.cached_tokens is not None]
         return sum(known) if known else None
+
+    @property
+    def spec_tokens(self) -> tuple[int, int]:
+        """(draft tokens verified, of which accepted) over the engine requests."""
+        return sum(t.draft_tokens for t in self.timings), sum(t.accepted_tokens for t in self.timings)
 
     @property
     def ttft(self) -> float | None:
@@ -118,6 +125,7 @@ class Generation:
         m = out.metrics
         if m is not None:
             t.cached_tokens = m.num_cached_tokens
+            t.draft_tokens, t.accepted_tokens = m.num_draft_tokens, m.num_accepted_tokens
             if m.scheduled_time is not None:
                 t.queue_seconds = max(0.0, m.scheduled_time - m.arrival_time)
 

@@ -12,8 +12,10 @@ Names are prefixed ``pdserve_``. Per-request metrics carry a ``protocol`` label
 
 Engine-wide values are read from ``EngineClient.stats()`` at scrape time: counters
 ``num_preemptions_total``, ``prefix_cache_queries_total``, ``prefix_cache_hits_total``
-(tokens) and gauges ``num_requests_running``, ``num_requests_waiting``,
-``kv_cache_usage_perc`` (a fraction in [0, 1], as vLLM's).
+(tokens), with MTP speculative decoding ``spec_decode_num_drafts_total``,
+``spec_decode_num_draft_tokens_total``, ``spec_decode_num_accepted_tokens_total`` and
+``spec_decode_num_accepted_tokens_per_pos_total{position}``; gauges ``num_requests_running``,
+``num_requests_waiting``, ``kv_cache_usage_perc`` (a fraction in [0, 1], as vLLM's).
 """
 
 from __future__ import annotations
@@ -41,6 +43,20 @@ _E2E_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 1
 _TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000, 200000)
 
 
+def _spec_decode_metrics(s: EngineStats) -> Iterator[Metric]:
+    yield CounterMetricFamily(PREFIX + "spec_decode_num_drafts", "Verify passes that checked MTP drafts.",
+                              value=s.spec_drafts)
+    yield CounterMetricFamily(PREFIX + "spec_decode_num_draft_tokens", "MTP draft tokens verified.",
+                              value=s.spec_draft_tokens)
+    yield CounterMetricFamily(PREFIX + "spec_decode_num_accepted_tokens", "MTP draft tokens accepted.",
+                              value=s.spec_accepted_tokens)
+    per_pos = CounterMetricFamily(PREFIX + "spec_decode_num_accepted_tokens_per_pos",
+                                  "MTP draft tokens accepted, by draft position (0 = first).", labels=["position"])
+    for pos, n in enumerate(s.spec_accepted_per_position):
+        per_pos.add_metric([str(pos)], n)
+    yield per_pos
+
+
 class EngineStatsCollector:
     """Exposes ``EngineStats`` as Prometheus metrics, read fresh at every scrape."""
 
@@ -59,6 +75,8 @@ class EngineStatsCollector:
                                   value=s.prefix_cache_queries)
         yield CounterMetricFamily(PREFIX + "prefix_cache_hits", "Prompt tokens found in the prefix cache.",
                                   value=s.prefix_cache_hits)
+        if s.spec_drafts:
+            yield from _spec_decode_metrics(s)
         yield GaugeMetricFamily(PREFIX + "num_requests_running", "Requests currently scheduled.", value=s.num_running)
         yield GaugeMetricFamily(PREFIX + "num_requests_waiting", "Requests waiting to be scheduled.",
                                 value=s.num_waiting)

@@ -140,3 +140,30 @@ def test_verification_greedy_rows_take_the_argmax():
     rows = [SamplingRow(params, [0], []), SamplingRow(params, [0], [1]), SamplingRow(params, [0], [1, 0])]
     assert verify(logits, rows, [VerifyGroup(0, [1, 0], None)], None) == [[1, 0, 2]]  # all accepted + bonus
     assert verify(logits, rows, [VerifyGroup(0, [2, 0], None)], None) == [[1]]  # first rejected
+
+
+def test_server_reports_acceptance_and_metrics(tiny_checkpoint):
+    import shutil
+    import subprocess
+
+    import httpx
+    from fake_engine import running_server
+
+    from engine.async_engine import AsyncEngine
+    from engine.tokenizer import load_tokenizer
+
+    client = AsyncEngine(EngineArgs(model=tiny_checkpoint, dtype="float32", speculative="mtp",
+                                    num_speculative_tokens=2))
+    with running_server(client, load_tokenizer(tiny_checkpoint)) as srv:
+        r = httpx.post(f"{srv.url}/v1/completions", json={"prompt": "def f(x):", "max_tokens": 12,
+                                                           "temperature": 0, "ignore_eos": True}, timeout=60)
+        usage = r.json()["usage"]
+        assert usage["completion_tokens"] == 12
+        spec = usage["spec_decode"]
+        assert spec["draft_tokens"] > 0 and 0 <= spec["accepted_tokens"] <= spec["draft_tokens"]
+        text = httpx.get(f"{srv.url}/metrics", timeout=10).text
+    assert "pdserve_spec_decode_num_draft_tokens_total" in text
+    assert 'pdserve_spec_decode_num_accepted_tokens_per_pos_total{position="1"}' in text
+    if shutil.which("promtool"):
+        check = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True)
+        assert check.returncode == 0, check.stdout + check.stderr

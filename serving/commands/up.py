@@ -1,0 +1,263 @@
+"""``pdserve up | down | status``: a disaggregated deployment on Ray.
+
+    pdserve up --config FILE [--address ADDR] [--state-file PATH] [--log-level info]
+    pdserve status [--state-file PATH] [--json]
+    pdserve down [--state-file PATH] [--timeout 60]
+
+``up``, in order: parse and validate the deployment file (``deploy.config``; a
+multi-rank pool is refused here with "not supported yet"), load the tokenizer,
+bind the router's port, start a local Ray instance or join ``--address`` (or the
+file's ``ray.address``), start the prefill pool then the decode pool
+(``deploy.pool.Pool``: named actors ``prefill-<i>``/``decode-<i>`` in namespace
+``pdserve``, each loads the model), start the router (``router.app`` over
+``router.pd_flow.PDClient``), write the state file (pid, router URL, Ray address,
+worker names) and print ``pdserve: router at URL (...)``. It stays in the
+foreground; SIGINT/SIGTERM (or ``pdserve down``) stop the router, then the pools,
+then Ray if ``up`` started it, and remove the state file.
+
+``status`` asks the router's ``GET /pools`` (health, last error, load per worker);
+``down`` sends SIGTERM to the ``up`` process named in the state file and waits for it
+to exit. The state file defaults to ``$PDSERVE_STATE_DIR/up.json`` (else
+``~/.cache/pdserve/up.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import time
+import urllib.error
+import urllib.request
+from typing import Any, Iterator
+
+from serving.cli import CLIError
+
+logger = logging.getLogger("pdserve.up")
+
+
+def default_state_file() -> str:
+    base = os.environ.get("PDSERVE_STATE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "pdserve")
+    return os.path.join(base, "up.json")
+
+
+def register(subparsers: Any) -> None:
+    up = subparsers.add_parser("up", help="start prefill/decode pools on Ray and the PD router",
+                               description=__doc__.split("\n\n")[0])
+    up.add_argument("--config", required=True, help="deployment YAML (see deploy/examples/)")
+    up.add_argument("--address", default=None, help="join this Ray cluster (default: the file's ray.address, "
+                                                    "else start a local Ray instance)")
+    up.add_argument("--state-file", default=None, help="where to record the deployment (default: %(default)s)")
+    up.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+    up.set_defaults(func=run_up)
+    status = subparsers.add_parser("status", help="pools, health and load of a running deployment")
+    status.add_argument("--state-file", default=None)
+    status.add_argument("--json", action="store_true", help="print the router's /pools answer as JSON")
+    status.set_defaults(func=run_status)
+    down = subparsers.add_parser("down", help="stop the deployment `pdserve up` started")
+    down.add_argument("--state-file", default=None)
+    down.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for it to stop")
+    down.set_defaults(func=run_down)
+
+
+# ---- up --------------------------------------------------------------------------------
+def run_up(ns: argparse.Namespace) -> int:
+    from deploy.config import ConfigError, load_config
+    from deploy.pool import Pool
+    from serving.commands.serve import _bind, _configure_logging, _load_tokenizer
+
+    _configure_logging(ns.log_level)
+    try:
+        cfg = load_config(ns.config)
+    except ConfigError as e:
+        raise CLIError(f"{ns.config}: {e}") from e
+    pools = {role: Pool.from_deploy(cfg, role) for role in ("prefill", "decode")}
+    for pool in pools.values():
+        try:
+            pool.check_supported()
+        except NotImplementedError as e:
+            raise CLIError(str(e)) from e
+    if not os.path.isdir(cfg.model):
+        raise CLIError(f"model directory {cfg.model!r} does not exist")
+    state_file = ns.state_file or default_state_file()
+    if _alive(_read_state(state_file, missing_ok=True)):
+        raise CLIError(f"a deployment is already up (state file {state_file}); run `pdserve down` first")
+    tokenizer = _load_tokenizer(cfg.model)
+    host, port = cfg.router.get("host", "127.0.0.1"), int(cfg.router.get("port", 8000))
+    sock = _bind(host, port)
+    try:
+        with _ray(ns.address or cfg.ray.get("address"), cfg, host) as address:
+            try:
+                for pool in pools.values():
+                    print(f"pdserve: starting {pool.role} pool ({pool.config.instances} worker(s))", flush=True)
+                    pool.start()
+                return asyncio.run(_serve_router(cfg, pools, tokenizer, sock, state_file, address, ns))
+            except Exception as e:
+                if isinstance(e, CLIError):
+                    raise
+                logger.debug("up failed", exc_info=True)
+                raise CLIError(f"cannot start the deployment: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+            finally:
+                for pool in pools.values():
+                    pool.stop()
+    finally:
+        sock.close()
+
+
+@contextlib.contextmanager
+def _ray(address: str | None, cfg: Any, host: str) -> Iterator[str]:
+    """Join ``address`` or start a local instance (stopped on exit); yields the GCS address."""
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+
+    from deploy.worker import NAMESPACE
+
+    kwargs: dict[str, Any] = {"namespace": NAMESPACE, "log_to_driver": False}
+    if address:
+        kwargs["address"] = address
+    else:
+        kwargs.update(address="local", include_dashboard=False, num_cpus=cfg.ray.get("num_cpus"))
+        if cfg.ray.get("object_store_memory_mb"):
+            kwargs["object_store_memory"] = int(cfg.ray["object_store_memory_mb"]) * 1024 * 1024
+        if host in ("127.0.0.1", "localhost"):
+            kwargs["_node_ip_address"] = "127.0.0.1"
+    try:
+        context = ray.init(**kwargs)
+    except Exception as e:
+        raise CLIError(f"cannot {'join Ray at ' + address if address else 'start Ray'}: {e}") from e
+    try:
+        yield context.address_info.get("gcs_address", address or "")
+    finally:
+        ray.shutdown()
+
+
+async def _serve_router(cfg: Any, pools: dict, tokenizer: Any, sock: Any, state_file: str, address: str,
+                        ns: argparse.Namespace) -> int:
+    import uvicorn
+
+    from router.app import build_router_app
+    from router.pd_flow import PDClient, RouterConfig
+    from serving.commands.serve import _url
+    from serving.openai_api import DEFAULT_MAX_BODY_BYTES
+
+    client = PDClient(pools["prefill"].names, pools["decode"].names, RouterConfig.from_dict(cfg.router))
+    await client.start()
+    app = build_router_app(client, tokenizer, api_key=cfg.router.get("api_key") or os.environ.get("PDSERVE_API_KEY"),
+                           max_body_bytes=int(cfg.router.get("max_body_bytes", DEFAULT_MAX_BODY_BYTES)))
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            yield  # handled below: the pools stop after the router
+
+    server = Server(uvicorn.Config(app, log_level=ns.log_level, access_log=False, lifespan="off",
+                                   timeout_graceful_shutdown=10))
+    loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        server.force_exit = server.should_exit
+        server.should_exit = True
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal)
+    url = _url(sock)
+    state = {"pid": os.getpid(), "url": url, "ray_address": address, "config": os.path.abspath(ns.config),
+             "workers": {role: pool.names for role, pool in pools.items()}, "model": client.model_name}
+    os.makedirs(os.path.dirname(os.path.abspath(state_file)), exist_ok=True)
+    with open(state_file, "w", encoding="utf-8") as f:
+        json.dump(state, f)
+
+    async def announce() -> None:
+        while not server.started:
+            await asyncio.sleep(0.05)
+        print(f"pdserve: router at {url} serving {client.model_name} (OpenAI API under /v1; prefill: "
+              f"{len(pools['prefill'].names)}, decode: {len(pools['decode'].names)} worker(s); Ray at {address})",
+              flush=True)
+
+    task = asyncio.ensure_future(announce())
+    try:
+        await server.serve(sockets=[sock])
+    finally:
+        task.cancel()
+        await client.shutdown()
+        with contextlib.suppress(OSError):
+            if _read_state(state_file, missing_ok=True).get("pid") == os.getpid():
+                os.remove(state_file)
+    return 0
+
+
+# ---- status / down ----------------------------------------------------------------------------
+def _read_state(path: str, missing_ok: bool = False) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        if missing_ok:
+            return {}
+        raise CLIError(f"no deployment recorded in {path} (is `pdserve up` running?)") from None
+    except (OSError, ValueError) as e:
+        raise CLIError(f"cannot read {path}: {e}") from e
+
+
+def _alive(state: dict) -> bool:
+    pid = state.get("pid")
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (exited, not yet reaped by its parent) is not running
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def run_status(ns: argparse.Namespace) -> int:
+    path = ns.state_file or default_state_file()
+    state = _read_state(path)
+    if not _alive(state):
+        raise CLIError(f"the deployment in {path} is not running (pid {state.get('pid')} is gone)")
+    try:
+        with urllib.request.urlopen(state["url"] + "/pools", timeout=10) as r:
+            pools = json.load(r)
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        raise CLIError(f"the router at {state['url']} does not answer: {e}") from e
+    if ns.json:
+        print(json.dumps(pools, indent=2))
+        return 0
+    print(f"router {state['url']}  model {state.get('model')}  Ray {state.get('ray_address')}  pid {state['pid']}")
+    print(f"{'worker':<12} {'health':<8} {'queued tok':>10} {'running':>8} {'waiting':>8} {'kv used/total':>14}  note")
+    for role in ("prefill", "decode"):
+        for w in pools.get(role, []):
+            load = w["load"]
+            print(f"{w['name']:<12} {'up' if w['healthy'] else 'DOWN':<8} {load['queued_prompt_tokens']:>10} "
+                  f"{load['num_running']:>8} {load['num_waiting']:>8} "
+                  f"{str(load['kv_blocks_used']) + '/' + str(load['kv_blocks_total']):>14}  {w['last_error'] or ''}")
+    return 0
+
+
+def run_down(ns: argparse.Namespace) -> int:
+    path = ns.state_file or default_state_file()
+    state = _read_state(path)
+    pid = state.get("pid")
+    if not _alive(state):
+        with contextlib.suppress(OSError):
+            os.remove(path)
+        print(f"pdserve: nothing running (pid {pid} is gone); removed {path}")
+        return 0
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + ns.timeout
+    while _alive(state) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if _alive(state):
+        raise CLIError(f"pid {pid} did not stop within {ns.timeout:g} s (send SIGTERM again to skip the grace period)")
+    print(f"pdserve: stopped the deployment (pid {pid})")
+    return 0
