@@ -1,0 +1,313 @@
+"""End to end through Ray: PD router + 2 prefill + 2 decode workers on the tiny checkpoint.
+
+Ray connects its processes through the machine's network interface even when told
+127.0.0.1, so these tests only run where loopback is the only interface. On a
+machine with other interfaces, ``test_suite_in_private_network_namespace`` re-runs
+this module inside a private network namespace (``unshare -n``, then ``ip link set
+lo up``) and the in-place copies are skipped; where no namespace can be made, it
+skips with the reason. Everything the module starts (Ray, actors, the router) is
+stopped at its end.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _loopback_only() -> bool:
+    return {name for _, name in socket.if_nameindex()} <= {"lo"}
+
+
+LOOPBACK_ONLY = _loopback_only()
+in_netns = pytest.mark.skipif(not LOOPBACK_ONLY, reason="Ray would use a non-loopback interface; "
+                                                         "run by test_suite_in_private_network_namespace")
+
+
+@pytest.mark.skipif(LOOPBACK_ONLY, reason="already loopback-only: the tests below run in place")
+def test_suite_in_private_network_namespace():
+    unshare = shutil.which("unshare")
+    if unshare is None or shutil.which("ip") is None:
+        pytest.skip("needs unshare and ip to make a loopback-only network namespace")
+    flags = ["-n"] if os.geteuid() == 0 else ["-rn"]
+    probe = subprocess.run([unshare, *flags, "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot create a network namespace: {probe.stderr.decode().strip()}")
+    cmd = [unshare, *flags, "sh", "-c",
+           f"ip link set lo up && exec {sys.executable} -m pytest -q -x -p no:cacheprovider {__file__}"]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=420)
+    print(proc.stdout[-6000:], proc.stderr[-3000:])
+    assert proc.returncode == 0, proc.stdout[-6000:]
+
+
+# ---- the suite (inside the namespace) ---------------------------------------------------
+PROMPTS = ["The quick brown fox", "Prefill and decode run on", "Hello world! How are", "DeepSeek uses multi-head"]
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_checkpoint):
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    import ray
+
+    from deploy.config import parse_config
+    from deploy.pool import Pool
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+             object_store_memory=100 * 1024 * 1024, log_to_driver=False, namespace="pdserve")
+    engine = {"dtype": "float32", "num_kv_blocks": 128, "block_size": 16, "max_num_seqs": 16}
+    cfg = parse_config({"model": tiny_checkpoint, "engine": engine,
+                        "pools": {"prefill": {"instances": 2, "max_restarts": 2},
+                                  "decode": {"instances": 2, "max_restarts": 2}}})
+    pools = {role: Pool.from_deploy(cfg, role) for role in ("prefill", "decode")}
+    try:
+        for pool in pools.values():
+            pool.start()
+        yield pools
+    finally:
+        for pool in pools.values():
+            pool.stop()
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def router(cluster, tiny_checkpoint):
+    from engine.tokenizer import load_tokenizer
+    from router.app import build_router_app
+    from router.pd_flow import PDClient, RouterConfig
+    from fake_engine import serve_asgi
+
+    client = PDClient(cluster["prefill"].names, cluster["decode"].names,
+                      RouterConfig(health_interval_s=1.0, health_timeout_s=2.0, poll_wait_s=0.2, stall_timeout_s=5.0))
+    app = build_router_app(client, load_tokenizer(tiny_checkpoint))
+    with serve_asgi(app, client) as url:
+        yield url, client
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_checkpoint):
+    """What the dev server's engine produces (LLM.generate), greedy."""
+    from engine import LLM, SamplingParams
+
+    llm = LLM(tiny_checkpoint, dtype="float32", num_kv_blocks=128, block_size=16)
+
+    def run(prompts, max_tokens):
+        outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
+        return [o.outputs[0].text for o in outs]
+
+    return run
+
+
+def _openai(url):
+    import openai
+
+    return openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
+
+
+def _stream_text(client, model, prompt, max_tokens, on_chunk=None):
+    text = ""
+    for i, chunk in enumerate(client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens,
+                                                        temperature=0, stream=True,
+                                                        extra_body={"ignore_eos": True})):
+        if chunk.choices:
+            text += chunk.choices[0].text
+        if on_chunk is not None:
+            on_chunk(i)
+    return text
+
+
+def _metric(url, name):
+    total = 0.0
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        if line.startswith(name) and not line.startswith("#"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def _wait(cond, timeout=30.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _worker_loads():
+    import ray
+
+    from deploy.worker import NAMESPACE
+
+    names = ["prefill-0", "prefill-1", "decode-0", "decode-1"]
+    return {n: ray.get(ray.get_actor(n, namespace=NAMESPACE).load.remote(), timeout=10) for n in names}
+
+
+def _idle():
+    loads = _worker_loads()
+    return all(d["kv_blocks_used"] == 0 and d["kv_blocks_reserved"] == 0 and d["num_running"] == 0
+               and d["num_waiting"] == 0 and d["queued_prompt_tokens"] == 0 for d in loads.values())
+
+
+@in_netns
+def test_pdserve_up_status_down(tiny_checkpoint, tmp_path):
+    """The CLI end to end (runs first, before this module starts its own Ray)."""
+    port = _free_port()
+    config = tmp_path / "pools.yaml"
+    config.write_text(f"model: {tiny_checkpoint}\nengine: {{dtype: float32, num_kv_blocks: 64, block_size: 16}}\n"
+                      f"ray: {{num_cpus: 2, object_store_memory_mb: 100}}\nrouter: {{host: 127.0.0.1, port: {port}}}\n"
+                      "pools:\n  prefill: {instances: 1}\n  decode: {instances: 1}\n")
+    env = {**os.environ, "PDSERVE_STATE_DIR": str(tmp_path), "RAY_AUTH_MODE": "disabled"}
+    cli = [sys.executable, "-m", "serving.cli"]
+    up = subprocess.Popen([*cli, "up", "--config", str(config), "--log-level", "warning"], cwd=ROOT, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        for line in up.stdout:
+            lines.append(line)
+            if "pdserve: router at" in line:
+                break
+        assert "pdserve: router at" in "".join(lines), "".join(lines)
+        status = subprocess.run([*cli, "status"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)
+        assert status.returncode == 0 and "prefill-0    up" in status.stdout and "decode-0     up" in status.stdout
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=30,
+                       json={"model": "tiny", "prompt": "hello", "max_tokens": 4, "temperature": 0})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+        down = subprocess.run([*cli, "down"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=90)
+        assert down.returncode == 0, down.stderr
+        assert up.wait(timeout=30) == 0
+        assert not (tmp_path / "up.json").exists()
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@in_netns
+def test_loopback_only_sockets(cluster):
+    out = subprocess.run(["ss", "-tnH"], capture_output=True, text=True).stdout
+    peers = [line.split()[3] for line in out.splitlines() if line.strip()]
+    assert all("127.0.0.1" in p or p.startswith("[::1]") for p in peers), peers
+
+
+@in_netns
+def test_greedy_identical_to_dev_server_streaming_and_not(router, reference):
+    url, client = router
+    oai = _openai(url)
+    want = reference(PROMPTS, 24)
+    got = [oai.completions.create(model=client.model_name, prompt=p, max_tokens=24, temperature=0,
+                                  extra_body={"ignore_eos": True}).choices[0].text for p in PROMPTS]
+    assert got == want
+    assert [_stream_text(oai, client.model_name, p, 24) for p in PROMPTS] == want
+    # n > 1 fans out at the router: greedy completions are all the same text
+    many = oai.completions.create(model=client.model_name, prompt=PROMPTS[0], max_tokens=24, temperature=0, n=2,
+                                  extra_body={"ignore_eos": True})
+    assert sorted(c.index for c in many.choices) == [0, 1] and all(c.text == want[0] for c in many.choices)
+    # max_tokens 1: the prefill worker's first token ends the request, no decode
+    one = oai.completions.create(model=client.model_name, prompt=PROMPTS[1], max_tokens=1, temperature=0)
+    assert want[1].startswith(one.choices[0].text)
+    # the engine's own validation (token ids beyond the vocabulary) comes back through Ray as a 400
+    bad = httpx.post(url + "/v1/completions", json={"model": client.model_name, "prompt": [1, 10**6], "max_tokens": 2})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "prompt", bad.text
+    assert _metric(url, "pdserve_router_kv_transfer_bytes_total") > 0
+    assert _metric(url, 'pdserve_router_stage_seconds_count{stage="transfer"}') >= 8
+    assert _metric(url, 'pdserve_router_healthy_workers{pool="decode"}') == 2
+    _wait(_idle, what="both sides idle")
+
+
+@in_netns
+def test_client_disconnect_frees_blocks_on_both_sides(router):
+    url, client = router
+    body = {"model": client.model_name, "prompt": PROMPTS[2] * 4, "max_tokens": 400, "temperature": 0,
+            "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as r:
+        assert r.status_code == 200
+        for i, _ in enumerate(r.iter_lines()):
+            if i >= 6:
+                break
+    _wait(_idle, what="blocks freed on both sides after the disconnect")
+    assert _metric(url, 'pdserve_router_requests_total{outcome="aborted"}') >= 1
+
+
+@in_netns
+def test_decode_killed_mid_stream_resumes(router, reference):
+    import concurrent.futures
+
+    import ray
+
+    url, client = router
+    oai = _openai(url)
+    prompts = [p + " again" for p in PROMPTS]
+    want = reference(prompts, 300)
+    started = [0] * len(prompts)
+    with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+        def on_chunk(k):
+            def mark(_):
+                started[k] = 1
+            return mark
+
+        futures = [pool.submit(_stream_text, oai, client.model_name, p, 300, on_chunk(k)) for k, p in enumerate(prompts)]
+        _wait(lambda: all(started), what="every stream started")
+        ray.kill(ray.get_actor("decode-0", namespace="pdserve"), no_restart=False)
+        got = [f.result(timeout=120) for f in futures]
+    assert got == want
+    assert _metric(url, 'pdserve_router_retries_total{cause="decode_lost"}') >= 1
+    _wait(lambda: all(w.healthy for w in client.workers["decode"]), timeout=60, what="decode-0 back in rotation")
+    _wait(_idle, what="both sides idle")
+
+
+@in_netns
+def test_prefill_killed_request_retried_then_worker_back(cluster, router, reference):
+    import ray
+
+    url, client = router
+    oai = _openai(url)
+    ray.kill(ray.get_actor("prefill-0", namespace="pdserve"), no_restart=True)
+    before = _metric(url, 'pdserve_router_retries_total{cause="prefill_lost"}')
+    prompt = "A prompt nobody sent before"
+    assert oai.completions.create(model=client.model_name, prompt=prompt, max_tokens=16, temperature=0,
+                                  extra_body={"ignore_eos": True}).choices[0].text == reference([prompt], 16)[0]
+    _wait(lambda: not client.workers["prefill"][0].healthy, what="prefill-0 out of rotation")
+    assert _metric(url, 'pdserve_router_retries_total{cause="prefill_lost"}') >= before + 1
+    cluster["prefill"].start_instance(0)
+    _wait(lambda: client.workers["prefill"][0].healthy, what="prefill-0 back")
+    hits_before = _worker_loads()["prefill-0"]["prefix_cache_queries"]
+    for p in ["x " * 5 + str(i) for i in range(3)]:  # least queued + name order: traffic reaches prefill-0 again
+        oai.completions.create(model=client.model_name, prompt=p, max_tokens=4, temperature=0)
+    assert _worker_loads()["prefill-0"]["prefix_cache_queries"] > hits_before
+
+
+@in_netns
+def test_all_workers_down_503_router_alive_then_back(cluster, router, reference):
+    import ray
+
+    url, client = router
+    for name in cluster["decode"].names:
+        ray.kill(ray.get_actor(name, namespace="pdserve"), no_restart=True)
+    _wait(lambda: not any(w.healthy for w in client.workers["decode"]), what="decode pool out of rotation")
+    t0 = time.monotonic()
+    r = httpx.post(url + "/v1/completions", json={"model": client.model_name, "prompt": "hi", "max_tokens": 4})
+    assert r.status_code == 503 and time.monotonic() - t0 < 2.0, r.text
+    assert r.json()["error"]["code"] == "engine_unavailable"
+    assert httpx.get(url + "/health").status_code == 503
+    assert httpx.get(url + "/v1/models").status_code == 200  # the router itself is alive
+    assert _metric(url, 'pdserve_router_failures_total{cause="no_decode_worker"}') >= 1
+    cluster["decode"].start_instance(1)
+    _wait(lambda: httpx.get(url + "/health").status_code == 200, timeout=60, what="router healthy again")
+    oai = _openai(url)
+    assert oai.completions.create(model=client.model_name, prompt=PROMPTS[0], max_tokens=24, temperature=0,
+                                  extra_body={"ignore_eos": True}).choices[0].text == reference(PROMPTS[:1], 24)[0]
