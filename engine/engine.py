@@ -236,9 +236,8 @@ class LLMEngine:
                 if seq.detok.stop_reason is not None:
                     req.truncate_output(seq.num_reported + i + 1)
                     new = new[: i + 1]
-                    req.finish_reason = None  # the stop string came first, whatever else stopped it
-                    self.scheduler.finish(req, "stop", seq.detok.stop_reason)
-                    req.finish_reason, req.stop_reason = "stop", seq.detok.stop_reason
+                    self.scheduler.finish(req, "stop")  # no-op when a token stop came in the same step
+                    req.finish_reason, req.stop_reason = "stop", seq.detok.stop_reason  # the string came first
                     break
             if req.finished and seq.detok.stop_reason is None:
                 text += seq.detok.finish()
