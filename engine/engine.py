@@ -24,6 +24,7 @@ from engine.checkpoint.loader import load_config
 from engine.detokenizer import IncrementalDetokenizer
 from engine.kv_cache import KVCacheManager
 from engine.kv_transfer import KVPayload
+from engine.model.kv_cache_fp8 import payload_width_ok
 from engine.model_runner import ModelRunner
 from engine.outputs import CompletionOutput, EngineStats, RequestOutput
 from engine.request import Request, RequestStatus
@@ -160,7 +161,8 @@ class LLMEngine:
 
     def _import(self, request_id: str, kv: KVPayload, priority: int) -> _Sequence:
         """A decode-role request continuing from a prefill engine's payload."""
-        if kv.num_layers != self.runner.model.num_cache_layers or kv.width != self.config.kv_cache_width:
+        width_ok = payload_width_ok(kv.rows, self.config.kv_lora_rank, self.config.qk_rope_head_dim)
+        if kv.num_layers != self.runner.model.num_cache_layers or not width_ok:
             raise ValueError(f"kv: payload shape {tuple(kv.rows.shape)} does not fit this model's cache")
         req = Request(request_id=request_id, prompt_token_ids=list(kv.prompt_token_ids), params=kv.params,
                       eos_token_ids=self.eos_token_ids, max_model_len=self.max_model_len, priority=priority,

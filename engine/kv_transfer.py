@@ -54,10 +54,6 @@ class KVPayload:
         return self.rows_bytes.shape[1]
 
     @property
-    def width(self) -> int:
-        return self.rows.shape[2]
-
-    @property
     def nbytes(self) -> int:
         return self.rows_bytes.numel()
 

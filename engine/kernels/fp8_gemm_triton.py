@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.checkpoint.fp8 import BLOCK, E4M3_MAX
+from engine.checkpoint.fp8 import BLOCK
 
 
 @triton.jit

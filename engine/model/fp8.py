@@ -26,7 +26,12 @@ import os
 import torch
 import torch.nn.functional as F
 
-from engine.checkpoint.fp8 import BLOCK, E4M3_MAX
+from engine.checkpoint.fp8 import (
+    BLOCK,
+    E4M3_MAX,
+    dequantize_block_fp8,
+    quantize_block_fp8,
+)
 from engine.model.config import ModelConfig
 
 FP8 = torch.float8_e4m3fn
@@ -69,14 +74,27 @@ def act_quant(x: torch.Tensor, pow2_scale: bool = False) -> tuple[torch.Tensor, 
     return q.flatten(-2)[..., :k], scale
 
 
+@functools.cache
+def _e4m3_values(device: torch.device) -> torch.Tensor:
+    """The fp32 value of each of the 256 e4m3 codes."""
+    return torch.arange(256, dtype=torch.uint8).view(FP8).to(torch.float32).to(device)
+
+
+def _to_float32(w: torch.Tensor) -> torch.Tensor:
+    """e4m3 -> fp32, exactly as ``.to(torch.float32)``: a 256-entry table gather, ~3x faster than the cast on CPU."""
+    codes = w.contiguous().view(torch.uint8).reshape(-1).to(torch.int32)
+    return _e4m3_values(w.device).index_select(0, codes).view(w.shape)
+
+
 def dequant_tile(weight: torch.Tensor, scale_inv: torch.Tensor, row0: int, row1: int,
                  dtype: torch.dtype) -> torch.Tensor:
     """Rows ``row0:row1`` (row0 a multiple of 128) of the dequantized weight, as ``dequantize_block_fp8`` gives them."""
-    w = weight[row0:row1].to(torch.float32)  # [r, K]
+    w = _to_float32(weight[row0:row1])  # [r, K]
     rows, k = w.shape
-    s = scale_inv[row0 // BLOCK: -(-row1 // BLOCK)]  # [rb, kb]
-    s = s.repeat_interleave(BLOCK, dim=0)[:rows].repeat_interleave(BLOCK, dim=1)[:, :k]
-    return (w * s).to(dtype)
+    s = scale_inv[row0 // BLOCK: -(-row1 // BLOCK)].repeat_interleave(BLOCK, dim=0)[:rows]  # [r, kb]
+    if k % BLOCK == 0:  # broadcast the scales over each 128-column group instead of expanding them
+        return (w.view(rows, -1, BLOCK) * s.unsqueeze(-1)).view(rows, k).to(dtype)
+    return (w * s.repeat_interleave(BLOCK, dim=1)[:, :k]).to(dtype)
 
 
 def _dequant_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
@@ -109,13 +127,11 @@ def _triton_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tenso
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _scaled_mm_blockwise_works(device: str) -> bool:
     """Whether this torch runs block-scaled ``_scaled_mm`` on ``device`` and matches the dequantized reference."""
     g = torch.Generator(device="cpu").manual_seed(0)
     w = torch.randn(256, 256, generator=g) / 16
-    from engine.checkpoint.fp8 import dequantize_block_fp8, quantize_block_fp8
-
     wq, ws = quantize_block_fp8(w)
     x = torch.randn(32, 256, generator=g).to(torch.bfloat16)
     xq, xs = act_quant(x)
@@ -154,4 +170,7 @@ _GEMMS = {"scaled_mm": _scaled_mm_blockwise, "triton": _triton_linear, "dequant"
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
     """``x @ dequant(weight).T`` for x [..., in] in bf16/fp32 -> [..., out] in x's dtype."""
-    return _GEMMS[gemm_backend(x.device)](x, weight, scale_inv)
+    backend = gemm_backend(x.device)
+    if backend == "scaled_mm" and (weight.shape[0] % BLOCK or weight.shape[1] % BLOCK):
+        backend = "triton" if _triton_available() else "dequant"  # cuBLAS block scaling needs whole blocks
+    return _GEMMS[backend](x, weight, scale_inv)
