@@ -176,3 +176,13 @@ def test_engine_handoff_with_fp8_cache_equals_single_fp8_engine(small_ckpt):
             got.setdefault(out.request_id, []).extend(out.outputs[0].token_ids)
     assert [got[f"r{i}"] for i in range(len(prompts))] == want
     assert prefill.kv.num_used_blocks == 0 and decode.kv.num_used_blocks == 0
+
+
+def test_mtp_speculative_decoding_over_fp8_cache_is_lossless(small_ckpt):
+    prompts = [[(5 * i + 3 * j) % 200 + 2 for j in range(9 + 13 * i)] for i in range(4)]
+    # fp32 compute: verification (many tokens) and plain decode (one) then round alike; the cache is FP8 in both
+    plain = LLM(small_ckpt, dtype="float32", kv_cache_dtype="fp8")
+    spec = LLM(small_ckpt, dtype="float32", kv_cache_dtype="fp8", speculative="mtp", num_speculative_tokens=2)
+    want = [o.outputs[0].token_ids for o in plain.generate(prompts, GREEDY)]
+    assert [o.outputs[0].token_ids for o in spec.generate(prompts, GREEDY)] == want
+    assert spec.engine.stats().spec_drafts > 0
