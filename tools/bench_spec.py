@@ -4,8 +4,9 @@
 
 Prompts are the first lines of held-out standard-library files (text the bundled
 model was not trained on). For each batch size: decode tokens/s without MTP, then
-with MTP for each k, alternating engines run after run; greedy outputs are checked
-identical; acceptance per draft position is printed.
+with MTP for each k, alternating engines run after run; acceptance per draft position and
+how many greedy sequences are identical to plain decoding are printed (identical in fp32; in
+bf16 the verify pass and the one-token decode round differently, so a near-tie can flip).
 """
 
 from __future__ import annotations
@@ -72,14 +73,14 @@ def main() -> None:
         base = max(rates[0])
         print(f"\nbatch {batch}: without MTP {base:7.1f} tok/s")
         for k in ks:
-            assert outputs[k] == outputs[0], f"k={k}: greedy output differs from plain decoding"
+            same = sum(a == b for a, b in zip(outputs[k], outputs[0]))
             now, was = engines[k].engine.stats(), before[k]
             drafts = now.spec_drafts - was.spec_drafts
             per_pos = [(a - b) / drafts for a, b in zip(now.spec_accepted_per_position, was.spec_accepted_per_position)]
             mean_len = 1 + (now.spec_accepted_tokens - was.spec_accepted_tokens) / drafts
             print(f"  MTP k={k}: {max(rates[k]):7.1f} tok/s  ({max(rates[k]) / base:.2f}x)  "
                   f"acceptance by position {', '.join(f'{a:.2f}' for a in per_pos)}  "
-                  f"tokens/step {mean_len:.2f}  (greedy output identical)")
+                  f"tokens/step {mean_len:.2f}  greedy sequences identical {same}/{len(prompts)}")
 
 
 if __name__ == "__main__":
