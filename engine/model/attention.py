@@ -31,6 +31,11 @@ import torch.nn.functional as F
 from engine.model.kv_cache_fp8 import read_rows, write_rows
 
 
+# Sequences with at most this many new tokens (decode, speculative verify) share one batched
+# absorbed pass; longer ones (prefill chunks) run one by one, naive by default.
+MAX_BATCHED_QUERY = 8
+
+
 @dataclasses.dataclass
 class SeqSpan:
     """One sequence of a step with more than one new token (or any sequence without a cache)."""
@@ -43,11 +48,13 @@ class SeqSpan:
 
 @dataclasses.dataclass
 class DecodeBatch:
-    """Sequences with exactly one new token, attended in one batched absorbed pass."""
+    """Sequences with a few new tokens (a decode token, or one plus its speculative drafts),
+    attended in one batched absorbed pass with queries padded to ``Qmax``."""
 
-    token_index: torch.Tensor  # [Bd] positions of their tokens in the flat step
+    token_index: torch.Tensor  # [Bd, Qmax] flat-step positions of their tokens (padding repeats the last)
+    query_valid: torch.Tensor  # [Bd, Qmax] True for real queries
     slots: torch.Tensor  # [Bd, Lmax] cache rows of each context, padded
-    valid: torch.Tensor  # [Bd, Lmax] True where the row belongs to the context
+    key_mask: torch.Tensor  # [Bd, Qmax, Lmax] True where the query may attend the row (causal, in context)
 
 
 @dataclasses.dataclass
@@ -95,16 +102,24 @@ class AttentionMetadata:
         new = valid & (pos[None, :] >= (ctx - q)[:, None])  # [B, Lmax] rows written this step
         slot_mapping = slots[new]  # [T] in sequence order, positions ascending
         starts = torch.cumsum(q, 0) - q
-        is_dec = q == 1
+        is_dec = q <= MAX_BATCHED_QUERY
         spans = [
             SeqSpan(int(starts[i]), int(starts[i]) + query_lens[i], context_lens[i], slots[i, : context_lens[i]].to(device))
-            for i in range(b) if query_lens[i] != 1
+            for i in range(b) if not is_dec[i]
         ]
         decode = None
         if bool(is_dec.any()):
             idx = is_dec.nonzero().flatten()
-            dmax = int(ctx[idx].max())
-            decode = DecodeBatch(starts[idx].to(device), slots[idx, :dmax].to(device), valid[idx, :dmax].to(device))
+            qd, cd, sd = q[idx], ctx[idx], starts[idx]
+            qi = torch.arange(int(qd.max()))  # [Qmax]
+            query_valid = qi[None, :] < qd[:, None]  # [Bd, Qmax]
+            token_index = sd[:, None] + torch.minimum(qi[None, :], qd[:, None] - 1)  # [Bd, Qmax]
+            q_pos = (cd - qd)[:, None] + qi[None, :]  # [Bd, Qmax] position of each query
+            dmax = int(cd.max())
+            key = torch.arange(dmax)
+            key_mask = (key[None, None, :] <= q_pos[:, :, None]) & (key[None, None, :] < cd[:, None, None])
+            decode = DecodeBatch(token_index.to(device), query_valid.to(device), slots[idx, :dmax].to(device),
+                                 key_mask.to(device))
         return cls(num_tokens=int(q.sum()), spans=spans, decode=decode, slot_mapping=slot_mapping.to(device),
                    kv_caches=kv_caches, prefill_mode=prefill_mode)
 
@@ -147,8 +162,9 @@ def mla_attention(
         out[q] = fn(q_nope[q], q_pe[q], ctx, w)
     if meta.decode is not None:
         d = meta.decode
-        out[d.token_index] = _absorbed_decode(q_nope[d.token_index], q_pe[d.token_index],
-                                              read_rows(cache, d.slots, rank, q_nope.dtype), d.valid, w)
+        ctx = read_rows(cache, d.slots, rank, q_nope.dtype)  # [Bd, Lmax, R+Dr]
+        res = _absorbed_batch(q_nope[d.token_index], q_pe[d.token_index], ctx, d.key_mask, w)  # [Bd, Qmax, H, Dv]
+        out[d.token_index[d.query_valid]] = res[d.query_valid]
     return out.flatten(1)
 
 
@@ -193,18 +209,19 @@ def _absorbed_one(q_nope: torch.Tensor, q_pe: torch.Tensor, ctx: torch.Tensor, w
     return torch.einsum("qhr,hvr->qhv", o_lat, w.w_uv)
 
 
-def _absorbed_decode(
-    q_nope: torch.Tensor,  # [B, H, Dn]
-    q_pe: torch.Tensor,  # [B, H, Dr]
+def _absorbed_batch(
+    q_nope: torch.Tensor,  # [B, Q, H, Dn]
+    q_pe: torch.Tensor,  # [B, Q, H, Dr]
     ctx: torch.Tensor,  # [B, Lmax, R+Dr] gathered context rows
-    valid: torch.Tensor,  # [B, Lmax]
+    key_mask: torch.Tensor,  # [B, Q, Lmax]
     w: MLAWeights,
-) -> torch.Tensor:  # [B, H, Dv]
+) -> torch.Tensor:  # [B, Q, H, Dv]
     r = w.w_uk.shape[2]
-    q = _absorb_query(q_nope, q_pe, w)  # [B, H, R+Dr]
+    b, nq, heads = q_nope.shape[:3]
+    q = _absorb_query(q_nope, q_pe, w).reshape(b, nq * heads, -1)  # [B, Q*H, R+Dr]
     ctx = ctx.to(q.dtype)
-    scores = torch.bmm(q, ctx.transpose(1, 2)).float() * w.scale  # [B, H, Lmax]
-    scores.masked_fill_(~valid[:, None, :], float("-inf"))
-    p = scores.softmax(-1).to(q.dtype)
-    o_lat = torch.bmm(p, ctx[..., :r])  # [B, H, R]
-    return torch.einsum("bhr,hvr->bhv", o_lat, w.w_uv)
+    scores = torch.bmm(q, ctx.transpose(1, 2)).float().view(b, nq, heads, -1) * w.scale  # [B, Q, H, Lmax]
+    scores.masked_fill_(~key_mask[:, :, None, :], float("-inf"))
+    p = scores.softmax(-1).to(q.dtype).view(b, nq * heads, -1)
+    o_lat = torch.bmm(p, ctx[..., :r]).view(b, nq, heads, r)  # [B, Q, H, R]
+    return torch.einsum("bqhr,hvr->bqhv", o_lat, w.w_uv)
