@@ -154,10 +154,17 @@ class LLMEngine:
         g.manual_seed((seed + index * 1_000_003) % 2**63)
         return g
 
-    def _detokenizer(self, req: Request, context: list[int] | None = None) -> IncrementalDetokenizer | None:
+    def _detokenizer(self, req: Request) -> IncrementalDetokenizer | None:
         if self.tokenizer is None:
             return None
-        return IncrementalDetokenizer(self.tokenizer.hf, context or req.prompt_token_ids, req.params)
+        prompt = req.prompt_token_ids
+        resumed = min(req.params.resumed_output_tokens, len(prompt) - 1)
+        detok = IncrementalDetokenizer(self.tokenizer.hf, prompt[:len(prompt) - resumed], req.params)
+        if resumed:
+            # a resumed sequence: replay what the failed worker already streamed, so a character or
+            # stop string split across the resume point continues exactly as it would have there
+            detok.add(prompt[len(prompt) - resumed:])
+        return detok
 
     def _import(self, request_id: str, kv: KVPayload, priority: int) -> _Sequence:
         """A decode-role request continuing from a prefill engine's payload."""

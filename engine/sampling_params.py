@@ -42,6 +42,9 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # Set by the PD router when it resumes a sequence on another worker: the last N prompt tokens
+    # were generated (and streamed) before, so text and stop strings continue across them.
+    resumed_output_tokens: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -92,6 +95,8 @@ class SamplingParams:
         check(isinstance(self.stop_token_ids, list) and all(is_int(t) and t >= 0 for t in self.stop_token_ids),
               "stop_token_ids", "must be a list of non-negative integers")
         check(isinstance(self.ignore_eos, bool), "ignore_eos", "must be a boolean")
+        check(is_int(self.resumed_output_tokens) and self.resumed_output_tokens >= 0, "resumed_output_tokens",
+              f"must be an integer >= 0, got {self.resumed_output_tokens!r}")
         for name in ("logprobs", "prompt_logprobs"):
             v = getattr(self, name)
             check(v is None or (is_int(v) and 0 <= v <= MAX_LOGPROBS), name,

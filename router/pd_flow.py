@@ -22,7 +22,9 @@ States of a sequence, in order (the router is the single owner)::
   A decode worker that dies or stalls (no poll answer in ``poll_wait_s +
   stall_timeout_s``) leaves rotation; the sequence *resumes*: prompt + tokens already
   sent are prefilled again and decoded on another worker, up to ``max_resumes``;
-  then one clean ``EngineError``. Greedy output is unchanged by a resume; a seeded
+  then one clean ``EngineError``. The resumed leg's params carry ``resumed_output_tokens``
+  so its text (a character or stop string split across the resume point) continues exactly.
+  Greedy output is unchanged by a resume; a seeded
   sampled one continues with a fresh generator state.
 * Every exit (finished, client gone → ``abort``/``aclose``, error) sends ``abort`` to
   the workers that may still hold the sequence (its blocks or reservation are freed)
@@ -270,7 +272,8 @@ class PDClient:
                 leg_prompt = prompt + sent
                 leg_params = params if not sent else params.clone(
                     max_tokens=None if params.max_tokens is None else params.max_tokens - len(sent),
-                    min_tokens=max(0, params.min_tokens - len(sent)), prompt_logprobs=None)
+                    min_tokens=max(0, params.min_tokens - len(sent)), prompt_logprobs=None,
+                    resumed_output_tokens=len(sent))
                 budget = len(leg_prompt) + (leg_params.max_tokens or self.max_model_len - len(leg_prompt))
                 try:
                     # queued

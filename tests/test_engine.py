@@ -196,3 +196,17 @@ def test_invalid_requests_name_the_parameter(llm):
     with pytest.raises(ValueError, match="temperature"):
         SamplingParams(temperature=-1)
     assert not eng.has_unfinished()
+
+
+def test_resumed_request_text_continues_across_the_resume_point(llm, prompts):
+    """A sequence resumed elsewhere (prompt + already streamed tokens re-prefilled) continues its text."""
+    p = prompts[4][:30]
+    full = llm.generate([p], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))[0].outputs[0]
+    for cut in (1, 7, 13):
+        first = llm.generate([p], SamplingParams(temperature=0, max_tokens=cut, ignore_eos=True))[0].outputs[0]
+        rest = llm.generate([p + first.token_ids], SamplingParams(
+            temperature=0, max_tokens=24 - cut, ignore_eos=True, resumed_output_tokens=cut))[0].outputs[0]
+        assert first.token_ids + rest.token_ids == full.token_ids
+        # the first leg flushes what it held back at its end; the resumed leg must not repeat it
+        assert full.text.startswith(first.text.rstrip("\ufffd")) and full.text.endswith(rest.text)
+        assert len(first.text.rstrip("\ufffd")) + len(rest.text) >= len(full.text) - 1
