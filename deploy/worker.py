@@ -34,7 +34,7 @@ import os
 import time
 from typing import Any
 
-from deploy.engine_loop import ABORTED, EngineLoop
+from engine.engine_loop import ABORTED, EngineLoop
 from deploy.kv_transfer import RayObjectTransport, Transfer, TransferFailed
 from engine.outputs import RequestOutput
 
