@@ -167,3 +167,36 @@ def test_server_reports_acceptance_and_metrics(tiny_checkpoint):
     if shutil.which("promtool"):
         check = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True)
         assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_sampled_outputs_follow_the_same_distribution_end_to_end():
+    """Bundled trained model (its MTP drafts are often accepted), top-k 3, 768 seeded samples with and
+    without MTP: the distributions of the 2nd and 3rd generated tokens agree (two-sample chi-square)."""
+    from engine.args import default_model
+
+    params = [SamplingParams(n=64, temperature=1.0, top_k=3, max_tokens=3, ignore_eos=True, seed=s) for s in range(12)]
+    prompt = "def read_config(path):\n    with open(path) as f:\n"
+    samples = {}
+    for k in (0, 2):
+        opts = {"speculative": "mtp", "num_speculative_tokens": k} if k else {}
+        llm = LLM(default_model(), dtype="float32", **opts)
+        outs = llm.generate([prompt] * len(params), params)
+        samples[k] = [tuple(c.token_ids) for o in outs for c in o.outputs]
+        if k:
+            assert llm.engine.stats().spec_accepted_tokens > 100  # the accept path really ran
+    for pos in (1, 2):
+        a = [s[pos] for s in samples[0]]
+        b = [s[pos] for s in samples[2]]
+        cats = sorted(set(a) | set(b))
+        ca = torch.tensor([a.count(c) for c in cats], dtype=torch.float64)
+        cb = torch.tensor([b.count(c) for c in cats], dtype=torch.float64)
+        keep = (ca + cb) >= 10  # pool rare categories
+        ca = torch.cat([ca[keep], ca[~keep].sum(0, keepdim=True)])
+        cb = torch.cat([cb[keep], cb[~keep].sum(0, keepdim=True)])
+        nz = (ca + cb) > 0
+        stat = (((ca - cb) ** 2) / (ca + cb))[nz].sum().item()  # equal sample sizes
+        dof = int(nz.sum()) - 1
+        # chi-square critical values at p = 0.001
+        critical = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52, 6: 22.46, 7: 24.32, 8: 26.12, 9: 27.88,
+                    10: 29.59, 11: 31.26, 12: 32.91, 13: 34.53, 14: 36.12, 15: 37.70}
+        assert dof >= 1 and stat < critical[min(dof, 15)], (pos, stat, dof)
