@@ -27,3 +27,16 @@ def tiny_fp8_checkpoint(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("ckpt") / "tiny-fp8"
     make_random_checkpoint(path, "tiny", seed=0, fp8=True)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def bench_fp8_tool():
+    """``tools/bench_fp8.py`` as a module: its measurement functions are what the FP8 tests assert on."""
+    import importlib.util
+    import os
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_fp8", os.path.join(os.path.dirname(__file__), "..", "tools", "bench_fp8.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

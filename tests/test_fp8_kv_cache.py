@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import pickle
 
 import pytest
@@ -25,14 +23,6 @@ from engine.model.kv_cache_fp8 import (
 from engine.sampling_params import SamplingParams
 
 GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
-
-
-def _bench_tool():
-    spec = importlib.util.spec_from_file_location(
-        "bench_fp8", os.path.join(os.path.dirname(__file__), "..", "tools", "bench_fp8.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")
@@ -97,13 +87,12 @@ def test_engine_kv_bytes_and_mtp_layers(small_ckpt):
         EngineArgs(kv_cache_dtype="fp16")
 
 
-def test_fp8_cache_vs_bf16_cache_over_prompts_x_64_tokens(small_ckpt, capsys):
-    tool = _bench_tool()
+def test_fp8_cache_vs_bf16_cache_over_prompts_x_64_tokens(small_ckpt, capsys, bench_fp8_tool):
     cfg = ModelConfig.from_dir(small_ckpt)
-    model = tool.load_model(small_ckpt)
-    prompts = tool.random_prompts(cfg.vocab_size, 8, 16, seed=3)
-    conts = tool.greedy_continuations(small_ckpt, prompts, 64)
-    m = tool.compare(tool.replay_logits(model, prompts, conts), tool.replay_logits(model, prompts, conts, "fp8"))
+    model = bench_fp8_tool.load_model(small_ckpt)
+    prompts = bench_fp8_tool.random_prompts(cfg.vocab_size, 8, 16, seed=3)
+    conts = bench_fp8_tool.greedy_continuations(small_ckpt, prompts, 64)
+    m = bench_fp8_tool.compare(bench_fp8_tool.replay_logits(model, prompts, conts), bench_fp8_tool.replay_logits(model, prompts, conts, "fp8"))
     with capsys.disabled():
         print(f"\nFP8 KV cache vs bf16 KV cache (8 prompts x 64 tokens): {m}")
     # Stated tolerance (random weights, logit std ~1; measured: mean 0.023, max 2.73, agreement 0.95):

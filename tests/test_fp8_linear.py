@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import os
 
 import pytest
 import torch
@@ -32,18 +30,10 @@ SMALL = {"hidden_size": 256, "intermediate_size": 384, "moe_intermediate_size": 
          "num_hidden_layers": 2}
 
 
-def _bench_tool():
-    spec = importlib.util.spec_from_file_location(
-        "bench_fp8", os.path.join(os.path.dirname(__file__), "..", "tools", "bench_fp8.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.fixture(scope="module")
-def small_pair(tmp_path_factory) -> tuple[str, str]:
+def small_pair(tmp_path_factory, bench_fp8_tool) -> tuple[str, str]:
     """The same random weights as bf16 and in DeepSeek's FP8 layout."""
-    return _bench_tool().make_checkpoints(str(tmp_path_factory.mktemp("fp8lin")), "tiny", seed=5, **SMALL)
+    return bench_fp8_tool.make_checkpoints(str(tmp_path_factory.mktemp("fp8lin")), "tiny", seed=5, **SMALL)
 
 
 def test_act_quant_groups_and_scales():
@@ -99,13 +89,12 @@ def test_fp8_layers_hold_e4m3_and_scales():
         RowParallelLinear(320, 256, torch.bfloat16, ParallelGroup(rank=0, size=2), fp8=True)
 
 
-def test_model_keeps_fp8_and_matches_dequantize_on_load(small_pair):
+def test_model_keeps_fp8_and_matches_dequantize_on_load(small_pair, bench_fp8_tool):
     src, fp8 = small_pair
-    tool = _bench_tool()
     cfg = ModelConfig.from_dir(fp8)
     assert is_fp8_checkpoint(cfg) and not is_fp8_checkpoint(ModelConfig.from_dir(src))
-    q = tool.load_model(fp8)
-    deq = tool.load_model(fp8, fp8=False)
+    q = bench_fp8_tool.load_model(fp8)
+    deq = bench_fp8_tool.load_model(fp8, fp8=False)
     attn = q.layers[1].self_attn
     assert attn.q_b_proj.weight.dtype == FP8 and q.layers[1].mlp.experts.w13.dtype == FP8
     assert q.mtp[0].block.mlp.experts.w2.dtype == FP8  # the MTP block too
@@ -127,12 +116,11 @@ def test_model_keeps_fp8_and_matches_dequantize_on_load(small_pair):
     assert (a.argmax(-1) == b.argmax(-1)).float().mean().item() > 0.95
 
 
-def test_resident_bytes_about_half(small_pair, capsys):
+def test_resident_bytes_about_half(small_pair, capsys, bench_fp8_tool):
     src, fp8 = small_pair
-    tool = _bench_tool()
-    ref, q = tool.load_model(src), tool.load_model(fp8)
+    ref, q = bench_fp8_tool.load_model(src), bench_fp8_tool.load_model(fp8)
     stored = {n for n, p in q.named_parameters() if p.dtype == FP8}
-    (rt, rp), (qt, qp) = tool.resident_bytes(ref, stored), tool.resident_bytes(q, stored)
+    (rt, rp), (qt, qp) = bench_fp8_tool.resident_bytes(ref, stored), bench_fp8_tool.resident_bytes(q, stored)
     with capsys.disabled():
         print(f"\nresident weights: bf16 {rt} B, FP8 {qt} B ({qt / rt:.3f}); projections {rp} -> {qp} ({qp / rp:.3f})")
     assert 0.5 < qp / rp < 0.505  # e4m3 = half of bf16, + one fp32 per 128x128 block
@@ -147,14 +135,13 @@ def test_loading_dequantized_tensors_into_fp8_params_fails(small_pair):
         model.load_weights(iter_checkpoint_tensors(fp8, cfg, torch.bfloat16, progress=False))
 
 
-def test_fp8_vs_bf16_source_over_prompts_x_64_tokens(small_pair, capsys):
+def test_fp8_vs_bf16_source_over_prompts_x_64_tokens(small_pair, capsys, bench_fp8_tool):
     src, fp8 = small_pair
-    tool = _bench_tool()
     cfg = ModelConfig.from_dir(src)
-    prompts = tool.random_prompts(cfg.vocab_size, 8, 16)
-    conts = tool.greedy_continuations(src, prompts, 64)
-    base = tool.replay_logits(tool.load_model(src), prompts, conts)
-    m = tool.compare(base, tool.replay_logits(tool.load_model(fp8), prompts, conts))
+    prompts = bench_fp8_tool.random_prompts(cfg.vocab_size, 8, 16)
+    conts = bench_fp8_tool.greedy_continuations(src, prompts, 64)
+    base = bench_fp8_tool.replay_logits(bench_fp8_tool.load_model(src), prompts, conts)
+    m = bench_fp8_tool.compare(base, bench_fp8_tool.replay_logits(bench_fp8_tool.load_model(fp8), prompts, conts))
     with capsys.disabled():
         print(f"\nFP8 weights vs bf16 (8 prompts x 64 tokens): {m}")
     # Stated tolerance (random weights, logit std ~1; measured: mean 0.063, max 2.85, agreement 0.89):

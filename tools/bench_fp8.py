@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 import time
 
 import torch
@@ -136,7 +137,7 @@ def decode_speed(llm: LLM, prompts: list[list[int]], tokens: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--dir", default="/tmp/pdserve-bench-fp8")
+    ap.add_argument("--dir", default=os.path.join(tempfile.gettempdir(), "pdserve-bench-fp8"))
     ap.add_argument("--prompts", type=int, default=32)
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--tokens", type=int, default=64)
