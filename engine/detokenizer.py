@@ -44,11 +44,6 @@ PROMPT_CONTEXT_TOKENS = 5
 _REPLACEMENT_CHAR = "\ufffd"
 
 
-def detokenize(tokenizer: Tokenizer, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-    """Decode a whole token sequence."""
-    return tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
-
-
 class IncrementalDetokenizer:
     """Streams one completion's text: ``add`` per step returns the new text, ``finish`` the rest."""
 

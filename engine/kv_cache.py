@@ -151,11 +151,6 @@ class KVCacheManager:
             if block.ref_cnt == 0:
                 self.free_queue[bid] = None
 
-    def reset_prefix_cache(self) -> None:
-        for bid in self.free_queue:
-            self.blocks[bid].block_hash = None
-        self.cached = {h: b for h, b in self.cached.items() if self.blocks[b].block_hash == h}
-
     # ---- internals -----------------------------------------------------------------
     def _ref(self, bid: int) -> None:
         block = self.blocks[bid]

@@ -11,6 +11,8 @@ from __future__ import annotations
 import itertools
 from typing import Sequence
 
+from tqdm import tqdm
+
 from engine.args import EngineArgs
 from engine.engine import LLMEngine
 from engine.outputs import RequestOutput
@@ -31,7 +33,7 @@ class LLM:
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = False) -> list[RequestOutput]:
-        """Run every prompt to completion; outputs in prompt order, each completion whole."""
+        """Run every prompt to completion; outputs in prompt order, each completion whole (``use_tqdm``: a progress bar)."""
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         prompts = list(prompts)
@@ -48,9 +50,12 @@ class LLM:
             self.engine.add_request(rid, ids, p)
             order.append(rid)
             results[rid] = RequestOutput(rid, ids, [], prompt=prompt if isinstance(prompt, str) else None)
+        bar = tqdm(total=len(order), desc="generating", unit="req", disable=not use_tqdm)
         while self.engine.has_unfinished():
             for delta in self.engine.step():
                 results[delta.request_id].merge(delta)
+                bar.update(int(delta.finished))
+        bar.close()
         return [results[rid] for rid in order]
 
     def _encode(self, prompt: Prompt) -> list[int]:

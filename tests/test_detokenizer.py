@@ -8,7 +8,7 @@ from typing import Sequence
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from engine.detokenizer import IncrementalDetokenizer, detokenize
+from engine.detokenizer import IncrementalDetokenizer
 from engine.sampling_params import SamplingParams
 
 WORDS = ["the", "cat", "café", "naïve", "Größe", "漢字", "日本語", "🙂", "🚀", "résumé", "hello", "world",
@@ -58,9 +58,14 @@ def stream(tok: Tokenizer, ids: list[int], params: SamplingParams, prompt: Seque
     return deltas, detok
 
 
+def _decode(tokenizer, ids) -> str:
+    """The reference: a whole-sequence decode, special tokens skipped (the engine's default)."""
+    return tokenizer.decode(list(ids), skip_special_tokens=True)
+
+
 def test_detokenize_roundtrip(tok, texts):
     for text in texts:
-        assert detokenize(tok, tok.encode(text).ids) == text
+        assert _decode(tok, tok.encode(text).ids) == text
 
 
 def test_tokenizer_splits_characters(tok, texts):
@@ -78,7 +83,7 @@ def test_deltas_concatenate_to_full_decode_random_ids(tok, skip_special_tokens):
         ids = [rng.randrange(vocab) for _ in range(rng.randint(0, 30))]
         prompt = tok.encode(" ".join(_word(rng) for _ in range(rng.randint(0, 4)))).ids
         deltas, detok = stream(tok, ids, params, prompt, rng)
-        expected = detokenize(tok, ids, skip_special_tokens)
+        expected = tok.decode(ids, skip_special_tokens=skip_special_tokens)
         assert "".join(deltas) == expected
         assert detok.output_text == expected
 
@@ -131,7 +136,7 @@ def test_stop_strings_from_real_text(tok, texts, include):
             _check_stream(deltas, expected)
             assert detok.stop_reason == stop
             assert deltas[-1] == "", "finish() after a stop has nothing left"
-        token_texts = [detokenize(tok, ids[:k]) for k in range(len(ids) + 1)]
+        token_texts = [_decode(tok, ids[:k]) for k in range(len(ids) + 1)]
         spanning += not any(first >= len(token_texts[k]) and first + len(stop) <= len(token_texts[k + 1])
                             for k in range(len(ids)))
     assert spanning > 10, "most stop strings should span several tokens"
@@ -186,10 +191,10 @@ def test_stop_strings_wait_for_min_tokens(tok):
 
 def test_incomplete_character_flushed_at_finish(tok):
     ids = tok.encode("café 漢").ids
-    cut = next(k for k in range(1, len(ids)) if detokenize(tok, ids[:k]).endswith(REPLACEMENT))
+    cut = next(k for k in range(1, len(ids)) if _decode(tok, ids[:k]).endswith(REPLACEMENT))
     deltas, _ = stream(tok, ids[:cut], SamplingParams())
     assert REPLACEMENT not in "".join(deltas[:-1])
-    assert "".join(deltas) == detokenize(tok, ids[:cut])
+    assert "".join(deltas) == _decode(tok, ids[:cut])
 
 
 def test_prompt_context_keeps_leading_space_with_metaspace():
@@ -199,6 +204,6 @@ def test_prompt_context_keeps_leading_space_with_metaspace():
     tokenizer.decoder = decoders.Metaspace()
     tokenizer.train_from_iterator(["hello world data cat"] * 20, trainers.BpeTrainer(vocab_size=60, show_progress=False))
     ids = tokenizer.encode("hello world data").ids
-    assert detokenize(tokenizer, ids[1:]) == "world data"
+    assert _decode(tokenizer, ids[1:]) == "world data"
     deltas, _ = stream(tokenizer, ids[1:], SamplingParams(), prompt=ids[:1])
     assert deltas == [" world", " data", ""]

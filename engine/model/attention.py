@@ -42,8 +42,7 @@ class SeqSpan:
 
     q_start: int
     q_end: int
-    context_len: int
-    context_slots: torch.Tensor | None  # [context_len] cache rows; None = the new tokens are the whole context
+    context_slots: torch.Tensor | None  # [context length] cache rows; None = the new tokens are the whole context
 
 
 @dataclasses.dataclass
@@ -71,7 +70,7 @@ class AttentionMetadata:
         """Whole sequences, attended causally among themselves, nothing cached (reference runs, training)."""
         spans, start = [], 0
         for n in seq_lens:
-            spans.append(SeqSpan(start, start + n, n, None))
+            spans.append(SeqSpan(start, start + n, None))
             start += n
         return cls(num_tokens=start, spans=spans, decode=None, slot_mapping=None, kv_caches=None,
                    prefill_mode=prefill_mode)
@@ -104,7 +103,7 @@ class AttentionMetadata:
         starts = torch.cumsum(q, 0) - q
         is_dec = q <= MAX_BATCHED_QUERY
         spans = [
-            SeqSpan(int(starts[i]), int(starts[i]) + query_lens[i], context_lens[i], slots[i, : context_lens[i]].to(device))
+            SeqSpan(int(starts[i]), int(starts[i]) + query_lens[i], slots[i, : context_lens[i]].to(device))
             for i in range(b) if not is_dec[i]
         ]
         decode = None
