@@ -8,7 +8,7 @@
     pools:
       prefill:
         instances: 1                    # independent engine instances (each a pool unit)
-        parallel: {tp: 1, sp: false, dp: 1, ep: 1, redundant_experts: 0}
+        parallel: {tp: 1, sp: false, dp: 1, ep: 1, num_redundant_experts: 0}
         engine: {max_num_batched_tokens: 4096}   # per-pool EngineArgs overrides
         resources: {num_cpus: 0, cpu_affinity: [0]}
         max_restarts: 3
@@ -17,7 +17,7 @@
 One instance of a pool is ``tp × dp`` ranks (attention TP groups × data-parallel
 attention replicas); MoE experts are spread over all of them, so ``ep`` must equal
 ``tp × dp`` (or be 1: experts replicated), and ``(n_routed_experts +
-redundant_experts)`` must divide evenly by ``ep`` when the model's config.json is
+num_redundant_experts)`` must divide evenly by ``ep`` when the model's config.json is
 readable. ``sp`` (sequence parallelism inside the TP group) needs ``tp > 1``. These
 settings are validated now; running an instance of more than one rank is not
 implemented yet and ``deploy.pool.Pool`` refuses it with a clear error.
@@ -47,7 +47,7 @@ class ParallelConfig:
     sp: bool = False
     dp: int = 1
     ep: int = 1
-    redundant_experts: int = 0
+    num_redundant_experts: int = 0
 
     @property
     def ranks(self) -> int:
@@ -148,7 +148,7 @@ def _pool(role: str, raw: Any) -> PoolConfig:
         tp=_int(par_raw.get("tp", 1), f"{where}.parallel.tp", minimum=1),
         sp=par_raw.get("sp", False), dp=_int(par_raw.get("dp", 1), f"{where}.parallel.dp", minimum=1),
         ep=_int(par_raw.get("ep", 1), f"{where}.parallel.ep", minimum=1),
-        redundant_experts=_int(par_raw.get("redundant_experts", 0), f"{where}.parallel.redundant_experts", minimum=0))
+        num_redundant_experts=_int(par_raw.get("num_redundant_experts", 0), f"{where}.parallel.num_redundant_experts", minimum=0))
     if not isinstance(par.sp, bool):
         raise ConfigError(f"{where}.parallel.sp: must be true or false, got {par.sp!r}")
     if par.sp and par.tp == 1:
@@ -156,8 +156,8 @@ def _pool(role: str, raw: Any) -> PoolConfig:
     if par.ep not in (1, par.ranks):
         raise ConfigError(f"{where}.parallel.ep: experts are spread over every rank of an instance, so ep must be 1 "
                           f"or tp × dp = {par.ranks}, got {par.ep}")
-    if par.redundant_experts and par.ep == 1:
-        raise ConfigError(f"{where}.parallel.redundant_experts: redundant experts need expert parallelism (ep > 1)")
+    if par.num_redundant_experts and par.ep == 1:
+        raise ConfigError(f"{where}.parallel.num_redundant_experts: redundant experts need expert parallelism (ep > 1)")
     engine = _mapping(raw.get("engine", {}), f"{where}.engine")
     _known(engine, _ENGINE_KEYS, f"{where}.engine.")
     res = _mapping(raw.get("resources", {}), f"{where}.resources")
@@ -185,9 +185,9 @@ def _check_experts(cfg: DeployConfig) -> None:
         return
     for role, pool in cfg.pools.items():
         par = pool.parallel
-        total = routed + par.redundant_experts
+        total = routed + par.num_redundant_experts
         if par.ep > 1 and total % par.ep:
-            raise ConfigError(f"pools.{role}.parallel: {routed} routed + {par.redundant_experts} redundant experts "
+            raise ConfigError(f"pools.{role}.parallel: {routed} routed + {par.num_redundant_experts} redundant experts "
                               f"= {total} do not divide evenly over ep={par.ep} ranks")
 
 

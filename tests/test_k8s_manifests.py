@@ -360,7 +360,7 @@ def test_deepseek_sizing():
         assert g["template"]["spec"]["containers"][0]["resources"]["limits"][GPU] == str(GPUS_PER_NODE)
     pools = yaml.safe_load(_one(objs, "ConfigMap", "pdserve-pools")["data"]["pools.yaml"])["pools"]
     prefill, decode = pools["prefill"]["parallel"], pools["decode"]["parallel"]
-    assert (prefill["tp"], prefill["dp"], prefill["ep"], prefill["redundant_experts"]) == (4, 8, 32, 32)
+    assert (prefill["tp"], prefill["dp"], prefill["ep"], prefill["num_redundant_experts"]) == (4, 8, 32, 32)
     assert (decode["tp"], decode["dp"], decode["ep"]) == (4, 80, 320)
 
 

@@ -113,7 +113,7 @@ def test_examples_parse():
     assert local.engine_args("decode")["role"] == "decode"
     v3 = load_config(os.path.join(ROOT, "deploy/examples/deepseek-v3.yaml"))
     pre, dec = v3.pools["prefill"].parallel, v3.pools["decode"].parallel
-    assert (pre.tp, pre.sp, pre.dp, pre.ep, pre.redundant_experts, pre.ranks) == (4, True, 8, 32, 32, 32)
+    assert (pre.tp, pre.sp, pre.dp, pre.ep, pre.num_redundant_experts, pre.ranks) == (4, True, 8, 32, 32, 32)
     assert (dec.tp, dec.dp, dec.ep, dec.ranks) == (4, 80, 320, 320)
 
 
@@ -129,7 +129,7 @@ def _cfg(**pool_changes):
     ({"model": "m", "pools": {"prefill": {}}}, "missing decode"),
     (_cfg(prefill={"parallel": {"tp": 1, "sp": True}}), "sp.*tp > 1"),
     (_cfg(decode={"parallel": {"tp": 2, "dp": 4, "ep": 4}}), "ep must be 1 or tp × dp = 8"),
-    (_cfg(decode={"parallel": {"redundant_experts": 2}}), "need expert parallelism"),
+    (_cfg(decode={"parallel": {"num_redundant_experts": 2}}), "need expert parallelism"),
     (_cfg(decode={"instances": 0}), "instances: must be an integer >= 1"),
     (_cfg(decode={"parallel": {"pp": 2}}), "pp: unknown key"),
     (_cfg(decode={"engine": {"block_size": 0}}), "pools.decode.engine: block_size"),
@@ -142,11 +142,11 @@ def test_config_rejects(raw, match):
 
 
 def test_expert_divisibility_checked_against_the_model(tiny_checkpoint):
-    ok = {"tp": 2, "dp": 2, "ep": 4, "redundant_experts": 4}  # tiny: 8 routed experts + 4 = 12 over 4 ranks
+    ok = {"tp": 2, "dp": 2, "ep": 4, "num_redundant_experts": 4}  # tiny: 8 routed experts + 4 = 12 over 4 ranks
     parse_config({"model": tiny_checkpoint, "pools": {"prefill": {"parallel": ok}, "decode": {}}})
     with pytest.raises(ConfigError, match="do not divide evenly"):
         parse_config({"model": tiny_checkpoint,
-                      "pools": {"prefill": {"parallel": {**ok, "redundant_experts": 3}}, "decode": {}}})
+                      "pools": {"prefill": {"parallel": {**ok, "num_redundant_experts": 3}}, "decode": {}}})
 
 
 def test_multi_rank_pool_is_refused_clearly():
