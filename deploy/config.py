@@ -32,12 +32,12 @@ from typing import Any
 
 import yaml
 
+from deploy.contract import ROLES
 from engine.args import EngineArgs
 
-ROLES = ("prefill", "decode")
 
 
-class ConfigError(ValueError):
+class DeployConfigError(ValueError):
     """The deployment file is wrong; the message names the key (``pools.decode.parallel.ep: ...``)."""
 
 
@@ -92,14 +92,14 @@ _PARALLEL_KEYS = {f.name for f in dataclasses.fields(ParallelConfig)}
 _ENGINE_KEYS = {f.name for f in dataclasses.fields(EngineArgs)} - {"model", "role", "served_model_name"}
 
 
-def load_config(path: str) -> DeployConfig:
+def load_deploy_config(path: str) -> DeployConfig:
     try:
         with open(path, encoding="utf-8") as f:
             raw = yaml.safe_load(f)
     except OSError as e:
-        raise ConfigError(f"cannot read {path}: {e}") from e
+        raise DeployConfigError(f"cannot read {path}: {e}") from e
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {e}") from e
+        raise DeployConfigError(f"{path} is not valid YAML: {e}") from e
     base = os.path.dirname(os.path.abspath(path))
     return parse_config(raw, source=path, base_dir=base)
 
@@ -110,7 +110,7 @@ def parse_config(raw: Any, source: str = "<dict>", base_dir: str | None = None) 
     _known(raw, {"model", "served_model_name", "engine", "pools", "router", "ray"}, "")
     model = raw.get("model")
     if not isinstance(model, str) or not model:
-        raise ConfigError("model: a checkpoint directory is required")
+        raise DeployConfigError("model: a checkpoint directory is required")
     if not os.path.isabs(model) and not os.path.isdir(model) and base_dir:
         candidate = os.path.normpath(os.path.join(base_dir, model))
         model = candidate if os.path.isdir(candidate) else model
@@ -124,7 +124,7 @@ def parse_config(raw: Any, source: str = "<dict>", base_dir: str | None = None) 
     _known(pools_raw, set(ROLES), "pools.")
     missing = [r for r in ROLES if r not in pools_raw]
     if missing:
-        raise ConfigError(f"pools: a disaggregated deployment needs both pools, missing {', '.join(missing)}")
+        raise DeployConfigError(f"pools: a disaggregated deployment needs both pools, missing {', '.join(missing)}")
     pools = {role: _pool(role, pools_raw[role]) for role in ROLES}
     cfg = DeployConfig(model=model, served_model_name=raw.get("served_model_name"), engine=engine, pools=pools,
                        router=router, ray=ray_cfg, source=source)
@@ -132,7 +132,7 @@ def parse_config(raw: Any, source: str = "<dict>", base_dir: str | None = None) 
         try:
             EngineArgs(**cfg.engine_args(role))
         except (TypeError, ValueError) as e:
-            raise ConfigError(f"pools.{role}.engine: {e}") from e
+            raise DeployConfigError(f"pools.{role}.engine: {e}") from e
     _check_experts(cfg)
     return cfg
 
@@ -150,25 +150,25 @@ def _pool(role: str, raw: Any) -> PoolConfig:
         ep=_int(par_raw.get("ep", 1), f"{where}.parallel.ep", minimum=1),
         num_redundant_experts=_int(par_raw.get("num_redundant_experts", 0), f"{where}.parallel.num_redundant_experts", minimum=0))
     if not isinstance(par.sp, bool):
-        raise ConfigError(f"{where}.parallel.sp: must be true or false, got {par.sp!r}")
+        raise DeployConfigError(f"{where}.parallel.sp: must be true or false, got {par.sp!r}")
     if par.sp and par.tp == 1:
-        raise ConfigError(f"{where}.parallel.sp: sequence parallelism splits a TP group; it needs tp > 1")
+        raise DeployConfigError(f"{where}.parallel.sp: sequence parallelism splits a TP group; it needs tp > 1")
     if par.ep not in (1, par.ranks):
-        raise ConfigError(f"{where}.parallel.ep: experts are spread over every rank of an instance, so ep must be 1 "
+        raise DeployConfigError(f"{where}.parallel.ep: experts are spread over every rank of an instance, so ep must be 1 "
                           f"or tp × dp = {par.ranks}, got {par.ep}")
     if par.num_redundant_experts and par.ep == 1:
-        raise ConfigError(f"{where}.parallel.num_redundant_experts: redundant experts need expert parallelism (ep > 1)")
+        raise DeployConfigError(f"{where}.parallel.num_redundant_experts: redundant experts need expert parallelism (ep > 1)")
     engine = _mapping(raw.get("engine", {}), f"{where}.engine")
     _known(engine, _ENGINE_KEYS, f"{where}.engine.")
     res = _mapping(raw.get("resources", {}), f"{where}.resources")
     _known(res, {"num_cpus", "cpu_affinity"}, f"{where}.resources.")
     num_cpus = res.get("num_cpus", 0)
     if not isinstance(num_cpus, (int, float)) or isinstance(num_cpus, bool) or num_cpus < 0:
-        raise ConfigError(f"{where}.resources.num_cpus: must be a number >= 0, got {num_cpus!r}")
+        raise DeployConfigError(f"{where}.resources.num_cpus: must be a number >= 0, got {num_cpus!r}")
     affinity = res.get("cpu_affinity")
     if affinity is not None and (not isinstance(affinity, list) or not affinity
                                  or not all(isinstance(c, int) and c >= 0 for c in affinity)):
-        raise ConfigError(f"{where}.resources.cpu_affinity: must be a non-empty list of CPU ids, got {affinity!r}")
+        raise DeployConfigError(f"{where}.resources.cpu_affinity: must be a non-empty list of CPU ids, got {affinity!r}")
     return PoolConfig(role=role, instances=instances, parallel=par, engine=engine, num_cpus=float(num_cpus),
                       cpu_affinity=affinity,
                       max_restarts=_int(raw.get("max_restarts", 3), f"{where}.max_restarts", minimum=-1))
@@ -187,23 +187,23 @@ def _check_experts(cfg: DeployConfig) -> None:
         par = pool.parallel
         total = routed + par.num_redundant_experts
         if par.ep > 1 and total % par.ep:
-            raise ConfigError(f"pools.{role}.parallel: {routed} routed + {par.num_redundant_experts} redundant experts "
+            raise DeployConfigError(f"pools.{role}.parallel: {routed} routed + {par.num_redundant_experts} redundant experts "
                               f"= {total} do not divide evenly over ep={par.ep} ranks")
 
 
 def _mapping(value: Any, where: str) -> dict:
     if not isinstance(value, dict):
-        raise ConfigError(f"{where}: must be a mapping, got {type(value).__name__}")
+        raise DeployConfigError(f"{where}: must be a mapping, got {type(value).__name__}")
     return value
 
 
 def _known(raw: dict, allowed: set[str], prefix: str) -> None:
     unknown = sorted(set(raw) - allowed)
     if unknown:
-        raise ConfigError(f"{prefix}{unknown[0]}: unknown key (allowed: {', '.join(sorted(allowed))})")
+        raise DeployConfigError(f"{prefix}{unknown[0]}: unknown key (allowed: {', '.join(sorted(allowed))})")
 
 
 def _int(value: Any, where: str, minimum: int) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ConfigError(f"{where}: must be an integer >= {minimum}, got {value!r}")
+        raise DeployConfigError(f"{where}: must be an integer >= {minimum}, got {value!r}")
     return value

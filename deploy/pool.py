@@ -16,7 +16,8 @@ import logging
 from typing import Any
 
 from deploy.config import DeployConfig, PoolConfig
-from deploy.worker import NAMESPACE, actor_classes
+from deploy.contract import NAMESPACE
+from deploy.worker import actor_classes
 
 log = logging.getLogger("pdserve.deploy")
 
@@ -27,17 +28,19 @@ def worker_name(role: str, index: int) -> str:
 
 class Pool:
     def __init__(self, config: PoolConfig, engine_args: dict[str, Any], transfer_timeout_s: float = 30.0,
-                 ready_timeout_s: float = 300.0):
+                 prefill_timeout_s: float = 120.0, ready_timeout_s: float = 300.0):
         self.config = config
         self.role = config.role
         self.engine_args = engine_args
         self.transfer_timeout_s = transfer_timeout_s
+        self.prefill_timeout_s = prefill_timeout_s
         self.ready_timeout_s = ready_timeout_s
         self.actors: dict[str, Any] = {}
 
     @classmethod
     def from_deploy(cls, cfg: DeployConfig, role: str) -> "Pool":
-        return cls(cfg.pools[role], cfg.engine_args(role), float(cfg.router.get("transfer_timeout_s", 30.0)))
+        return cls(cfg.pools[role], cfg.engine_args(role), float(cfg.router.get("transfer_timeout_s", 30.0)),
+                   float(cfg.router.get("prefill_timeout_s", 120.0)))
 
     @property
     def names(self) -> list[str]:
@@ -80,7 +83,7 @@ class Pool:
         name = worker_name(self.role, index)
         actor = cls.options(name=name, namespace=NAMESPACE, max_restarts=self.config.max_restarts,
                             max_task_retries=0, num_cpus=self.config.num_cpus, max_concurrency=1000).remote(
-            name, self.engine_args, self.config.cpu_affinity, self.transfer_timeout_s)
+            name, self.engine_args, self.config.cpu_affinity, self.transfer_timeout_s, self.prefill_timeout_s)
         self.actors[name] = actor
         return actor
 

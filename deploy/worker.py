@@ -3,27 +3,28 @@
 ``PrefillWorker`` / ``DecodeWorker`` are ``EngineWorker`` as Ray actor classes
 (named ``prefill-<i>`` / ``decode-<i>`` in namespace ``pdserve`` by ``deploy.pool``).
 Each owns an ``LLMEngine`` stepped by an ``EngineLoop`` thread; its methods run on
-the actor's asyncio loop, so many requests are in flight at once.
+the actor's asyncio loop, so many requests are in flight at once. The methods and
+their message types are ``deploy.contract.WorkerAPI``.
 
-Prefill side, per request: ``prefill(rid, prompt, params)`` queues the prompt,
-waits for the first token (the engine parks the request), exports the latent rows
-(freeing the blocks), ``ray.put``s the ``KVPayload`` (this worker owns the object)
-and returns ``{"kv": [ObjectRef], ...}``; when the first token already ends the
-request (``max_tokens`` 1, EOS) it returns ``{"output": ...}`` and no payload.
+Prefill side, per sequence: ``prefill(seq_id, prompt, params, continuation)`` queues
+it and waits until the prompt is done. Meanwhile its latent rows collect in the
+engine's KV outbox (all at the end, or layer by layer as computed: ``kv_transfer``)
+and the decode worker pulls them with ``pull_kv`` (long polling) — the control
+message comes last. When the first token already ends the sequence (``max_tokens``
+1, EOS, a stop string) the result carries the output and nothing is handed off.
 
-Decode side, per request, in order: ``reserve(rid, tokens)`` (capacity held before
-prefill starts; dropped after ``reservation_ttl_s`` if never used) →
-``start_decode(rid, [ObjectRef])`` (a ``deploy.kv_transfer.Transfer``: pending →
-transferring → done | failed; on done the request joins the engine and the
-reservation is released) → ``poll(rid, wait_s)`` until an output with
-``finished`` (long polling: returns the deltas merged since the last poll, or None
-after ``wait_s``). ``abort(rid)`` ends a request in any of these stages on either
-role and frees its blocks and reservation.
+Decode side, per sequence, in order: ``reserve(seq_id, num_kv_tokens, total)``
+(blocks for the rows, room for the rest, before the prefill starts; given back after
+``reservation_ttl_s`` if never used) → ``start_decode(seq_id, source)`` (a
+``deploy.kv_transfer.Transfer`` pulling from the prefill worker named ``source``,
+writing each piece into the reserved blocks; on done the sequence joins the engine)
+→ ``poll(seq_id, wait_s)`` until an output with ``finished`` (long polling: the deltas
+merged since the last poll, or None after ``wait_s``). ``abort(seq_id)`` ends a
+sequence in any of these stages on either role and frees its blocks and reservation.
 
-``load()`` is the health probe and the policies' input (``router.policy.WorkerLoad``
-fields). After an actor restart the new incarnation knows none of the old
-requests: ``start_decode`` returns a failed report (``no_reservation``) and ``poll``
-raises ``KeyError``, which the router treats as a lost worker.
+After an actor restart the new incarnation knows none of the old sequences:
+``start_decode`` returns a failed report (``no_reservation``), ``pull_kv`` and
+``poll`` raise ``KeyError``, which the router treats as a lost worker.
 """
 
 from __future__ import annotations
@@ -34,16 +35,16 @@ import os
 import time
 from typing import Any
 
-from engine.engine_loop import ABORTED, EngineLoop
-from deploy.kv_transfer import RayObjectTransport, Transfer, TransferFailed
+from deploy.contract import NAMESPACE, KVPull, PrefillResult, TransferReport, WorkerInfo, WorkerLoad
+from deploy.kv_transfer import ActorSource, Transfer, TransferFailed
+from engine.engine_loop import ABORTED, EngineLoop, Expire, LoadKV, ReserveKV
 from engine.outputs import RequestOutput
-
-NAMESPACE = "pdserve"
+from engine.sampling_params import Continuation, SamplingParams
 
 
 @dataclasses.dataclass
 class _Decoding:
-    """A decode-side request: its queue and the deltas not yet polled."""
+    """A decode-side sequence: its queue and the deltas not yet polled."""
 
     queue: asyncio.Queue
     pending: RequestOutput | None = None
@@ -52,7 +53,8 @@ class _Decoding:
 
 class EngineWorker:
     def __init__(self, name: str, engine_args: dict[str, Any], cpu_affinity: list[int] | None = None,
-                 transfer_timeout_s: float = 30.0, reservation_ttl_s: float = 120.0):
+                 transfer_timeout_s: float = 30.0, prefill_timeout_s: float = 120.0,
+                 reservation_ttl_s: float = 120.0):
         if cpu_affinity:
             os.sched_setaffinity(0, cpu_affinity)
         import torch
@@ -68,110 +70,161 @@ class EngineWorker:
         if self.role not in ("prefill", "decode"):
             raise ValueError(f"role: a worker runs role 'prefill' or 'decode', got {self.role!r}")
         self.engine = LLMEngine(self.args)
+        self.engine.connector.reservation_ttl_s = reservation_ttl_s
         self.loop = EngineLoop(self.engine)
-        self.transport = RayObjectTransport()
         self.transfer_timeout_s = transfer_timeout_s
-        self.reservation_ttl_s = reservation_ttl_s
+        self.prefill_timeout_s = prefill_timeout_s
         self.started_at = time.time()
-        self.queued_prompt_tokens = 0  # prefill: prompt tokens accepted and not yet exported
-        self.reservations: dict[str, tuple[int, float]] = {}  # decode: rid -> (blocks, expiry monotonic)
+        self.queued_prompt_tokens = 0  # prefill: prompt tokens accepted and not yet handed off
         self.decoding: dict[str, _Decoding] = {}
+        self._outbox_events: dict[str, asyncio.Event] = {}
+        self._transfers: dict[str, asyncio.Task] = {}  # decode: the start_decode call of each sequence
         self.transfers_done = 0
         self.transfers_failed = 0
 
     # ---- info, health, load ----------------------------------------------------------
-    def info(self) -> dict[str, Any]:
+    def info(self) -> WorkerInfo:
         e = self.engine
-        return {"name": self.name, "role": self.role, "model_name": self.args.model_name, "model": self.args.model,
-                "max_model_len": e.max_model_len, "eos_token_ids": list(e.eos_token_ids),
-                "block_size": self.args.block_size, "kv_blocks_total": e.kv.num_blocks, "pid": os.getpid()}
+        return WorkerInfo(self.name, self.role, self.args.model_name, self.args.model, e.max_model_len,
+                          list(e.eos_token_ids), self.args.block_size, e.kv.num_blocks, os.getpid())
 
-    async def load(self) -> dict[str, Any]:
+    async def load(self) -> WorkerLoad:
         self.loop.ensure_started()
-        self._expire_reservations()
+        if self.loop.alive:
+            await self.loop.call(Expire())
         s = self.engine.stats()
-        return {"name": self.name, "role": self.role, "alive": self.loop.alive,
-                "queued_prompt_tokens": self.queued_prompt_tokens, "num_running": s.num_running,
-                "num_waiting": s.num_waiting, "kv_blocks_used": s.kv_blocks_used, "kv_blocks_total": s.kv_blocks_total,
-                "kv_blocks_reserved": sum(b for b, _ in self.reservations.values()),
-                "prefix_cache_queries": s.prefix_cache_queries, "prefix_cache_hits": s.prefix_cache_hits,
-                "num_preemptions": s.num_preemptions, "started_at": self.started_at,
-                "transfers_done": self.transfers_done, "transfers_failed": self.transfers_failed}
+        return WorkerLoad(
+            name=self.name, role=self.role, alive=self.loop.alive, started_at=self.started_at,
+            queued_prompt_tokens=self.queued_prompt_tokens, num_running=s.num_running, num_waiting=s.num_waiting,
+            kv_blocks_used=s.kv_blocks_used, kv_blocks_reserved=s.kv_blocks_reserved,
+            kv_blocks_total=s.kv_blocks_total, prefix_cache_queries=s.prefix_cache_queries,
+            prefix_cache_hits=s.prefix_cache_hits, num_preemptions=s.num_preemptions,
+            transfers_done=self.transfers_done, transfers_failed=self.transfers_failed,
+            outbox_bytes=self.engine.connector.outbox.nbytes)
 
     # ---- prefill role -------------------------------------------------------------------
-    async def prefill(self, request_id: str, prompt: list[int], params: Any) -> dict[str, Any]:
-        """Prompt → first token → exported payload in the object store (see the module docstring)."""
+    async def prefill(self, seq_id: str, prompt: list[int], params: SamplingParams,
+                      continuation: Continuation) -> PrefillResult:
+        """Prompt → first token; the rows leave through ``pull_kv`` (see the module docstring)."""
         self._require("prefill")
+        self._watch_outbox()
         t0 = time.perf_counter()
-        q = self.loop.open(request_id)
-        self.queued_prompt_tokens += len(prompt)
+        q = self.loop.open(seq_id)
+        queued = len(prompt) + len(continuation.output_token_ids)
+        self.queued_prompt_tokens += queued
         try:
-            await self.loop.add(request_id, prompt, params)
+            await self.loop.add(seq_id, prompt, params, continuation=continuation)
             merged: RequestOutput | None = None
             while merged is None or not merged.finished:
                 item = await q.get()
                 if item is ABORTED:
-                    return {"aborted": True}
+                    return PrefillResult(aborted=True)
                 if isinstance(item, BaseException):
                     raise item
                 if merged is None:
                     merged = RequestOutput(item.request_id, item.prompt_token_ids, [])
                 merged.merge(item)
         except BaseException:
-            self.loop.abort(request_id)
+            self.loop.abort(seq_id)
             raise
         finally:
-            self.queued_prompt_tokens -= len(prompt)
-            self.loop.close(request_id)
-        if merged.outputs and merged.outputs[0].finish_reason is not None:  # the first token ended it
-            return {"output": merged, "prefill_seconds": time.perf_counter() - t0}
-        import ray
+            self.queued_prompt_tokens -= queued
+            self.loop.close(seq_id)
+        return PrefillResult(handed_off=merged.handed_off, output=None if merged.handed_off else merged,
+                             num_tokens=queued, seconds=time.perf_counter() - t0, finished_at=time.time())
 
-        payload = await self.loop.export(request_id)
-        return {"kv": [ray.put(payload)], "nbytes": payload.nbytes, "num_tokens": payload.num_tokens,
-                "prefill_seconds": time.perf_counter() - t0}
+    async def pull_kv(self, seq_id: str, cursor: int, wait_s: float) -> KVPull:
+        """The pieces of ``seq_id`` from ``cursor`` on, waiting up to ``wait_s`` for news; the control
+        message once all pieces are out. A sequence not here (yet) is an empty answer: the decode
+        side's pending timeout and the router's own view of the prefill bound the wait."""
+        self._require("prefill")
+        self._watch_outbox()
+        outbox = self.engine.connector.outbox
+        deadline = time.monotonic() + wait_s
+        while True:
+            event = self._outbox_events.setdefault(seq_id, asyncio.Event())
+            event.clear()
+            try:
+                pieces, control = outbox.take(seq_id, cursor)
+            except KeyError:  # not added yet (the router starts both sides at once), or gone: wait
+                pieces, control = [], None
+            left = deadline - time.monotonic()
+            if pieces or control is not None or left <= 0:
+                if control is not None:
+                    self._outbox_events.pop(seq_id, None)
+                return KVPull(pieces, control)
+            try:
+                await asyncio.wait_for(event.wait(), left)
+            except asyncio.TimeoutError:
+                pass
+
+    def _watch_outbox(self) -> None:
+        """Wake ``pull_kv`` waiters from the engine thread when their sequence's outbox changes."""
+        loop = asyncio.get_running_loop()
+
+        def notify(seq_id: str) -> None:
+            loop.call_soon_threadsafe(self._wake_puller, seq_id)
+
+        self.engine.connector.outbox.notify = notify
+
+    def _wake_puller(self, seq_id: str) -> None:
+        event = self._outbox_events.get(seq_id)
+        if event is not None:
+            event.set()
 
     # ---- decode role ----------------------------------------------------------------------
-    def reserve(self, request_id: str, num_tokens: int) -> bool:
-        """Hold blocks for ``num_tokens`` (prompt + max generated) before prefill starts; False if full."""
+    async def reserve(self, seq_id: str, num_kv_tokens: int, num_total_tokens: int) -> bool:
+        """Blocks for the ``num_kv_tokens`` rows to come and room up to ``num_total_tokens``; False if full."""
         self._require("decode")
-        self._expire_reservations()
-        need = self.engine.kv.blocks_needed(num_tokens)
-        free = self.engine.kv.num_free_blocks - sum(b for b, _ in self.reservations.values())
-        if need > free:
-            return False
-        self.reservations[request_id] = (need, time.monotonic() + self.reservation_ttl_s)
-        return True
+        return await self.loop.call(ReserveKV(seq_id, num_kv_tokens, num_total_tokens)) is not None
 
-    async def start_decode(self, request_id: str, kv: list[Any]) -> dict[str, Any]:
-        """Fetch the payload (``kv[0]``, an ObjectRef: a list so Ray does not resolve it) and join the engine."""
+    async def start_decode(self, seq_id: str, source: str) -> TransferReport:
+        """Pull the sequence's rows from the prefill worker ``source`` into the reserved blocks, then join."""
         self._require("decode")
-        transfer = Transfer(request_id, kv[0], self.transport, self.transfer_timeout_s)
-        if request_id not in self.reservations:
-            return {"state": "failed", "cause": "no_reservation", "nbytes": 0, "seconds": 0.0}
+        import ray
+
+        if seq_id not in self.engine.connector.reservations:
+            return TransferReport("failed", "no_reservation")
         try:
-            payload = await transfer.run()
+            handle = ray.get_actor(source, namespace=NAMESPACE)
+        except ValueError:
+            self.loop.abort(seq_id)
+            return TransferReport("failed", "lost", f"no prefill worker named {source!r}")
+        transfer = Transfer(seq_id, ActorSource(handle), self.transfer_timeout_s, self.prefill_timeout_s)
+        self._transfers[seq_id] = asyncio.current_task()  # abort() cancels it
+        try:
+            control = await transfer.run(self)
         except TransferFailed:
             self.transfers_failed += 1
+            self.loop.abort(seq_id)
             return transfer.report()
         finally:
-            self.reservations.pop(request_id, None)
-        self.transfers_done += 1
-        state = _Decoding(self.loop.open(request_id))
-        self.decoding[request_id] = state
+            self._transfers.pop(seq_id, None)
+        state = _Decoding(self.loop.open(seq_id))
+        self.decoding[seq_id] = state
         try:
-            await self.loop.add(request_id, payload.prompt_token_ids, payload.params, kv=payload)
+            await self.loop.add(seq_id, control.prompt_token_ids, control.params, kv=control)
+        except ValueError as e:
+            self.decoding.pop(seq_id, None)
+            self.loop.abort(seq_id)
+            self.transfers_failed += 1
+            return TransferReport("failed", "rejected", str(e), transfer.nbytes, transfer.num_pieces, transfer.seconds)
         except BaseException:
-            self.decoding.pop(request_id, None)
-            self.loop.abort(request_id)
+            self.decoding.pop(seq_id, None)
+            self.loop.abort(seq_id)
             raise
+        self.transfers_done += 1
         return transfer.report()
 
-    async def poll(self, request_id: str, wait_s: float) -> RequestOutput | None:
+    async def load_kv(self, seq_id: str, piece: Any) -> None:
+        """``KVSink``: one arriving piece into the reserved blocks, on the engine thread."""
+        await self.loop.call(LoadKV(seq_id, piece))
+
+    async def poll(self, seq_id: str, wait_s: float) -> RequestOutput | None:
         """The deltas merged since the last poll (None if none within ``wait_s``); KeyError if unknown."""
-        state = self.decoding.get(request_id)
+        state = self.decoding.get(seq_id)
         if state is None:
-            raise KeyError(f"{self.name}: request {request_id!r} is not decoding here")
+            raise KeyError(f"{self.name}: request {seq_id!r} is not decoding here")
         deadline = time.monotonic() + wait_s
         while True:
             try:  # take everything already delivered without waiting
@@ -190,8 +243,8 @@ class EngineWorker:
                 return None
         out, state.pending = state.pending, None
         if state.finished:
-            self.decoding.pop(request_id, None)
-            self.loop.close(request_id)
+            self.decoding.pop(seq_id, None)
+            self.loop.close(seq_id)
         return out
 
     def _absorb(self, state: _Decoding, item: Any) -> None:
@@ -206,20 +259,17 @@ class EngineWorker:
         state.finished = item.finished
 
     # ---- both roles ------------------------------------------------------------------------
-    def abort(self, request_id: str) -> None:
-        """End the request wherever it is here: reservation, transfer, engine; its blocks are freed."""
-        self.reservations.pop(request_id, None)
-        self.decoding.pop(request_id, None)
-        self.loop.abort(request_id)
+    def abort(self, seq_id: str) -> None:
+        """End the sequence wherever it is here: reservation, transfer, outbox, engine; its blocks are freed."""
+        self.decoding.pop(seq_id, None)
+        transfer = self._transfers.pop(seq_id, None)
+        if transfer is not None:
+            transfer.cancel()
+        self.loop.abort(seq_id)
 
     def _require(self, role: str) -> None:
         if self.role != role:
             raise RuntimeError(f"{self.name} runs role {self.role!r}, not {role!r}")
-
-    def _expire_reservations(self) -> None:
-        now = time.monotonic()
-        for rid in [r for r, (_, expiry) in self.reservations.items() if expiry < now]:
-            del self.reservations[rid]
 
 
 class PrefillWorker(EngineWorker):

@@ -18,6 +18,7 @@ DEFAULT_MODEL_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath
 ROLES = ("colocated", "prefill", "decode")
 DTYPES = ("auto", "bfloat16", "float32")
 KV_CACHE_DTYPES = ("auto", "fp8")
+KV_TRANSFER_MODES = ("whole", "layerwise")
 WEIGHT_MODES = ("auto", "dequantize")
 
 
@@ -51,6 +52,9 @@ class EngineArgs:
     max_waiting_requests: int = 4096  # beyond this the API answers 429
     # attention math for prefill: "naive" expands K/V; decode always runs absorbed over pages
     mla_prefill: str = "naive"
+    # prefill role: how a prompt's latent rows leave — all at once after the prompt ("whole"), or
+    # layer by layer while the forward computes ("layerwise"); see engine/kv_connector.py
+    kv_transfer: str = "whole"
     # speculative decoding: "mtp" drafts with the checkpoint's MTP layer, verified losslessly
     speculative: str | None = None
     num_speculative_tokens: int = 1
@@ -64,6 +68,8 @@ class EngineArgs:
             raise ValueError(f"weights: must be one of {WEIGHT_MODES}, got {self.weights!r}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype: must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
+        if self.kv_transfer not in KV_TRANSFER_MODES:
+            raise ValueError(f"kv_transfer: must be one of {KV_TRANSFER_MODES}, got {self.kv_transfer!r}")
         if self.scheduling_policy not in ("fcfs", "priority"):
             raise ValueError(f"scheduling_policy: must be 'fcfs' or 'priority', got {self.scheduling_policy!r}")
         if self.mla_prefill not in ("naive", "absorbed"):
@@ -100,7 +106,8 @@ class EngineArgs:
             else:
                 choices = {"role": ROLES, "dtype": DTYPES, "scheduling_policy": ("fcfs", "priority"),
                            "weights": WEIGHT_MODES, "kv_cache_dtype": KV_CACHE_DTYPES,
-                           "mla_prefill": ("naive", "absorbed"), "speculative": ("mtp",)}.get(f.name)
+                           "mla_prefill": ("naive", "absorbed"), "speculative": ("mtp",),
+                           "kv_transfer": KV_TRANSFER_MODES}.get(f.name)
                 group.add_argument(flag, type=kind, default=default, choices=choices,
                                    help=f"(default: {default})")
 

@@ -2,8 +2,10 @@
 
 The one implementation behind the in-process ``AsyncEngine`` (dev server) and the Ray
 workers of a disaggregated deployment. Queues, in order: the owner's event loop puts
-*commands* (add, abort, export, stop) on ``_inbox``; the engine thread drains it
-before every step (so ``export_kv`` never races a step), runs ``step()`` while there
+*commands* on ``_inbox`` — typed ones (``AddRequest``, ``Abort``, ``ReserveKV``,
+``LoadKV``, ``Expire``, ``Stop``; each knows how to apply itself to the engine, so a
+new one is one small class) — and the engine thread drains it before every step (so
+a command never races a step), runs ``step()`` while there
 is work (sleeping on ``_wake`` otherwise) and hands each step's deltas back to the
 loop with one ``call_soon_threadsafe``; there each delta lands on its request's
 ``asyncio.Queue`` (opened with ``open``). An aborted request's queue receives
@@ -13,8 +15,10 @@ on every queue. Only the engine thread touches the engine.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import concurrent.futures
+import dataclasses
 import logging
 import queue
 import threading
@@ -25,7 +29,71 @@ from engine.outputs import EngineError, RequestOutput
 log = logging.getLogger("pdserve.deploy")
 
 ABORTED = object()  # put on a request's queue when it is aborted
-_STOP = ("stop", None, None)
+
+
+class Command(abc.ABC):
+    """Something the engine thread does between steps; ``apply`` returns the caller's result."""
+
+    @abc.abstractmethod
+    def apply(self, engine: Any) -> Any: ...
+
+
+@dataclasses.dataclass
+class AddRequest(Command):
+    request_id: str
+    prompt: list[int]
+    params: Any
+    priority: int = 0
+    continuation: Any = None
+    kv: Any = None  # a KVControl (decode role, rows already loaded) or a whole KVPayload
+
+    def apply(self, engine: Any) -> None:
+        engine.add_request(self.request_id, self.prompt, self.params, priority=self.priority,
+                           continuation=self.continuation, kv=self.kv)
+
+
+@dataclasses.dataclass
+class Abort(Command):
+    request_id: str
+
+    def apply(self, engine: Any) -> None:
+        engine.abort(self.request_id)
+
+
+@dataclasses.dataclass
+class ReserveKV(Command):
+    request_id: str
+    num_kv_tokens: int
+    num_total_tokens: int
+
+    def apply(self, engine: Any) -> list[int] | None:
+        return engine.reserve_kv(self.request_id, self.num_kv_tokens, self.num_total_tokens)
+
+
+@dataclasses.dataclass
+class LoadKV(Command):
+    request_id: str
+    piece: Any  # engine.kv_connector.KVPiece
+
+    def apply(self, engine: Any) -> None:
+        engine.load_kv(self.request_id, self.piece)
+
+
+@dataclasses.dataclass
+class Expire(Command):
+    """Give back KV reservations nobody used in time."""
+
+    def apply(self, engine: Any) -> None:
+        engine.connector.expire()
+
+
+@dataclasses.dataclass
+class Stop(Command):
+    """Abort everything in flight and end the thread."""
+
+    def apply(self, engine: Any) -> None:
+        for rid in list(engine.sequences):
+            engine.abort(rid)
 
 
 class EngineLoop:
@@ -58,19 +126,25 @@ class EngineLoop:
         self._queues[request_id] = q
         return q
 
-    async def add(self, request_id: str, prompt: list[int], params: Any, kv: Any = None, priority: int = 0) -> None:
+    async def add(self, request_id: str, prompt: list[int], params: Any, priority: int = 0,
+                  continuation: Any = None, kv: Any = None) -> None:
         """Queue a request; raises the engine's validation error, if any."""
-        await self._call("add", (request_id, prompt, params, kv, priority))
+        await self.call(AddRequest(request_id, prompt, params, priority, continuation, kv))
 
-    async def export(self, request_id: str) -> Any:
-        """``export_kv`` on the engine thread, between steps; frees the request's blocks."""
-        return await self._call("export", request_id)
+    async def call(self, command: Command) -> Any:
+        """Run ``command`` on the engine thread between steps; its result (or its exception)."""
+        self.ensure_started()
+        if self.error is not None:
+            raise EngineError(f"the engine failed: {self.error}")
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._send(command, future)
+        return await asyncio.wrap_future(future)
 
     def abort(self, request_id: str) -> None:
         q = self._queues.pop(request_id, None)
         if q is not None:
             q.put_nowait(ABORTED)
-        self._send(("abort", request_id, None))
+        self._send(Abort(request_id))
 
     def close(self, request_id: str) -> None:
         """Forget a finished request's queue."""
@@ -79,19 +153,11 @@ class EngineLoop:
     def stop(self, timeout: float = 30.0) -> None:
         """Abort everything in flight and end the engine thread (blocking; call it off the event loop)."""
         if self._thread is not None:
-            self._send(_STOP)
+            self._send(Stop())
             self._thread.join(timeout)
 
-    async def _call(self, kind: str, arg: Any) -> Any:
-        self.ensure_started()
-        if self.error is not None:
-            raise EngineError(f"the engine failed: {self.error}")
-        future: concurrent.futures.Future = concurrent.futures.Future()
-        self._send((kind, arg, future))
-        return await asyncio.wrap_future(future)
-
-    def _send(self, command: tuple) -> None:
-        self._inbox.put(command)
+    def _send(self, command: Command, future: concurrent.futures.Future | None = None) -> None:
+        self._inbox.put((command, future))
         self._wake.set()
 
     # ---- engine thread -----------------------------------------------------------------
@@ -115,26 +181,20 @@ class EngineLoop:
         """Apply queued commands; False when asked to stop (everything in flight is aborted)."""
         while True:
             try:
-                kind, arg, future = self._inbox.get_nowait()
+                command, future = self._inbox.get_nowait()
             except queue.Empty:
                 return True
-            if kind == "stop":
-                for rid in list(engine.sequences):
-                    engine.abort(rid)
-                return False
-            if kind == "abort":
-                engine.abort(arg)
-                continue
             try:
-                if kind == "add":
-                    rid, prompt, params, kv, priority = arg
-                    result = engine.add_request(rid, prompt, params, priority=priority, kv=kv)
-                else:
-                    result = engine.export_kv(arg)
+                result = command.apply(engine)
             except Exception as e:
+                if future is None:
+                    raise  # a fire-and-forget command (abort) failing is an engine failure
                 future.set_exception(e)
             else:
-                future.set_result(result)
+                if future is not None:
+                    future.set_result(result)
+            if isinstance(command, Stop):
+                return False
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:

@@ -1,9 +1,12 @@
-"""Runs one scheduled step on the model: inputs → forward → logits → sampled tokens.
+"""Runs one step on one rank: ``StepInput`` → inputs → forward → logits → ``StepOutput``.
 
 Owns the model and the paged latent cache: per cache layer (main layers, then
 MTP layers) one tensor ``[num_blocks, block_size, kv_lora_rank +
-qk_rope_head_dim]``, sized from a memory budget. Also moves a request's latent
-rows out of / into the cache for the prefill → decode hand-off.
+qk_rope_head_dim]``, sized from a memory budget. Keeps its own state per sequence
+(``_Sequence``: tokens, sampling parameters, block table), kept current by the
+step messages; it never sees the scheduler's objects. Its ``KVConnectorWorker``
+moves a sequence's latent rows out of / into the cache for the prefill → decode
+hand-off.
 """
 
 from __future__ import annotations
@@ -21,10 +24,13 @@ from engine.model.attention import AttentionMetadata
 from engine.model.config import ModelConfig
 from engine.model.deepseek_v3 import DeepseekV3ForCausalLM
 from engine.model.fp8 import is_fp8_checkpoint
-from engine.model.kv_cache_fp8 import convert_rows, fp8_row_bytes
-from engine.sampler import Sampler, SamplingMetadata, SamplingRow, compute_logprobs_topk
-from engine.scheduler import SchedulerOutput
+from engine.kv_connector import KVConnectorWorker, KVOutbox
+from engine.model.kv_cache_fp8 import fp8_row_bytes
+from engine.sampler import (Sampler, SamplingMetadata, SamplingRow, compute_logprobs_topk,
+                            position_generator)
+from engine.sampling_params import SamplingParams
 from engine.spec_decode import MTPJob, MTPProposer, VerifyGroup, verify
+from engine.step import NewSequence, StepInput, StepOutput
 
 log = logging.getLogger("pdserve.engine")
 
@@ -40,19 +46,37 @@ def resolve_dtype(name: str) -> torch.dtype:
 
 
 @dataclasses.dataclass
-class ModelOutput:
-    """Per request that sampled: its new tokens (accepted drafts + one sampled), their
-    (raw logprob, top-k dict or None), and the drafts proposed for the next step."""
+class _Sequence:
+    """The runner's own copy of what it needs about a sequence (see ``engine.step``)."""
 
-    sampled: dict[str, list[int]] = dataclasses.field(default_factory=dict)
-    logprobs: dict[str, list[tuple[float, dict[int, float] | None]]] = dataclasses.field(default_factory=dict)
-    drafts: dict[str, list[int]] = dataclasses.field(default_factory=dict)
-    forward_seconds: float = 0.0
+    prompt_token_ids: list[int]
+    token_ids: list[int]  # prompt + generated, as far as the scheduler told us
+    params: SamplingParams
+    eos_token_ids: list[int]
+    seed: int | None
+    block_table: list[int]
+
+    @classmethod
+    def from_new(cls, new: NewSequence) -> "_Sequence":
+        return cls(list(new.prompt_token_ids), new.prompt_token_ids + new.output_token_ids, new.params,
+                   new.eos_token_ids, new.seed, list(new.block_ids))
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    def row(self, device: torch.device, extra: list[int] | None = None) -> SamplingRow:
+        """The sampler's view; ``extra`` = drafts counted in its history (verification)."""
+        output = self.token_ids[self.num_prompt_tokens:] + (extra or [])
+        position = len(self.token_ids) + len(extra or [])
+        return SamplingRow(self.params, self.prompt_token_ids, output, self.eos_token_ids,
+                           position_generator(self.seed, position, device))
 
 
 class ModelRunner:
-    def __init__(self, args: EngineArgs, cfg: ModelConfig):
+    def __init__(self, args: EngineArgs, cfg: ModelConfig, outbox: KVOutbox | None = None):
         self.cfg = cfg
+        self.role = args.role
         self.device = resolve_device(args.device)
         self.dtype = resolve_dtype(args.dtype)
         self.block_size = args.block_size
@@ -61,12 +85,15 @@ class ModelRunner:
         self.model = self._load(args)
         self.cache_dtype = self.dtype
         self.kv_caches = self._allocate_cache(args)
+        self.kv_worker = KVConnectorWorker(self.kv_caches, self.block_size, cfg.kv_lora_rank, outbox)
+        self.sequences: dict[str, _Sequence] = {}
         self.sampler = Sampler(torch.Generator(device=self.device).manual_seed(args.seed))
         self.proposer = None
         if args.speculative == "mtp":
             if not self.model.mtp:
                 raise ValueError(f"speculative: {args.model} has no MTP layer (num_nextn_predict_layers = 0)")
             self.proposer = MTPProposer(self.model, args.num_speculative_tokens, self.block_size)
+        self.kv_worker.sent_layers = range(self.num_computed_layers)
 
     # ---- setup ------------------------------------------------------------------------
     def _load(self, args: EngineArgs) -> DeepseekV3ForCausalLM:
@@ -101,128 +128,125 @@ class ModelRunner:
                 for _ in range(self.model.num_cache_layers)]
 
     @property
+    def num_computed_layers(self) -> int:
+        """Cache layers the forward fills: the main ones, and the MTP ones when they draft."""
+        return len(self.model.layers) + (len(self.model.mtp) if self.proposer is not None else 0)
+
+    @property
     def num_blocks(self) -> int:
         return self.kv_caches[0].shape[0]
 
     # ---- one step ---------------------------------------------------------------------
+    def _apply(self, step: StepInput) -> None:
+        """Bring the runner's copy of each scheduled sequence up to date (forgotten ones first)."""
+        for seq_id in step.finished:
+            self.sequences.pop(seq_id, None)
+        for s in step.sequences:
+            if s.new is not None:
+                self.sequences[s.seq_id] = _Sequence.from_new(s.new)
+            else:
+                seq = self.sequences[s.seq_id]
+                seq.token_ids.extend(s.new_token_ids)
+                seq.block_table.extend(s.new_block_ids)
+
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput, block_tables: dict[str, list[int]]) -> ModelOutput:
+    def execute(self, step: StepInput) -> StepOutput:
+        self._apply(step)
+        seqs = [self.sequences[s.seq_id] for s in step.sequences]
         ids: list[int] = []
         positions: list[int] = []
-        for s in out.scheduled:
-            req = s.req
-            if req.kv_import is not None:
-                self.import_kv(block_tables[req.request_id], req.kv_import)
-            tokens = req.all_token_ids + req.spec_token_ids if s.num_draft_tokens else req.all_token_ids
+        for s, seq in zip(step.sequences, seqs):
+            tokens = seq.token_ids + s.draft_token_ids
             ids.extend(tokens[s.start:s.start + s.num_new_tokens])
             positions.extend(range(s.start, s.start + s.num_new_tokens))
         device = self.device
-        tables = [block_tables[s.req.request_id] for s in out.scheduled]
+        tables = [seq.block_table for seq in seqs]
+        self.kv_worker.begin_step(step, {s.seq_id: seq.block_table for s, seq in zip(step.sequences, seqs)})
         meta = AttentionMetadata.paged(
-            [s.num_new_tokens for s in out.scheduled], [s.start + s.num_new_tokens for s in out.scheduled],
-            tables, self.block_size, self.kv_caches, device, self.mla_prefill)
+            [s.num_new_tokens for s in step.sequences], [s.start + s.num_new_tokens for s in step.sequences],
+            tables, self.block_size, self.kv_caches, device, self.mla_prefill,
+            layer_done=self.kv_worker.after_layer if self.kv_worker.streaming else None)
         t0 = time.perf_counter()
         hidden = self.model(torch.tensor(ids, device=device), torch.tensor(positions, device=device), meta)
-        self._prompt_logprobs(out, hidden)
-        result = ModelOutput()
-        ends = list(itertools.accumulate(s.num_new_tokens for s in out.scheduled))  # row after each span
-        plain = [(s, end - 1) for s, end in zip(out.scheduled, ends) if s.sample and not s.num_draft_tokens]
-        drafted = [(s, end) for s, end in zip(out.scheduled, ends) if s.sample and s.num_draft_tokens]
+        result = StepOutput()
+        self._prompt_logprobs(step, seqs, hidden, result)
+        ends = list(itertools.accumulate(s.num_new_tokens for s in step.sequences))  # row after each span
+        plain = [(s, seq, end - 1) for s, seq, end in zip(step.sequences, seqs, ends)
+                 if s.sample and not s.draft_token_ids]
+        drafted = [(s, seq, end) for s, seq, end in zip(step.sequences, seqs, ends) if s.sample and s.draft_token_ids]
         if plain:
             self._sample(hidden, plain, result)
         if drafted:
             self._verify(hidden, drafted, result)
         if self.proposer is not None:
-            self._propose(hidden, out, ends, tables, result)
+            self._propose(hidden, step, seqs, ends, result)
         result.forward_seconds = time.perf_counter() - t0
         return result
 
-    def _sample(self, hidden: torch.Tensor, plain: list, result: ModelOutput) -> None:
-        """Requests without drafts: one token each from the batched sampler."""
-        logits = self.model.compute_logits(hidden[torch.tensor([r for _, r in plain], device=self.device)])  # [B, V]
-        meta = SamplingMetadata.build([_row(s.req) for s, _ in plain], self.device)
+    def _sample(self, hidden: torch.Tensor, plain: list, result: StepOutput) -> None:
+        """Sequences without drafts: one token each from the batched sampler."""
+        logits = self.model.compute_logits(hidden[torch.tensor([r for *_, r in plain], device=self.device)])  # [B, V]
+        meta = SamplingMetadata.build([seq.row(self.device) for _, seq, _ in plain], self.device)
         sampled = self.sampler(logits, meta)
         tops = sampled.to_logprob_dicts(meta.num_logprobs)
-        for (s, _), tok, lp, top in zip(plain, sampled.token_ids.tolist(), sampled.logprobs.tolist(), tops):
-            result.sampled[s.req.request_id] = [tok]
-            result.logprobs[s.req.request_id] = [(lp, top)]
+        for (s, _, _), tok, lp, top in zip(plain, sampled.token_ids.tolist(), sampled.logprobs.tolist(), tops):
+            result.sampled[s.seq_id] = [tok]
+            result.scores[s.seq_id] = [(lp, top)]
 
-    def _verify(self, hidden: torch.Tensor, drafted: list, result: ModelOutput) -> None:
-        """Requests with drafts: the logits at the last known token and at each draft decide them."""
+    def _verify(self, hidden: torch.Tensor, drafted: list, result: StepOutput) -> None:
+        """Sequences with drafts: the logits at the last known token and at each draft decide them."""
         rows, sampling_rows, groups = [], [], []
-        for s, end in drafted:
-            req, k = s.req, s.num_draft_tokens
-            groups.append(VerifyGroup(len(rows), list(req.spec_token_ids), req.generator))
+        for s, seq, end in drafted:
+            drafts = s.draft_token_ids
+            k = len(drafts)
+            groups.append(VerifyGroup(len(rows), list(drafts),
+                                      position_generator(seq.seed, len(seq.token_ids), self.device)))
             for i in range(k + 1):  # row i: the distribution of the token after drafts[:i]
                 rows.append(end - k - 1 + i)
-                sampling_rows.append(_row(req, extra=req.spec_token_ids[:i]))
+                sampling_rows.append(seq.row(self.device, extra=drafts[:i]))
         logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])  # [R, V]
         accepted = verify(logits, sampling_rows, groups, self.sampler.generator)
-        k_max = max((s.req.params.logprobs or 0) for s, _ in drafted)
-        for (s, _), g, tokens in zip(drafted, groups, accepted):
+        k_max = max((seq.params.logprobs or 0) for _, seq, _ in drafted)
+        for (s, seq, _), g, tokens in zip(drafted, groups, accepted):
             picked = torch.arange(g.first_row, g.first_row + len(tokens), device=self.device)
             scored = compute_logprobs_topk(logits[picked], k_max, torch.tensor(tokens, device=self.device))
-            tops = scored.to_logprob_dicts([s.req.params.logprobs] * len(tokens))
-            result.sampled[s.req.request_id] = tokens
-            result.logprobs[s.req.request_id] = list(zip(scored.logprobs.tolist(), tops))
+            tops = scored.to_logprob_dicts([seq.params.logprobs] * len(tokens))
+            result.sampled[s.seq_id] = tokens
+            result.scores[s.seq_id] = list(zip(scored.logprobs.tolist(), tops))
 
-    def _propose(self, hidden: torch.Tensor, out: SchedulerOutput, ends: list[int], tables: list[list[int]],
-                 result: ModelOutput) -> None:
-        """Run the MTP layer over every position whose next token is now known; draft for samplers."""
+    def _propose(self, hidden: torch.Tensor, step: StepInput, seqs: list[_Sequence], ends: list[int],
+                 result: StepOutput) -> None:
+        """Run the MTP layer over every position whose next token is now known; draft for samplers
+        (not in role prefill: its sequences leave after their first token)."""
         jobs, job_tables = [], []
-        for s, end, table in zip(out.scheduled, ends, tables):
-            req = s.req
-            new = result.sampled.get(req.request_id, [])
-            count = s.num_new_tokens - s.num_draft_tokens + max(len(new) - 1, 0) if s.sample else s.num_new_tokens
-            seq = req.all_token_ids + new  # token t+1 for each MTP position t
+        for s, seq, end in zip(step.sequences, seqs, ends):
+            new = result.sampled.get(s.seq_id, [])
+            drafts = len(s.draft_token_ids)
+            count = s.num_new_tokens - drafts + max(len(new) - 1, 0) if s.sample else s.num_new_tokens
+            tokens = seq.token_ids + new  # token t+1 for each MTP position t
             first_row = end - s.num_new_tokens
-            jobs.append(MTPJob(s.start, count, seq[s.start + 1:s.start + count + 1],
-                               list(range(first_row, first_row + count)), draft=s.sample))
-            job_tables.append(table)
-        drafts = self.proposer.run(hidden, jobs, job_tables, self.kv_caches, self.device)
-        for s, d in zip(out.scheduled, drafts):
-            if s.sample:
-                result.drafts[s.req.request_id] = d
+            jobs.append(MTPJob(s.start, count, tokens[s.start + 1:s.start + count + 1],
+                               list(range(first_row, first_row + count)), draft=s.sample and self.role != "prefill"))
+            job_tables.append(seq.block_table)
+        layer_done = self.kv_worker.after_layer if self.kv_worker.streaming else None
+        drafts = self.proposer.run(hidden, jobs, job_tables, self.kv_caches, self.device, layer_done)
+        for s, d in zip(step.sequences, drafts):
+            if s.sample and d:
+                result.drafts[s.seq_id] = d
 
-    def _prompt_logprobs(self, out: SchedulerOutput, hidden: torch.Tensor) -> None:
-        """Extend ``req.prompt_logprobs`` with the prompt positions this step's chunk predicts.
-
-        Invariant: before a chunk starting at ``start`` the list holds positions ``0..start``
-        (position 0 is None); the chunk's logits at ``start..last-1`` score tokens ``start+1..last``.
-        """
+    def _prompt_logprobs(self, step: StepInput, seqs: list[_Sequence], hidden: torch.Tensor,
+                         result: StepOutput) -> None:
+        """Score the prompt positions this step's chunk predicts: the chunk's logits at
+        ``start..last-1`` score prompt tokens ``start+1..last`` (position 0 has none)."""
         offset = 0
-        for s in out.scheduled:
-            req, k, n = s.req, s.req.params.prompt_logprobs, s.num_new_tokens
-            if k is not None and s.start < req.num_prompt_tokens:
-                if s.start == 0:
-                    req.prompt_logprobs = [None]
-                last = min(s.start + n, req.num_prompt_tokens - 1)
-                if len(req.prompt_logprobs) == s.start + 1 and last > s.start:
+        for s, seq in zip(step.sequences, seqs):
+            k, n = seq.params.prompt_logprobs, s.num_new_tokens
+            if k is not None and s.start < seq.num_prompt_tokens:
+                last = min(s.start + n, seq.num_prompt_tokens - 1)
+                entries = []
+                if last > s.start:
                     logits = self.model.compute_logits(hidden[offset:offset + last - s.start])  # [m, V]
-                    targets = torch.tensor(req.prompt_token_ids[s.start + 1:last + 1], device=self.device)
-                    scored = compute_logprobs_topk(logits, k, targets)
-                    req.prompt_logprobs.extend(scored.to_logprob_dicts([k] * len(targets)))
+                    targets = torch.tensor(seq.prompt_token_ids[s.start + 1:last + 1], device=self.device)
+                    entries = compute_logprobs_topk(logits, k, targets).to_logprob_dicts([k] * len(targets))
+                result.prompt_logprobs[s.seq_id] = entries
             offset += n
-
-    # ---- KV hand-off ------------------------------------------------------------------
-    def _slots(self, table: list[int], num_tokens: int) -> torch.Tensor:
-        pos = torch.arange(num_tokens)
-        blocks = torch.tensor(table, dtype=torch.long)[pos // self.block_size]
-        return (blocks * self.block_size + pos % self.block_size).to(self.device)
-
-    def export_kv(self, table: list[int], num_tokens: int) -> torch.Tensor:
-        """The request's latent rows: [num_cache_layers, num_tokens, width] on the CPU (an FP8 cache: packed uint8 rows)."""
-        slots = self._slots(table, num_tokens)
-        return torch.stack([c.view(-1, c.shape[-1])[slots] for c in self.kv_caches]).cpu()
-
-    def import_kv(self, table: list[int], rows: torch.Tensor) -> None:
-        slots = self._slots(table, rows.shape[1])
-        for layer, cache in enumerate(self.kv_caches):
-            layer_rows = convert_rows(rows[layer].to(self.device), self.cfg.kv_lora_rank, cache)  # FP8 <-> plain
-            cache.view(-1, cache.shape[-1]).index_copy_(0, slots, layer_rows)
-
-
-def _row(req, extra: list[int] | None = None) -> SamplingRow:
-    """The sampler's view of a request; ``extra`` = drafts counted in its history (verification)."""
-    output = req.output_token_ids + extra if extra else req.output_token_ids
-    return SamplingRow(req.params, req.prompt_token_ids, output, req.eos_token_ids, req.generator)

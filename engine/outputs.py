@@ -49,6 +49,24 @@ class RequestMetrics:
 
 
 @dataclasses.dataclass
+class KVControl:
+    """A KV hand-off's control message: everything but the latent rows (``engine.kv_connector``)
+    that a decode engine needs to continue the sequence."""
+
+    seq_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    index: int  # completion index (the seed of a seeded sequence derives from it)
+    output_token_ids: list[int]  # generated so far: before this leg, then the first token(s) of the prefill
+    output_logprobs: list[TokenLogprobs | None]  # aligned with output_token_ids
+    cumulative_logprob: float
+    prompt_logprobs: list[TokenLogprobs | None] | None
+    num_tokens: int  # positions whose rows were sent
+    num_layers: int  # cache layers of the sender (MTP included)
+    num_reported: int  # output tokens the client had before this leg (not reported again)
+
+
+@dataclasses.dataclass
 class RequestOutput:
     request_id: str
     prompt_token_ids: list[int]
@@ -57,6 +75,7 @@ class RequestOutput:
     prompt: str | None = None
     prompt_logprobs: list[TokenLogprobs | None] | None = None
     metrics: RequestMetrics | None = None
+    handed_off: bool = False  # prefill role: the sequence continues on a decode engine (its KV left)
 
     def merge(self, delta: "RequestOutput") -> None:
         """Fold a later delta of the same request into this (accumulated) output."""
@@ -79,6 +98,7 @@ class RequestOutput:
         if delta.prompt_logprobs is not None:
             self.prompt_logprobs = delta.prompt_logprobs
         self.finished = delta.finished
+        self.handed_off = delta.handed_off
         self.metrics = delta.metrics or self.metrics
 
 
@@ -99,6 +119,7 @@ class EngineStats:
     num_waiting: int = 0
     kv_blocks_total: int = 0
     kv_blocks_used: int = 0
+    kv_blocks_reserved: int = 0  # decode role: room held for sequences whose KV is on its way (not in used)
     prefix_cache_queries: int = 0  # tokens looked up
     prefix_cache_hits: int = 0  # tokens found
     num_preemptions: int = 0

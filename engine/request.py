@@ -4,8 +4,8 @@ One ``Request`` per generated sequence: a user request with ``n > 1`` becomes n
 sequences sharing a ``parent_id`` (ids ``<parent>`` for index 0, ``<parent>#i``
 after). The scheduler's only rule is that ``num_computed_tokens`` catches up
 with ``num_tokens`` (prompt + generated): a prompt, a chunk of it, a prefix-cache
-hit, a recompute after preemption and (later) speculative tokens are all that
-one rule.
+hit, a recompute after preemption, KV received from a prefill engine and
+speculative tokens are all that one rule.
 """
 
 from __future__ import annotations
@@ -13,16 +13,14 @@ from __future__ import annotations
 import dataclasses
 import enum
 import time
-from typing import Any
-
 from engine.outputs import RequestMetrics
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import SamplingParams, max_new_tokens
 
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
-    PARKED = "parked"  # prefill role: first token sampled, KV held until exported
+    HANDED_OFF = "handed_off"  # prefill role: first token sampled, KV sent to a decode engine, blocks freed
     FINISHED = "finished"
 
 
@@ -45,9 +43,9 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: str | None = None
     stop_reason: int | str | None = None
-    generator: Any = None  # torch.Generator for seeded sampling (engine side only)
+    seed: int | None = None  # the sequence's own seed (``sequence_seed``); None = unseeded
     wait_for: "Request | None" = None  # n > 1: start after this sibling's prompt is computed (prefix sharing)
-    kv_import: Any = None  # decode role: KV rows to write before the first step
+    kv_received: bool = False  # its first num_computed_tokens rows came from a prefill engine (blocks held)
     spec_token_ids: list[int] = dataclasses.field(default_factory=list)  # MTP drafts to verify next step
     num_draft_tokens: int = 0  # drafts verified so far
     num_accepted_tokens: int = 0  # of which accepted
@@ -85,8 +83,7 @@ class Request:
     @property
     def max_tokens(self) -> int:
         """Generated tokens allowed: max_tokens, bounded by the context length."""
-        room = self.max_model_len - self.num_prompt_tokens
-        return room if self.params.max_tokens is None else min(self.params.max_tokens, room)
+        return max_new_tokens(self.params.max_tokens, self.num_prompt_tokens, self.max_model_len)
 
     @property
     def finished(self) -> bool:

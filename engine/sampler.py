@@ -23,8 +23,10 @@ Processing order (as in vLLM):
 Sampling is an exponential race: ``argmax(probs / q)`` with ``q ~ Exp(1)``
 i.i.d. per vocab entry, which picks token ``i`` with probability
 ``probs[i] / sum(probs)``. A seeded row draws its ``[V]`` noise from its own
-generator, so its tokens do not depend on its batch companions or its row
-position; unseeded rows share the sampler's generator (or torch's default).
+generator, seeded by ``position_generator`` from the sequence's seed and the
+position being sampled: a seeded sequence's tokens depend on nothing else (not its
+batch companions, its row, a preemption, or which engine or rank continues it).
+Unseeded rows share the sampler's generator (or torch's default).
 
 Logprobs follow vLLM's default ("raw" logprobs): they are ``log_softmax`` of
 the model's logits *before* min_tokens masking, penalties, temperature and
@@ -52,6 +54,24 @@ GREEDY_EPS = 1e-5
 _TOP_P_WIDTH = 64
 
 
+_MASK64 = 2**64 - 1
+
+
+def position_seed(seed: int, position: int) -> int:
+    """A well-mixed 63-bit seed for sampling ``position`` of a sequence seeded with ``seed`` (splitmix64)."""
+    z = (seed + 0x9E3779B97F4A7C15 * (position + 1)) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) >> 1
+
+
+def position_generator(seed: int | None, position: int, device: torch.device | str) -> torch.Generator | None:
+    """The generator a seeded sequence samples ``position`` with; None for an unseeded one."""
+    if seed is None:
+        return None
+    return torch.Generator(device=device).manual_seed(position_seed(seed, position))
+
+
 @dataclasses.dataclass
 class SamplingRow:
     """What the sampler needs to know about one sequence of the batch.
@@ -64,7 +84,7 @@ class SamplingRow:
     prompt_token_ids: Sequence[int]
     output_token_ids: Sequence[int]
     eos_token_ids: Sequence[int] = ()
-    generator: torch.Generator | None = None  # set for requests with a seed
+    generator: torch.Generator | None = None  # seeded sequences: ``position_generator``
 
 
 @dataclasses.dataclass

@@ -3,6 +3,13 @@
 Torch-free: the API layer builds these from HTTP/gRPC requests. ``validate()``
 raises ``ValueError`` whose message starts with the offending parameter's name
 (the servers turn it into a 400 / INVALID_ARGUMENT naming ``param``).
+
+``SamplingParams`` is the user's intent and never changes once built (frozen). A
+sequence's *progress* — its completion index and the tokens it already generated
+somewhere else — travels beside it as a ``Continuation`` (the PD router resumes a
+sequence on another worker with one). Two rules live here and nowhere else:
+``sequence_seed`` (the seed of completion ``i`` of a seeded request) and
+``max_new_tokens`` (``max_tokens=None`` means the rest of the context).
 """
 
 from __future__ import annotations
@@ -22,7 +29,33 @@ class SamplingParamError(ValueError):
         self.param = param
 
 
-@dataclasses.dataclass
+def sequence_seed(seed: int | None, index: int) -> int | None:
+    """The seed of completion ``index`` of a request seeded with ``seed`` (index 0 keeps it)."""
+    return None if seed is None else (seed + index * 1_000_003) % 2**63
+
+
+def max_new_tokens(max_tokens: int | None, prompt_len: int, max_model_len: int) -> int:
+    """Tokens a sequence may generate: ``max_tokens`` bounded by the context (None = the rest of it)."""
+    room = max_model_len - prompt_len
+    return room if max_tokens is None else min(max_tokens, room)
+
+
+@dataclasses.dataclass(frozen=True)
+class Continuation:
+    """Where a sequence stands when it continues on another engine (a resume, or a KV hand-off).
+
+    ``output_token_ids`` were generated (and streamed) before: they count against
+    ``max_tokens``/``min_tokens`` and the penalties as output, the detokenizer replays them
+    so text split across the hand-over continues exactly, and they are not reported again.
+    Seeded sampling is a function of (seed, index, position), so no generator state travels.
+    """
+
+    index: int = 0  # completion index within the user request
+    output_token_ids: tuple[int, ...] = ()
+    cumulative_logprob: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
 class SamplingParams:
     n: int = 1
     temperature: float = 1.0  # 0 = greedy
@@ -42,15 +75,12 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
-    # Set by the PD router when it resumes a sequence on another worker: the last N prompt tokens
-    # were generated (and streamed) before, so text and stop strings continue across them.
-    resumed_output_tokens: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
-            self.stop = [self.stop]
+            object.__setattr__(self, "stop", [self.stop])
         if self.top_k == -1:
-            self.top_k = 0
+            object.__setattr__(self, "top_k", 0)
         self.validate()
 
     @property
@@ -95,8 +125,6 @@ class SamplingParams:
         check(isinstance(self.stop_token_ids, list) and all(is_int(t) and t >= 0 for t in self.stop_token_ids),
               "stop_token_ids", "must be a list of non-negative integers")
         check(isinstance(self.ignore_eos, bool), "ignore_eos", "must be a boolean")
-        check(is_int(self.resumed_output_tokens) and self.resumed_output_tokens >= 0, "resumed_output_tokens",
-              f"must be an integer >= 0, got {self.resumed_output_tokens!r}")
         for name in ("logprobs", "prompt_logprobs"):
             v = getattr(self, name)
             check(v is None or (is_int(v) and 0 <= v <= MAX_LOGPROBS), name,

@@ -15,6 +15,11 @@ Queues: ``waiting`` (FCFS, or by ``(priority, arrival)`` in priority mode) and
 A request samples a token in a step when that step brings it fully up to date.
 ``update()`` appends sampled tokens, applies token-level stops and frees the
 blocks of finished requests. Nothing here knows about prefill or decode phases.
+
+What the executor gets is ``SchedulerOutput.step``, a torch-free ``StepInput``
+(``engine.step``): the scheduler remembers how many tokens and blocks of each
+sequence the runners already know and sends only what is new; a sequence is sent
+whole the first time it is scheduled and again after a preemption.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from collections import deque
 
 from engine.kv_cache import KVCacheManager
 from engine.request import Request, RequestStatus
+from engine.step import KVSave, NewSequence, ScheduledSequence, StepInput, StepOutput
 
 
 @dataclasses.dataclass
@@ -54,6 +60,7 @@ class SchedulerOutput:
     scheduled: list[ScheduledRequest]
     preempted: list[Request]
     num_tokens: int
+    step: StepInput | None = None  # what the executor runs (None when nothing is scheduled)
 
     @property
     def empty(self) -> bool:
@@ -68,6 +75,11 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+        self.stream_kv = False  # prefill role with layer-wise KV streaming: save every computed position
+        self._synced: dict[str, tuple[int, int]] = {}  # seq id -> (tokens, blocks) the runners know
+        self._forget: list[str] = []  # sequences the runners may drop, sent with the next step
+        self._streamed: dict[str, int] = {}  # stream_kv: positions of a sequence already sent
+        self._step_id = 0
 
     # ---- queue management ---------------------------------------------------------
     def add(self, req: Request) -> None:
@@ -93,13 +105,23 @@ class Scheduler:
         if stop_reason is not None:
             req.stop_reason = stop_reason
         req.metrics.finished_time = time.time()
+        self._drop(req)
+
+    def hand_off(self, req: Request) -> None:
+        """Prefill role: the request's KV and first token went to a decode engine; it ends here."""
+        self.running.remove(req)
+        req.status = RequestStatus.HANDED_OFF
+        self._drop(req)
+
+    def _drop(self, req: Request) -> None:
         self.kv.free(req.request_id)
         self.requests.pop(req.request_id, None)
+        self._streamed.pop(req.request_id, None)
+        self._unsync(req)
 
-    def park(self, req: Request) -> None:
-        """Prefill role: stop scheduling the request but keep its blocks until its KV is exported."""
-        self.running.remove(req)
-        req.status = RequestStatus.PARKED
+    def _unsync(self, req: Request) -> None:
+        if self._synced.pop(req.request_id, None) is not None:
+            self._forget.append(req.request_id)
 
     @property
     def num_waiting(self) -> int:
@@ -141,7 +163,43 @@ class Scheduler:
 
         if not preempted:
             budget = self._admit(budget, scheduled)
-        return SchedulerOutput(scheduled, preempted, self.config.max_num_batched_tokens - budget)
+        out = SchedulerOutput(scheduled, preempted, self.config.max_num_batched_tokens - budget)
+        if scheduled:
+            out.step = self._step_input(scheduled)
+        return out
+
+    def _step_input(self, scheduled: list[ScheduledRequest]) -> StepInput:
+        """The torch-free message: per sequence, only what its runner does not know yet."""
+        seqs = []
+        for s in scheduled:
+            req = s.req
+            table = self.kv.block_table(req.request_id)
+            known = self._synced.get(req.request_id)
+            entry = ScheduledSequence(req.request_id, s.start, s.num_new_tokens, s.sample,
+                                      draft_token_ids=list(req.spec_token_ids) if s.num_draft_tokens else [])
+            if known is None:
+                entry.new = NewSequence(list(req.prompt_token_ids), list(req.output_token_ids), req.params,
+                                        req.eos_token_ids, req.seed, list(table))
+            else:
+                tokens, blocks = known
+                entry.new_token_ids = req.all_token_ids[tokens:]
+                entry.new_block_ids = table[blocks:]
+            self._synced[req.request_id] = (req.num_tokens, len(table))
+            seqs.append(entry)
+        self._step_id += 1
+        saves = self._kv_saves(scheduled) if self.stream_kv else []
+        forget, self._forget = self._forget, []
+        return StepInput(self._step_id, seqs, forget, saves)
+
+    def _kv_saves(self, scheduled: list[ScheduledRequest]) -> list[KVSave]:
+        """Every position computed so far and not yet sent (a recompute after preemption is not resent)."""
+        saves = []
+        for s in scheduled:
+            sent, end = self._streamed.get(s.req.request_id, 0), s.start + s.num_new_tokens
+            if end > sent:
+                saves.append(KVSave(s.req.request_id, sent, end - sent))
+                self._streamed[s.req.request_id] = end
+        return saves
 
     def _admit(self, budget: int, scheduled: list[ScheduledRequest]) -> int:
         skipped: list[Request] = []
@@ -150,7 +208,7 @@ class Scheduler:
             if req.wait_for is not None and not self._sibling_ready(req.wait_for):
                 skipped.append(self.waiting.popleft())
                 continue
-            if req.kv_import is None and req.num_computed_tokens == 0:
+            if req.num_computed_tokens == 0 and req.params.prompt_logprobs is None:  # (scores need every position)
                 req.num_computed_tokens = self.kv.match_prefix(req.request_id, req.all_token_ids)
                 req.metrics.num_cached_tokens = max(req.metrics.num_cached_tokens, req.num_computed_tokens)
             n = req.num_tokens - req.num_computed_tokens
@@ -185,9 +243,9 @@ class Scheduler:
             sibling.finished or sibling.num_computed_tokens >= sibling.num_prompt_tokens)
 
     def _release(self, req: Request) -> None:
-        """Undo an admission attempt that did not fit (prefix blocks returned)."""
-        self.kv.free(req.request_id)
-        if req.kv_import is None:
+        """Undo an admission attempt that did not fit (prefix blocks returned; received KV kept)."""
+        if not req.kv_received:
+            self.kv.free(req.request_id)
             req.num_computed_tokens = 0
 
     def _pick_victim(self) -> Request:
@@ -204,8 +262,9 @@ class Scheduler:
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
         self.kv.free(req.request_id)
+        self._unsync(req)
         req.num_computed_tokens = 0
-        req.kv_import = None  # recompute from tokens, like any preempted request
+        req.kv_received = False  # recompute from tokens, like any preempted request
         req.spec_token_ids = []
         req.status = RequestStatus.WAITING
         req.metrics.num_preemptions += 1
@@ -213,7 +272,7 @@ class Scheduler:
         self.waiting.appendleft(req)
 
     # ---- after the model ran ------------------------------------------------------------
-    def update(self, out: SchedulerOutput, model_out) -> list[Request]:
+    def update(self, out: SchedulerOutput, model_out: StepOutput) -> list[Request]:
         """Advance computed tokens, append sampled ones (accepted drafts + bonus), apply token stops.
 
         ``model_out`` carries, per request that sampled, its new tokens with their logprobs and
@@ -223,7 +282,11 @@ class Scheduler:
         updated: list[Request] = []
         for s in out.scheduled:
             req = s.req
-            req.kv_import = None
+            scored = model_out.prompt_logprobs.get(req.request_id)
+            if scored is not None:
+                if s.start == 0:
+                    req.prompt_logprobs = [None]
+                req.prompt_logprobs.extend(scored)
             if not s.sample:
                 req.num_computed_tokens += s.num_new_tokens
                 self.kv.commit_computed(req.request_id, req.all_token_ids, req.num_computed_tokens)
@@ -236,7 +299,7 @@ class Scheduler:
             req.spec_token_ids = []
             # positions < num_computed now hold the old tokens and the accepted drafts
             self.kv.commit_computed(req.request_id, req.all_token_ids + tokens[:accepted], req.num_computed_tokens)
-            for token, (lp, top) in zip(tokens, model_out.logprobs[req.request_id]):
+            for token, (lp, top) in zip(tokens, model_out.scores[req.request_id]):
                 if req.append_token(token, lp, top):
                     self.finish(req, req.finish_reason)
                     break

@@ -94,8 +94,9 @@ class MTPProposer:
         self.block_size = block_size
 
     def run(self, hidden: torch.Tensor, jobs: list[MTPJob], tables: list[list[int]], kv_caches,
-            device: torch.device) -> list[list[int]]:
-        """MTP rows for every job's positions; drafts (k tokens) for jobs with ``draft``, [] for others."""
+            device: torch.device, layer_done=None) -> list[list[int]]:
+        """MTP rows for every job's positions; drafts (k tokens) for jobs with ``draft``, [] for others.
+        ``layer_done(cache layer)`` is called once the MTP layer's rows of the jobs are written."""
         model = self.model
         ids = torch.tensor([t for j in jobs for t in j.next_ids], device=device)
         pos = torch.tensor([p for j in jobs for p in range(j.start, j.start + j.count)], device=device)
@@ -103,6 +104,8 @@ class MTPProposer:
         meta = AttentionMetadata.paged([j.count for j in jobs], [j.start + j.count for j in jobs], tables,
                                        self.block_size, kv_caches, device)
         mtp_h = model.mtp_forward(0, ids, h, pos, meta)  # [T, D]
+        if layer_done is not None:
+            layer_done(len(model.layers))
         drafting = [i for i, j in enumerate(jobs) if j.draft]
         drafts: list[list[int]] = [[] for _ in jobs]
         if not drafting:

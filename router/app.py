@@ -27,7 +27,8 @@ def build_router_app(client: PDClient, tokenizer, *, api_key: str | None = None,
 
     @app.get("/pools")
     async def pools() -> dict:
-        return {role: [{"name": w.name, "healthy": w.healthy, "last_error": w.last_error,
-                        "load": dataclasses.asdict(w.load)} for w in ws] for role, ws in client.workers.items()}
+        return {"max_model_len": client.pool_max_model_len,
+                **{role: [{"name": w.name, "healthy": w.healthy, "last_error": w.last_error,
+                           "load": dataclasses.asdict(w.load)} for w in ws] for role, ws in client.workers.items()}}
 
     return app

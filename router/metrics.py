@@ -4,9 +4,11 @@ Names (prefix ``pdserve_router_``):
 
 * ``stage_seconds{stage}`` histogram, stages in lifecycle order: ``queue`` (arrival →
   prefill call: decode reservation, worker choice), ``prefill`` (the prefill call:
-  prompt → first token → payload in the object store), ``transfer`` (decode worker
-  fetches the payload and imports it), ``decode`` (import → last token);
-* ``kv_transfer_bytes_total`` counter and ``kv_transfer_seconds`` histogram;
+  prompt → first token; the decode worker pulls the rows meanwhile), ``handoff``
+  (prompt done on the prefill worker → sequence running on the decode worker: the
+  rows not sent yet, the control message, joining the engine), ``decode`` (→ last token);
+* ``kv_transfer_bytes_total`` counter and ``kv_transfer_seconds`` histogram (first
+  pull → last piece, as the decode worker measured it);
 * ``retries_total{cause}``: ``prefill_lost`` (prefill worker died/unresponsive,
   request sent to another), ``decode_lost`` (decode worker died mid-stream, request
   resumed), ``transfer_<cause>`` (hand-off failed, prefilled again);

@@ -2,58 +2,57 @@
 
 States of a sequence, in order (the router is the single owner)::
 
-    queued → prefilling → transferring → decoding → finished | aborted | failed
+    queued → prefilling (+ transferring) → decoding → finished | aborted | failed
 
 * **queued**: pick a decode worker (``Policy.decode_order``: least KV in use + running)
-  and *reserve* its capacity for prompt + max tokens first (``DecodeWorker.reserve``),
-  so decode never runs out of blocks for a request already prefilled. No worker in
-  rotation → ``EngineError`` at once (HTTP 503); every reservation refused →
-  ``EngineOverloaded`` (429).
+  and *reserve* its capacity first (``reserve``: blocks for the rows to come, room up
+  to prompt + max tokens), so decode never runs out of blocks for a sequence already
+  prefilled. No worker in rotation → ``EngineError`` at once (HTTP 503); every
+  reservation refused → ``EngineOverloaded`` (429).
 * **prefilling**: pick a prefill worker (``Policy.pick_prefill``: least queued prompt
-  tokens, prefix affinity) and call ``prefill``. A worker that dies or does not answer
-  in ``prefill_timeout_s`` leaves rotation and the request goes to another one, up to
-  ``max_prefill_retries``. If the first token ends the request, it is sent and the
-  reservation dropped.
-* **transferring**: ``DecodeWorker.start_decode(rid, [ObjectRef])`` pulls the payload
-  from the object store (``deploy.kv_transfer``: pending → transferring → done |
-  failed, with a timeout). Failed → prefill again (counts as a prefill retry).
-* **decoding**: long-poll ``DecodeWorker.poll`` for deltas and stream them. The first
-  delta repeats the first token, so the decode stream alone is the whole output.
-  A decode worker that dies or stalls (no poll answer in ``poll_wait_s +
-  stall_timeout_s``) leaves rotation; the sequence *resumes*: prompt + tokens already
-  sent are prefilled again and decoded on another worker, up to ``max_resumes``;
-  then one clean ``EngineError``. The resumed leg's params carry ``resumed_output_tokens``
-  so its text (a character or stop string split across the resume point) continues exactly.
-  Greedy output is unchanged by a resume; a seeded
-  sampled one continues with a fresh generator state.
+  tokens, prefix affinity) and call ``prefill``; at the same time the decode worker's
+  ``start_decode(seq, source=<prefill worker>)`` pulls the latent rows as the prefill
+  worker puts them out (``deploy.kv_transfer``: all at once, or layer by layer while
+  it computes) and joins the sequence to its engine after the control message. When
+  no prefill worker is in rotation the request waits for one to come back (Ray
+  re-creates a dead worker) up to ``prefill_timeout_s``. A prefill worker that dies or
+  does not answer leaves rotation and the attempt starts again on another one (or
+  the re-created one), up to ``max_prefill_retries``; so does a failed transfer. If
+  the first token ends the request, it is sent and the decode side is released.
+* **decoding**: long-poll ``poll`` for deltas and stream them. The first delta repeats
+  the first token, so the decode stream alone is the whole output. A decode worker
+  that dies or stalls (no poll answer in ``poll_wait_s + stall_timeout_s``) leaves
+  rotation; the sequence *resumes* on another pair with a ``Continuation`` (the
+  tokens already streamed, beside the unchanged ``SamplingParams``), up to
+  ``max_resumes``; then one clean ``EngineError``. Greedy and seeded-sampled output
+  is unchanged by a resume (seeded sampling depends on seed, index and position only).
 * Every exit (finished, client gone → ``abort``/``aclose``, error) sends ``abort`` to
-  the workers that may still hold the sequence (its blocks or reservation are freed)
-  and is counted in ``RouterMetrics``.
+  the workers that may still hold the sequence (blocks, reservation, outbox) and is
+  counted in ``RouterMetrics``.
 
-``n > 1`` fans out at the router: n sequences ``<id>#i`` with seeds ``seed + i·1000003``
-(as one engine would), merged into one stream. A background health loop polls every
-worker's ``load()`` each ``health_interval_s``: a failure or timeout takes it out of
-rotation, an answer puts it back (re-resolving the named actor, so a re-created
-worker is found); a worker that restarted has its prefix-affinity entries dropped.
+``n > 1`` fans out here: n sequences ``<id>#i``, each continuing completion index i
+(so its seed is ``sequence_seed(seed, i)``, as one engine would use), merged into one
+stream. The context length is the smallest of the pools' (``max_model_len``); the
+API layer validates requests against it once. Workers and their health:
+``router.workers``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
 import logging
 import time
 from typing import Any, AsyncIterator
 
+from deploy.contract import NAMESPACE, PrefillResult, TransferReport
 from engine.outputs import EngineError, EngineOverloaded, EngineStats, GenerateRequest, RequestMetrics, RequestOutput
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import Continuation, SamplingParams, max_new_tokens
 from router.metrics import RouterMetrics
-from router.policy import Policy, PrefixAffinity, WorkerLoad
+from router.policy import Policy, PrefixAffinity
+from router.workers import Worker, WorkerLost, WorkerRegistry
 
 log = logging.getLogger("pdserve.router")
-
-NAMESPACE = "pdserve"
 
 
 @dataclasses.dataclass
@@ -61,7 +60,7 @@ class RouterConfig:
     poll_wait_s: float = 0.25  # a decode poll returns at the latest after this without news
     prefill_timeout_s: float = 120.0  # the prefill call, queueing on the worker included
     reserve_timeout_s: float = 5.0
-    transfer_timeout_s: float = 30.0  # the worker's own timeout; the router waits 5 s more
+    transfer_timeout_s: float = 30.0  # no KV news for this long fails a hand-off
     stall_timeout_s: float = 10.0  # a decode poll unanswered for poll_wait_s + this = worker lost
     health_interval_s: float = 1.0
     health_timeout_s: float = 3.0
@@ -76,34 +75,13 @@ class RouterConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
-@dataclasses.dataclass
-class Worker:
-    name: str
-    role: str
-    handle: Any = None
-    healthy: bool = False
-    load: WorkerLoad = None  # type: ignore[assignment]
-    started_at: float | None = None
-    last_error: str | None = None
-
-    def __post_init__(self) -> None:
-        self.load = self.load or WorkerLoad(self.name)
-
-
-class WorkerLost(Exception):
-    """A worker died, restarted or stopped answering during a call."""
-
-    def __init__(self, worker: Worker, cause: str):
-        super().__init__(f"{worker.name}: {cause}")
-        self.worker = worker
-
-
 class _Retry(Exception):
-    """The hand-off failed; prefill again."""
+    """This attempt failed before decoding started; reserve and prefill again."""
 
-    def __init__(self, cause: str):
+    def __init__(self, cause: str, lost: Worker | None = None):
         super().__init__(cause)
         self.cause = cause
+        self.lost = lost
 
 
 class PDClient:
@@ -112,105 +90,67 @@ class PDClient:
     def __init__(self, prefill: list[str], decode: list[str], config: RouterConfig | None = None,
                  namespace: str = NAMESPACE):
         self.config = config or RouterConfig()
-        self.namespace = namespace
-        self.workers = {"prefill": [Worker(n, "prefill") for n in prefill],
-                        "decode": [Worker(n, "decode") for n in decode]}
-        self.metrics = RouterMetrics(self.pool_health)
+        self.registry = WorkerRegistry({"prefill": prefill, "decode": decode}, namespace,
+                                       self.config.health_interval_s, self.config.health_timeout_s)
+        self.workers = self.registry.workers
+        self.metrics = RouterMetrics(self.registry.pool_health)
         self.policy: Policy | None = None
         self.model_name = ""
         self.max_model_len = 0
+        self.pool_max_model_len: dict[str, int] = {}
         self.eos_token_ids: list[int] = []
         self._active: dict[str, dict[str, list[Worker | None]]] = {}  # user rid -> seq rid -> [prefill, decode]
-        self._health_task: asyncio.Task | None = None
 
     # ---- lifecycle -------------------------------------------------------------------
     async def start(self) -> None:
-        """Resolve the workers, read the model's facts from one of them, start the health loop."""
-        await self.refresh()
-        for w in self.workers["decode"] + self.workers["prefill"]:
-            if w.healthy:
-                info = await asyncio.wait_for(w.handle.info.remote(), self.config.health_timeout_s)
-                break
-        else:
-            raise EngineError("no worker answered; start the pools first (pdserve up)")
-        self.model_name, self.max_model_len = info["model_name"], info["max_model_len"]
-        self.eos_token_ids = info["eos_token_ids"]
-        self.policy = Policy(PrefixAffinity(info["block_size"], self.config.affinity_entries),
+        """Resolve the workers, learn each pool's facts, start the health loop."""
+        await self.registry.refresh()
+        infos = {role: await self.registry.pool_info(role) for role in ("prefill", "decode")}
+        missing = [role for role, found in infos.items() if not found]
+        if missing:
+            raise EngineError(f"no {' or '.join(missing)} worker answered; start the pools first (pdserve up)")
+        for role, found in infos.items():
+            lengths = {i.max_model_len for i in found}
+            if len(lengths) > 1:
+                log.warning("%s workers disagree on max_model_len %s; using the smallest", role, sorted(lengths))
+            self.pool_max_model_len[role] = min(lengths)
+        info = infos["decode"][0]
+        self.model_name, self.eos_token_ids = info.model_name, info.eos_token_ids
+        self.max_model_len = min(self.pool_max_model_len.values())
+        block_size = infos["prefill"][0].block_size
+        self.policy = Policy(PrefixAffinity(block_size, self.config.affinity_entries),
                              self.config.affinity_slack_tokens)
-        self._health_task = asyncio.ensure_future(self._health_loop())
+        self.registry.on_restart = lambda w: self.policy.affinity.forget(w.name)
+        self.registry.start()
 
     async def shutdown(self) -> None:
-        if self._health_task is not None:
-            self._health_task.cancel()
-            await asyncio.gather(self._health_task, return_exceptions=True)
-            self._health_task = None
+        await self.registry.stop()
         for seqs in list(self._active.values()):
-            for seq_id, (prefill, decode) in seqs.items():
-                self._abort_on(prefill, seq_id)
-                self._abort_on(decode, seq_id)
-
-    # ---- health ------------------------------------------------------------------------
-    def pool_health(self) -> dict[str, tuple[int, int]]:
-        return {role: (len(ws), sum(w.healthy for w in ws)) for role, ws in self.workers.items()}
-
-    async def refresh(self) -> None:
-        """Probe every worker once (``load()``): in rotation if it answers, out otherwise."""
-        await asyncio.gather(*(self._probe(w) for ws in self.workers.values() for w in ws))
-
-    async def _health_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.health_interval_s)
-            try:
-                await self.refresh()
-            except Exception:  # never let the loop die; the next round tries again
-                log.exception("health round failed")
-
-    async def _probe(self, w: Worker) -> None:
-        import ray
-
-        try:
-            if w.handle is None:
-                loop = asyncio.get_running_loop()
-                w.handle = await loop.run_in_executor(
-                    None, functools.partial(ray.get_actor, w.name, namespace=self.namespace))
-            d = await asyncio.wait_for(w.handle.load.remote(), self.config.health_timeout_s)
-        except Exception as e:  # dead, restarting, unknown name, timeout: all mean "not now"
-            self._mark_down(w, f"{type(e).__name__}: {e}".splitlines()[0][:200])
-            return
-        if not d.get("alive", False):
-            self._mark_down(w, "its engine thread failed")
-            return
-        if w.started_at is not None and d["started_at"] != w.started_at and self.policy is not None:
-            self.policy.affinity.forget(w.name)  # a new incarnation: its prefix cache is empty
-        if not w.healthy:
-            log.info("%s is back in rotation", w.name)
-        w.started_at, w.load, w.healthy, w.last_error = d["started_at"], WorkerLoad.from_dict(d), True, None
-
-    def _mark_down(self, w: Worker, why: str) -> None:
-        if w.healthy:
-            log.warning("%s out of rotation: %s", w.name, why)
-        w.healthy, w.handle, w.last_error = False, None, why
-
-    def _healthy(self, role: str, exclude: set[str] = frozenset()) -> list[Worker]:
-        return [w for w in self.workers[role] if w.healthy and w.handle is not None and w.name not in exclude]
+            for seq_id, slot in seqs.items():
+                for w in slot:
+                    self.registry.abort_on(w, seq_id)
 
     # ---- EngineClient ----------------------------------------------------------------
     async def health(self) -> bool:
-        return bool(self._healthy("prefill")) and bool(self._healthy("decode"))
+        return bool(self.registry.healthy("prefill")) and bool(self.registry.healthy("decode"))
 
     def stats(self) -> EngineStats:
         s = EngineStats()
-        for w in (w for ws in self.workers.values() for w in ws if w.healthy):
+        for w in (w for w in self.registry.all() if w.healthy):
             s.num_running += w.load.num_running
             s.num_waiting += w.load.num_waiting
             s.kv_blocks_total += w.load.kv_blocks_total
             s.kv_blocks_used += w.load.kv_blocks_used
+            s.kv_blocks_reserved += w.load.kv_blocks_reserved
+            s.prefix_cache_queries += w.load.prefix_cache_queries
+            s.prefix_cache_hits += w.load.prefix_cache_hits
+            s.num_preemptions += w.load.num_preemptions
         return s
 
     async def abort(self, request_id: str) -> None:
-        for seq_id, (prefill, decode) in list(self._active.get(request_id, {}).items()):
-            self._abort_on(prefill, seq_id)
-            self._abort_on(decode, seq_id)
+        for seq_id, slot in list(self._active.get(request_id, {}).items()):
+            for w in slot:
+                self.registry.abort_on(w, seq_id)
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[RequestOutput]:
         if self.policy is None:
@@ -233,9 +173,8 @@ class PDClient:
         q: asyncio.Queue = asyncio.Queue()
 
         async def pump(i: int) -> None:
-            seed = None if sp.seed is None else (sp.seed + i * 1_000_003) % 2**63
             try:
-                async for out in self._sequence(request, f"{request.request_id}#{i}", sp.clone(n=1, seed=seed), i):
+                async for out in self._sequence(request, f"{request.request_id}#{i}", sp.clone(n=1), i):
                     await q.put(out)
             except BaseException as e:
                 await q.put(e)
@@ -255,7 +194,7 @@ class PDClient:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    # ---- one sequence: queued → prefilling → transferring → decoding ----------------------
+    # ---- one sequence --------------------------------------------------------------------
     async def _sequence(self, request: GenerateRequest, seq_id: str, params: SamplingParams,
                         index: int) -> AsyncIterator[RequestOutput]:
         cfg, m = self.config, self.metrics
@@ -263,54 +202,34 @@ class PDClient:
         metrics = RequestMetrics(arrival_time=time.time())
         arrival = time.monotonic()
         sent: list[int] = []
+        cumulative = 0.0
         slot: list[Worker | None] = [None, None]  # the workers that may hold this sequence: [prefill, decode]
         self._active[request.request_id][seq_id] = slot
-        prefill_failures = resumes = 0
+        tried: set[tuple[str, float]] = set()  # prefill incarnations that failed this sequence
+        failures = resumes = 0
         outcome = "aborted"
         try:
             while True:
-                leg_prompt = prompt + sent
-                leg_params = params if not sent else params.clone(
-                    max_tokens=None if params.max_tokens is None else params.max_tokens - len(sent),
-                    min_tokens=max(0, params.min_tokens - len(sent)), prompt_logprobs=None,
-                    resumed_output_tokens=len(sent))
-                budget = len(leg_prompt) + (leg_params.max_tokens or self.max_model_len - len(leg_prompt))
+                cont = Continuation(index, tuple(sent), cumulative)
                 try:
-                    # queued
-                    t0 = time.monotonic()
-                    slot[1] = await self._reserve_decode(seq_id, budget)
-                    # prefilling
+                    result = await self._prefill_and_transfer(seq_id, prompt, params, cont, slot, tried)
                     metrics.scheduled_time = metrics.scheduled_time or time.time()
-                    m.stage.labels("queue").observe(time.monotonic() - t0)
-                    t1 = time.monotonic()
-                    result = await self._prefill(seq_id, leg_prompt, leg_params, slot)
-                    m.stage.labels("prefill").observe(time.monotonic() - t1)
-                    if "output" in result:  # the first token ended it: no decode
-                        self._abort_on(slot[1], seq_id)
-                        slot[1] = None
-                        out = self._fix(result["output"], request, index, metrics, first_leg=not sent)
+                    if result.output is not None:  # the first token ended it: no decode
+                        out = self._fix(result.output, request, index, metrics, first_leg=not sent)
                         outcome = "finished"
                         yield out
                         return
-                    # transferring
-                    t2 = time.monotonic()
-                    report = await self._call(slot[1], slot[1].handle.start_decode.remote(seq_id, result["kv"]),
-                                              cfg.transfer_timeout_s + 5)
-                    del result  # our reference to the payload: the object store may free it now
-                    if report["state"] != "done":
-                        raise _Retry(f"transfer_{report['cause']}")
-                    m.stage.labels("transfer").observe(time.monotonic() - t2)
-                    m.transfer_bytes.inc(report["nbytes"])
-                    m.transfer_seconds.observe(report["seconds"])
                     # decoding
                     t3 = time.monotonic()
                     while True:
-                        out = await self._call(slot[1], slot[1].handle.poll.remote(seq_id, cfg.poll_wait_s),
-                                               cfg.poll_wait_s + cfg.stall_timeout_s)
+                        out = await self.registry.call(slot[1], slot[1].handle.poll.remote(seq_id, cfg.poll_wait_s),
+                                                       cfg.poll_wait_s + cfg.stall_timeout_s)
                         if out is None:
                             continue
                         out = self._fix(out, request, index, metrics, first_leg=not sent)
-                        sent.extend(t for c in out.outputs for t in c.token_ids)
+                        for c in out.outputs:
+                            sent.extend(c.token_ids)
+                            cumulative = c.cumulative_logprob if c.cumulative_logprob is not None else cumulative
                         if out.finished:
                             m.stage.labels("decode").observe(time.monotonic() - t3)
                             outcome = "finished"
@@ -319,19 +238,24 @@ class PDClient:
                             return
                         yield out
                 except _Retry as e:
-                    self._abort_on(slot[1], seq_id)
-                    prefill_failures += 1
-                    if prefill_failures > cfg.max_prefill_retries:
+                    for w in slot:
+                        self.registry.abort_on(w, seq_id)
+                    slot[0] = slot[1] = None
+                    if e.lost is not None:
+                        self.registry.mark_down(e.lost, e.cause)
+                        tried.add(e.lost.incarnation)
+                    failures += 1
+                    if failures > cfg.max_prefill_retries:
                         m.failures.labels("retries_exhausted").inc()
                         outcome = "failed"
-                        raise EngineError(f"{seq_id}: the KV hand-off failed {prefill_failures} times ({e.cause})")
+                        raise EngineError(f"{seq_id}: prefill and KV hand-off failed {failures} times "
+                                          f"(last: {e.cause})") from None
                     m.retries.labels(e.cause).inc()
-                except WorkerLost as e:
-                    if e.worker.role == "prefill":  # _prefill already retried elsewhere; nothing left
-                        outcome = "failed"
-                        raise EngineError(str(e)) from None
-                    self._mark_down(e.worker, str(e))
-                    self._abort_on(e.worker, seq_id)
+                    log.warning("%s: %s; trying again (%d/%d)", seq_id, e, failures, cfg.max_prefill_retries)
+                except WorkerLost as e:  # the decode worker, while decoding
+                    self.registry.mark_down(e.worker, str(e))
+                    self.registry.abort_on(e.worker, seq_id)
+                    slot[1] = None
                     resumes += 1
                     if resumes > cfg.max_resumes:
                         m.failures.labels("resumes_exhausted").inc()
@@ -345,10 +269,62 @@ class PDClient:
         finally:
             if outcome != "finished":
                 for w in slot:
-                    self._abort_on(w, seq_id)
+                    self.registry.abort_on(w, seq_id)
             m.requests.labels(outcome).inc()
             log.debug("%s %s in %.3f s (%d tokens, %d resumes)", seq_id, outcome, time.monotonic() - arrival,
                       len(sent), resumes)
+
+    async def _prefill_and_transfer(self, seq_id: str, prompt: list[int], params: SamplingParams,
+                                    cont: Continuation, slot: list[Worker | None],
+                                    tried: set[tuple[str, float]]) -> PrefillResult:
+        """queued → prefilling (+ the decode worker pulling the rows) → running on the decode worker.
+
+        Returns the prefill's result: ``output`` set when the first token ended the sequence.
+        Raises ``_Retry`` when this attempt failed in a way another attempt can fix."""
+        cfg, m = self.config, self.metrics
+        kv_tokens = len(prompt) + len(cont.output_token_ids)
+        total = len(prompt) + max_new_tokens(params.max_tokens, len(prompt), self.max_model_len)
+        t0 = time.monotonic()
+        decode = slot[1] = await self._reserve_decode(seq_id, kv_tokens, total)
+        prefill = slot[0] = await self._pick_prefill(seq_id, prompt + list(cont.output_token_ids), tried)
+        m.stage.labels("queue").observe(time.monotonic() - t0)
+        t1 = time.monotonic()
+        prefill.load.queued_prompt_tokens += kv_tokens
+        pulling = asyncio.ensure_future(self.registry.call(
+            decode, decode.handle.start_decode.remote(seq_id, prefill.name),
+            cfg.prefill_timeout_s + cfg.transfer_timeout_s + 5))
+        try:
+            try:
+                result: PrefillResult = await self.registry.call(
+                    prefill, prefill.handle.prefill.remote(seq_id, prompt, params, cont), cfg.prefill_timeout_s)
+            except WorkerLost as e:
+                raise _Retry("prefill_lost", lost=e.worker) from None
+            finally:
+                prefill.load.queued_prompt_tokens = max(0, prefill.load.queued_prompt_tokens - kv_tokens)
+            if result.aborted:
+                raise _Retry("prefill_aborted", lost=prefill)
+            self.policy.affinity.record(self.policy.affinity.hashes(prompt), prefill.name)
+            m.stage.labels("prefill").observe(time.monotonic() - t1)
+            if not result.handed_off:  # finished by its first token: release the decode side
+                self.registry.abort_on(decode, seq_id)
+                slot[:] = [None, None]
+                return result
+            slot[0] = None  # the prefill side holds nothing once its control message is out
+            try:
+                report: TransferReport = await pulling
+            except WorkerLost as e:
+                raise _Retry("decode_lost", lost=e.worker) from None
+            if report.state != "done":
+                log.warning("%s: KV hand-off %s -> %s failed: %s", seq_id, prefill.name, decode.name, report.message)
+                raise _Retry(f"transfer_{report.cause}")
+            m.stage.labels("handoff").observe(max(report.done_at - result.finished_at, 0.0))
+            m.transfer_bytes.inc(report.nbytes)
+            m.transfer_seconds.observe(report.seconds)
+            return result
+        finally:
+            if not pulling.done():
+                pulling.cancel()
+            await asyncio.gather(pulling, return_exceptions=True)
 
     def _fix(self, out: RequestOutput, request: GenerateRequest, index: int, metrics: RequestMetrics,
              first_leg: bool) -> RequestOutput:
@@ -358,17 +334,16 @@ class PDClient:
         metrics.last_token_time = now
         if out.finished:
             metrics.finished_time = now
+        if out.metrics is not None:
+            metrics.num_cached_tokens = max(metrics.num_cached_tokens, out.metrics.num_cached_tokens)
         for c in out.outputs:
             c.index = index
         return RequestOutput(request.request_id, request.prompt_token_ids, out.outputs, finished=out.finished,
                              prompt=request.prompt, prompt_logprobs=out.prompt_logprobs if first_leg else None,
                              metrics=dataclasses.replace(metrics))
 
-    async def _reserve_decode(self, seq_id: str, num_tokens: int) -> Worker:
-        if not self._healthy("prefill"):
-            self.metrics.failures.labels("no_prefill_worker").inc()
-            raise EngineError("no prefill worker is in rotation")
-        candidates = self._healthy("decode")
+    async def _reserve_decode(self, seq_id: str, num_kv_tokens: int, num_total_tokens: int) -> Worker:
+        candidates = self.registry.healthy("decode")
         if not candidates:
             self.metrics.failures.labels("no_decode_worker").inc()
             raise EngineError("no decode worker is in rotation")
@@ -376,9 +351,10 @@ class PDClient:
         for load in self.policy.decode_order(w.load for w in candidates):
             w = next(c for c in candidates if c.name == load.name)
             try:
-                ok = await self._call(w, w.handle.reserve.remote(seq_id, num_tokens), self.config.reserve_timeout_s)
+                ok = await self.registry.call(w, w.handle.reserve.remote(seq_id, num_kv_tokens, num_total_tokens),
+                                              self.config.reserve_timeout_s)
             except WorkerLost as e:
-                self._mark_down(w, str(e))
+                self.registry.mark_down(w, str(e))
                 continue
             if ok:
                 w.load.num_running += 1  # until the next health probe replaces the estimate
@@ -390,62 +366,14 @@ class PDClient:
         self.metrics.failures.labels("no_decode_worker").inc()
         raise EngineError("no decode worker answered")
 
-    async def _prefill(self, seq_id: str, prompt: list[int], params: SamplingParams,
-                       slot: list[Worker | None]) -> dict[str, Any]:
-        """Run the prompt on the best prefill worker; another one if it is lost (up to max_prefill_retries)."""
-        hashes = self.policy.affinity.hashes(prompt)
-        tried: set[str] = set()
-        while True:
-            pick = self.policy.pick_prefill(hashes, (w.load for w in self._healthy("prefill", tried)))
-            if pick is None:
-                cause = "retries_exhausted" if tried else "no_prefill_worker"
-                self.metrics.failures.labels(cause).inc()
-                raise EngineError(f"no prefill worker left for {seq_id}" + (f" (lost: {', '.join(sorted(tried))})"
-                                                                            if tried else ""))
-            w = next(x for x in self.workers["prefill"] if x.name == pick.name)
-            slot[0] = w
-            w.load.queued_prompt_tokens += len(prompt)
-            try:
-                result = await self._call(w, w.handle.prefill.remote(seq_id, prompt, params),
-                                          self.config.prefill_timeout_s)
-            except WorkerLost as e:
-                self._mark_down(w, str(e))
-                self._abort_on(w, seq_id)
-                tried.add(w.name)
-                if len(tried) > self.config.max_prefill_retries:
-                    self.metrics.failures.labels("retries_exhausted").inc()
-                    raise EngineError(f"{seq_id}: prefill failed on {', '.join(sorted(tried))}") from None
-                self.metrics.retries.labels("prefill_lost").inc()
-                continue
-            finally:
-                w.load.queued_prompt_tokens = max(0, w.load.queued_prompt_tokens - len(prompt))
-            slot[0] = None  # exported or finished: nothing left on the prefill side
-            if result.get("aborted"):
-                raise WorkerLost(w, "the prefill worker aborted the request")
-            self.policy.affinity.record(hashes, w.name)
-            return result
-
-    async def _call(self, w: Worker, ref: Any, timeout: float) -> Any:
-        """Await one actor call; lost worker / timeout → ``WorkerLost``; the worker's request errors re-raised."""
-        import ray.exceptions as rex
-
-        try:
-            return await asyncio.wait_for(ref, timeout)
-        except asyncio.TimeoutError:
-            raise WorkerLost(w, f"no answer within {timeout:g} s") from None
-        except rex.RayTaskError as e:
-            cause = e.cause if e.cause is not None else e
-            if isinstance(cause, ValueError):  # the engine rejected the request (a 400 for the client)
-                raise cause from None
-            raise WorkerLost(w, f"{type(cause).__name__}: {cause}") from None
-        except rex.RayError as e:  # actor died / unavailable, object lost
-            raise WorkerLost(w, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
-
-    def _abort_on(self, w: Worker | None, *seq_ids: str) -> None:
-        if w is None or w.handle is None:
-            return
-        for seq_id in seq_ids:
-            try:
-                w.handle.abort.remote(seq_id)
-            except Exception:  # the worker is gone: it holds nothing any more
-                log.debug("abort of %s on %s not delivered", seq_id, w.name)
+    async def _pick_prefill(self, seq_id: str, tokens: list[int], tried: set[tuple[str, float]]) -> Worker:
+        """The policy's prefill worker; when none is in rotation (but the ones that failed this
+        sequence), wait for one to come back, up to the prefill timeout."""
+        candidates = await self.registry.wait_for("prefill", tried, self.config.prefill_timeout_s)
+        if not candidates:
+            cause = "retries_exhausted" if tried else "no_prefill_worker"
+            self.metrics.failures.labels(cause).inc()
+            raise EngineError(f"no prefill worker came into rotation within {self.config.prefill_timeout_s:g} s "
+                              f"for {seq_id}")
+        pick = self.policy.pick_prefill(self.policy.affinity.hashes(tokens), (w.load for w in candidates))
+        return next(w for w in candidates if w.name == pick.name)

@@ -13,37 +13,18 @@ DeepSeek's balancing objectives, over the workers currently in rotation:
   that order; ``decode_order`` gives the whole ranking, so the router can fall
   back to the next worker when a reservation is refused.
 
-Ties break by name, so a given state always yields the same choice. Loads come
-from the workers' ``load()`` (refreshed by the router's health loop and after each
-dispatch), so they are estimates; the router corrects them locally as it dispatches.
+Ties break by name, so a given state always yields the same choice. Loads are the
+workers' ``WorkerLoad`` (``deploy.contract``; refreshed by the router's health loop),
+so they are estimates; the router corrects them locally as it dispatches.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections import OrderedDict
 from typing import Iterable
 
+from deploy.contract import WorkerLoad
 from engine.kv_cache import block_hashes
-
-
-@dataclasses.dataclass
-class WorkerLoad:
-    name: str
-    queued_prompt_tokens: int = 0
-    num_running: int = 0
-    num_waiting: int = 0
-    kv_blocks_used: int = 0
-    kv_blocks_reserved: int = 0
-    kv_blocks_total: int = 0
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "WorkerLoad":
-        return cls(**{f.name: d.get(f.name, 0) for f in dataclasses.fields(cls)})
-
-    @property
-    def kv_fraction(self) -> float:
-        return (self.kv_blocks_used + self.kv_blocks_reserved) / self.kv_blocks_total if self.kv_blocks_total else 0.0
 
 
 class PrefixAffinity:

@@ -16,6 +16,9 @@ import torch
 from engine import LLM, SamplingParams
 from engine.engine import LLMEngine
 from engine.args import EngineArgs
+from engine.outputs import RequestOutput
+from engine.sampling_params import Continuation
+from handoff import prefill_then_decode
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
 
@@ -27,6 +30,15 @@ def _prompts(n: int, vocab: int, seed: int = 0, lo: int = 3, hi: int = 150) -> l
 
 def _tokens(outs) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in outs]
+
+
+def _run(engine: LLMEngine) -> dict[str, RequestOutput]:
+    """Step until idle; every request's deltas merged."""
+    got: dict[str, RequestOutput] = {}
+    while engine.has_unfinished():
+        for delta in engine.step():
+            got.setdefault(delta.request_id, RequestOutput(delta.request_id, delta.prompt_token_ids, [])).merge(delta)
+    return got
 
 
 @pytest.fixture(scope="module")
@@ -75,15 +87,45 @@ def test_prefill_decode_handoff_equals_alone(tiny_checkpoint, prompts, alone):
     payloads = [prefill.export_kv(f"r{i}") for i in range(6)]
     assert prefill.kv.num_used_blocks == 0
     for payload in payloads:
-        assert payload.num_tokens == len(payload.prompt_token_ids)
-        assert payload.num_layers == prefill.runner.model.num_cache_layers
-        decode.add_request(payload.request_id, payload.prompt_token_ids, payload.params, kv=payload)
-    got: dict[str, list[int]] = {}
-    while decode.has_unfinished():
-        for out in decode.step():
-            got.setdefault(out.request_id, []).extend(out.outputs[0].token_ids)
+        c = payload.control
+        assert c.num_tokens == len(c.prompt_token_ids) == sum(p.num_tokens for p in payload.pieces)
+        assert c.num_layers == prefill.config.num_hidden_layers  # no MTP drafting: no MTP rows
+        decode.add_request(c.seq_id, c.prompt_token_ids, c.params, kv=payload)
+    got = {rid: out.outputs[0].token_ids for rid, out in _run(decode).items()}
     assert [got[f"r{i}"] for i in range(6)] == alone[:6]
     assert decode.kv.num_used_blocks == 0
+
+
+@pytest.mark.parametrize("mode", ["whole", "layerwise"])
+def test_handoff_modes_with_chunked_prefill_and_prefix_hits(tiny_checkpoint, prompts, alone, mode):
+    """Both transfer modes, chunked prompts, a second round served from the prefill's prefix cache
+    (its cached rows must travel too), and a decode engine with another block size."""
+    prefill = LLMEngine(EngineArgs(model=tiny_checkpoint, dtype="float32", role="prefill", kv_transfer=mode,
+                                   max_num_batched_tokens=48, block_size=16))
+    decode = LLMEngine(EngineArgs(model=tiny_checkpoint, dtype="float32", role="decode", block_size=32))
+    long = [i for i, p in enumerate(prompts) if len(p) > 60][:3]
+    for round_ in ("a", "b"):
+        payloads: list = []
+        got = prefill_then_decode(prefill, decode, {f"{round_}{i}": (prompts[i], GREEDY) for i in long},
+                                  payloads=payloads)
+        assert [got[f"{round_}{i}"] for i in long] == [alone[i] for i in long]
+        layers = prefill.executor.num_computed_layers  # no MTP drafting: the MTP layer's rows stay home
+        assert layers == prefill.config.num_hidden_layers
+        for payload in payloads:
+            covered = sorted((p.first_layer + j, p.start + t) for p in payload.pieces
+                             for j in range(p.num_layers) for t in range(p.num_tokens))
+            assert covered == [(j, t) for j in range(layers) for t in range(payload.control.num_tokens)]
+            if mode == "whole":
+                assert len(payload.pieces) == 1
+            elif round_ == "a":  # one piece per layer per chunk (prompts > 48 tokens: two chunks at least)
+                assert len(payload.pieces) >= layers * 2 and all(p.num_layers == 1 for p in payload.pieces)
+            else:  # the prefix-cache hit goes at once, every layer; the computed tail layer by layer
+                first = payload.pieces[0]
+                assert first.num_layers == layers and first.start == 0 and first.num_tokens >= 48
+                assert len(payload.pieces) >= 1 + layers
+    assert prefill.kv.prefix_hits > 0
+    assert prefill.kv.num_used_blocks == 0 and decode.kv.num_used_blocks == 0
+    assert prefill.connector.outbox.nbytes == 0
 
 
 def test_matches_transformers_generate(tiny_checkpoint, prompts, alone):
@@ -204,9 +246,28 @@ def test_resumed_request_text_continues_across_the_resume_point(llm, prompts):
     full = llm.generate([p], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))[0].outputs[0]
     for cut in (1, 7, 13):
         first = llm.generate([p], SamplingParams(temperature=0, max_tokens=cut, ignore_eos=True))[0].outputs[0]
-        rest = llm.generate([p + first.token_ids], SamplingParams(
-            temperature=0, max_tokens=24 - cut, ignore_eos=True, resumed_output_tokens=cut))[0].outputs[0]
+        rid = f"resume-{cut}"
+        llm.engine.add_request(rid, p, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True),
+                               continuation=Continuation(output_token_ids=tuple(first.token_ids)))
+        rest = _run(llm.engine)[rid].outputs[0]
         assert first.token_ids + rest.token_ids == full.token_ids
         # the first leg flushes what it held back at its end; the resumed leg must not repeat it
         assert full.text.startswith(first.text.rstrip("\ufffd")) and full.text.endswith(rest.text)
         assert len(first.text.rstrip("\ufffd")) + len(rest.text) >= len(full.text) - 1
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=0.9, top_k=20, seed=7, max_tokens=24, ignore_eos=True),
+                                    SamplingParams(temperature=0.8, seed=3, n=3, max_tokens=16, ignore_eos=True)])
+def test_seeded_sequence_continued_elsewhere_is_unchanged(llm, prompts, params):
+    """Seeded sampling depends on (seed, completion index, position) only: a sequence cut after k tokens
+    and continued (another engine, a resume) produces exactly the tokens it would have."""
+    p = prompts[5][:40]
+    full = llm.generate([p], params)[0].outputs
+    for c in full:
+        for cut in (1, 9):
+            rid = f"seeded-{c.index}-{cut}"
+            llm.engine.add_request(rid, p, params.clone(n=1), continuation=Continuation(
+                index=c.index, output_token_ids=tuple(c.token_ids[:cut])))
+            rest = _run(llm.engine)[rid].outputs[0]
+            assert c.token_ids[:cut] + rest.token_ids == c.token_ids
+    assert llm.engine.kv.num_used_blocks == 0

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from engine.args import EngineArgs
-from engine.kv_transfer import KVPayload
+from engine.kv_connector import KVPiece
 from engine.llm import LLM
 from engine.model.config import ModelConfig
 from engine.model.kv_cache_fp8 import (
@@ -21,6 +21,7 @@ from engine.model.kv_cache_fp8 import (
     write_rows,
 )
 from engine.sampling_params import SamplingParams
+from handoff import prefill_then_decode
 
 GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
 
@@ -123,25 +124,23 @@ def test_kv_payload_carries_packed_bytes_and_converts(small_ckpt):
     g = torch.Generator().manual_seed(4)
     rows = torch.randn(layers, n, cfg.kv_cache_width, generator=g).to(torch.bfloat16)
     table = [2, 5]
-    plain_runner.import_kv(table, rows)
-    fp8_runner.import_kv(table, rows)  # bf16 payload into an FP8 cache: packed on arrival
-    packed = fp8_runner.export_kv(table, n)
-    assert packed.dtype == torch.uint8 and packed.shape == (layers, n, 328)
-    assert payload_width_ok(packed, cfg.kv_lora_rank, cfg.qk_rope_head_dim)
+    piece = KVPiece.from_rows("r", 0, 0, rows)
+    plain_runner.kv_worker.write(table, piece)
+    fp8_runner.kv_worker.write(table, piece)  # bf16 rows into an FP8 cache: packed on arrival
+    packed = fp8_runner.kv_worker.read("r", table, 0, n, range(layers))
+    assert packed.rows_dtype == "uint8" and packed.rows.shape == (layers, n, 328)
+    assert payload_width_ok(packed.rows, cfg.kv_lora_rank, cfg.qk_rope_head_dim)
     assert payload_width_ok(rows, cfg.kv_lora_rank, cfg.qk_rope_head_dim)
-    # the payload pickles (fp8 tensors cannot) and restores the same bytes
-    payload = KVPayload(request_id="r", prompt_token_ids=[1] * n, output_token_ids=[], output_logprobs=[],
-                        cumulative_logprob=0.0, params=GREEDY, rows_bytes=packed.view(torch.uint8),
-                        rows_dtype="uint8", generator_state=None)
-    moved = pickle.loads(pickle.dumps(payload))
-    assert moved.nbytes == layers * n * 328  # 57% of the bf16 payload
+    # the piece pickles (fp8 tensors cannot) and restores the same bytes
+    moved = pickle.loads(pickle.dumps(packed))
+    assert moved.nbytes == layers * n * 328  # 57% of the bf16 rows
     other = LLM(small_ckpt, kv_cache_dtype="fp8", num_kv_blocks=8, block_size=16).engine.runner
-    other.import_kv([7, 1], moved.rows)
-    assert torch.equal(other.export_kv([7, 1], n), packed)  # FP8 -> FP8: bytes unchanged
-    plain_runner.import_kv([0, 3], moved.rows)  # FP8 payload into a bf16 cache: unpacked
-    assert torch.equal(plain_runner.export_kv([0, 3], n), convert_rows(packed, cfg.kv_lora_rank,
-                                                                         plain_runner.kv_caches[0]))
-    assert (plain_runner.export_kv([0, 3], n).float() - rows.float()).abs().max() < 0.07 * rows.float().abs().max()
+    other.kv_worker.write([7, 1], moved)
+    assert torch.equal(other.kv_worker.read("r", [7, 1], 0, n, range(layers)).rows, packed.rows)  # FP8 -> FP8: bytes unchanged
+    plain_runner.kv_worker.write([0, 3], moved)  # FP8 rows into a bf16 cache: unpacked
+    unpacked = plain_runner.kv_worker.read("r", [0, 3], 0, n, range(layers)).rows
+    assert torch.equal(unpacked, convert_rows(packed.rows, cfg.kv_lora_rank, plain_runner.kv_caches[0]))
+    assert (unpacked.float() - rows.float()).abs().max() < 0.07 * rows.float().abs().max()
 
 
 def test_engine_handoff_with_fp8_cache_equals_single_fp8_engine(small_ckpt):
@@ -154,18 +153,7 @@ def test_engine_handoff_with_fp8_cache_equals_single_fp8_engine(small_ckpt):
     common = dict(model=small_ckpt, kv_cache_dtype="fp8")
     prefill = LLMEngine(EngineArgs(role="prefill", **common))
     decode = LLMEngine(EngineArgs(role="decode", **common))
-    for i, p in enumerate(prompts):
-        prefill.add_request(f"r{i}", p, GREEDY)
-    while prefill.has_unfinished():
-        prefill.step()
-    for i in range(len(prompts)):
-        payload = pickle.loads(pickle.dumps(prefill.export_kv(f"r{i}")))
-        assert payload.rows_bytes.dtype == torch.uint8
-        decode.add_request(payload.request_id, payload.prompt_token_ids, payload.params, kv=payload)
-    got: dict[str, list[int]] = {}
-    while decode.has_unfinished():
-        for out in decode.step():
-            got.setdefault(out.request_id, []).extend(out.outputs[0].token_ids)
+    got = prefill_then_decode(prefill, decode, {f"r{i}": (p, GREEDY) for i, p in enumerate(prompts)})
     assert [got[f"r{i}"] for i in range(len(prompts))] == want
     assert prefill.kv.num_used_blocks == 0 and decode.kv.num_used_blocks == 0
 

@@ -8,11 +8,13 @@ import os
 import pytest
 import torch
 
-from deploy.config import ConfigError, load_config, parse_config
+from deploy.config import DeployConfigError, load_deploy_config, parse_config
+from deploy.contract import KVPull, WorkerLoad
 from deploy.kv_transfer import Transfer, TransferFailed, TransferState
-from engine.kv_transfer import KVPayload
+from engine.kv_connector import KVPiece
+from engine.outputs import KVControl
 from engine.sampling_params import SamplingParams
-from router.policy import Policy, PrefixAffinity, WorkerLoad
+from router.policy import Policy, PrefixAffinity
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -58,60 +60,94 @@ def test_decode_least_kv_then_running():
     assert [w.name for w in p.decode_order(loads)] == ["decode-2", "decode-0", "decode-1"]
     assert p.pick_decode(loads).name == "decode-2"
     assert p.pick_decode([]) is None
-    assert WorkerLoad.from_dict({"name": "x", "num_running": 2, "alive": True}).num_running == 2
 
 
 # ---- the transfer state machine ---------------------------------------------------------
-def _payload(dtype=torch.bfloat16) -> KVPayload:
-    rows = torch.randn(3, 5, 8).to(dtype)
-    return KVPayload("r", [1, 2, 3, 4, 5], [7], [], -0.5, SamplingParams(max_tokens=4),
-                     rows.contiguous().view(torch.uint8), str(dtype).removeprefix("torch."), None)
+def _control(num_tokens: int = 5) -> KVControl:
+    return KVControl("r", list(range(1, num_tokens + 1)), SamplingParams(max_tokens=4), 0, [7], [None], -0.5, None,
+                     num_tokens, 3, 0)
 
 
-class FakeTransport:
-    def __init__(self, result=None, delay=0.0, error: Exception | None = None):
-        self.result, self.delay, self.error = result, delay, error
-        self.fetched = []
+class FakeSource:
+    """Answers pulls from a script: each entry is a KVPull, an exception, or a delay in seconds (then empty)."""
 
-    async def fetch(self, handle):
-        self.fetched.append(handle)
-        await asyncio.sleep(self.delay)
+    def __init__(self, script: list):
+        self.script = list(script)
+        self.cursors: list[int] = []
+
+    async def pull(self, seq_id, cursor, wait_s):
+        self.cursors.append(cursor)
+        step = self.script.pop(0) if self.script else 10.0
+        if isinstance(step, Exception):
+            raise step
+        if isinstance(step, float):
+            await asyncio.sleep(min(step, wait_s))
+            return KVPull([])
+        return step
+
+
+class Sink:
+    def __init__(self, error: Exception | None = None):
+        self.loaded: list[KVPiece] = []
+        self.error = error
+
+    async def load_kv(self, seq_id, piece):
         if self.error is not None:
             raise self.error
-        return self.result
+        self.loaded.append(piece)
 
 
-def test_transfer_done_records_bytes_and_fp8_roundtrip():
-    payload = _payload(torch.float8_e4m3fn)
-    t = Transfer("r", "handle", FakeTransport(payload), timeout_s=1.0)
+def _piece(layer: int, dtype=torch.bfloat16) -> KVPiece:
+    return KVPiece.from_rows("r", layer, 0, torch.randn(1, 5, 8).to(dtype))
+
+
+def test_transfer_layer_by_layer_then_control_with_fp8_bytes():
+    pieces = [_piece(i, torch.float8_e4m3fn) for i in range(3)]
+    source = FakeSource([0.01, KVPull(pieces[:1]), KVPull(pieces[1:]), KVPull([], _control())])
+    t = Transfer("r", source, timeout_s=1.0, pending_timeout_s=1.0)
     assert t.state is TransferState.PENDING
-    got = asyncio.run(t.run())
-    assert t.state is TransferState.DONE and t.handle is None
-    assert t.nbytes == 3 * 5 * 8 and got.rows.dtype == torch.float8_e4m3fn
-    assert t.report()["state"] == "done"
+    sink = Sink()
+    control = asyncio.run(t.run(sink))
+    assert t.state is TransferState.DONE and control.num_tokens == 5
+    assert [p.first_layer for p in sink.loaded] == [0, 1, 2] and sink.loaded[0].rows.dtype == torch.float8_e4m3fn
+    assert source.cursors == [0, 0, 1, 3]  # each pull asks for what it has not seen
+    report = t.report()
+    assert (report.state, report.nbytes, report.num_pieces) == ("done", 3 * 5 * 8, 3)
     with pytest.raises(RuntimeError, match="already done"):
-        asyncio.run(t.run())
+        asyncio.run(t.run(sink))
 
 
-@pytest.mark.parametrize("transport, cause", [
-    (FakeTransport(delay=0.5), "timeout"),
-    (FakeTransport(error=RuntimeError("owner died")), "lost"),
-    (FakeTransport(result="not a payload"), "invalid"),
+@pytest.mark.parametrize("script, sink_error, cause", [
+    ([], None, "timeout"),  # nothing ever comes: the pending wait runs out
+    ([KVPull([_piece(0)])], None, "timeout"),  # a piece, then silence: the transfer wait runs out
+    ([RuntimeError("owner died")], None, "lost"),
+    (["not a pull"], None, "invalid"),
+    ([KVPull([_piece(0)])], ValueError("kv: piece outside the reservation"), "invalid"),
 ])
-def test_transfer_failures(transport, cause):
-    t = Transfer("r", "h", transport, timeout_s=0.05)
+def test_transfer_failures(script, sink_error, cause, monkeypatch):
+    monkeypatch.setattr(Transfer, "POLL_S", 0.02)
+    t = Transfer("r", FakeSource(script), timeout_s=0.1, pending_timeout_s=0.15)
     with pytest.raises(TransferFailed) as e:
-        asyncio.run(t.run())
-    assert t.state is TransferState.FAILED and t.cause == cause == e.value.cause and t.handle is None
-    assert t.report() == {"state": "failed", "cause": cause, "nbytes": 0, "seconds": t.seconds}
+        asyncio.run(t.run(Sink(sink_error)))
+    assert t.state is TransferState.FAILED and t.cause == cause == e.value.cause
+    assert t.report().state == "failed" and t.report().cause == cause
+
+
+def test_worker_implements_the_contract():
+    from deploy.contract import WORKER_METHODS
+    from deploy.worker import EngineWorker
+
+    assert {"prefill", "pull_kv", "reserve", "start_decode", "poll", "abort", "info", "load"} <= set(WORKER_METHODS)
+    for name in WORKER_METHODS:
+        assert callable(getattr(EngineWorker, name, None)), name
 
 
 # ---- the deployment file --------------------------------------------------------------------
 def test_examples_parse():
-    local = load_config(os.path.join(ROOT, "deploy/examples/local-cpu.yaml"))
+    local = load_deploy_config(os.path.join(ROOT, "deploy/examples/local-cpu.yaml"))
     assert local.pools["prefill"].instances == 1 and local.pools["decode"].instances == 2
     assert local.engine_args("decode")["role"] == "decode"
-    v3 = load_config(os.path.join(ROOT, "deploy/examples/deepseek-v3.yaml"))
+    v3 = load_deploy_config(os.path.join(ROOT, "deploy/examples/deepseek-v3.yaml"))
     pre, dec = v3.pools["prefill"].parallel, v3.pools["decode"].parallel
     assert (pre.tp, pre.sp, pre.dp, pre.ep, pre.num_redundant_experts, pre.ranks) == (4, True, 8, 32, 32, 32)
     assert (dec.tp, dec.dp, dec.ep, dec.ranks) == (4, 80, 320, 320)
@@ -137,14 +173,14 @@ def _cfg(**pool_changes):
     ({**_cfg(), "router": {"prt": 1}}, "router.prt: unknown key"),
 ])
 def test_config_rejects(raw, match):
-    with pytest.raises(ConfigError, match=match):
+    with pytest.raises(DeployConfigError, match=match):
         parse_config(raw)
 
 
 def test_expert_divisibility_checked_against_the_model(tiny_checkpoint):
     ok = {"tp": 2, "dp": 2, "ep": 4, "num_redundant_experts": 4}  # tiny: 8 routed experts + 4 = 12 over 4 ranks
     parse_config({"model": tiny_checkpoint, "pools": {"prefill": {"parallel": ok}, "decode": {}}})
-    with pytest.raises(ConfigError, match="do not divide evenly"):
+    with pytest.raises(DeployConfigError, match="do not divide evenly"):
         parse_config({"model": tiny_checkpoint,
                       "pools": {"prefill": {"parallel": {**ok, "num_redundant_experts": 3}}, "decode": {}}})
 

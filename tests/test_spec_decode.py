@@ -18,6 +18,7 @@ from engine.args import EngineArgs
 from engine.engine import LLMEngine
 from engine.sampler import SamplingRow
 from engine.spec_decode import VerifyGroup, verify
+from handoff import prefill_then_decode
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
 
@@ -78,21 +79,12 @@ def test_greedy_identical_with_chunking_prefix_cache_stops_and_n(tiny_checkpoint
     assert spec.engine.kv.num_used_blocks == 0
 
 
-def test_greedy_identical_through_kv_handoff(tiny_checkpoint, prompts, reference):
+@pytest.mark.parametrize("mode", ["whole", "layerwise"])
+def test_greedy_identical_through_kv_handoff(tiny_checkpoint, prompts, reference, mode):
     args = dict(model=tiny_checkpoint, dtype="float32", speculative="mtp", num_speculative_tokens=2)
-    prefill = LLMEngine(EngineArgs(role="prefill", **args))
+    prefill = LLMEngine(EngineArgs(role="prefill", kv_transfer=mode, **args))
     decode = LLMEngine(EngineArgs(role="decode", **args))
-    for i, p in enumerate(prompts[:6]):
-        prefill.add_request(f"r{i}", p, GREEDY)
-    while prefill.has_unfinished():
-        prefill.step()
-    for i in range(6):
-        payload = prefill.export_kv(f"r{i}")
-        decode.add_request(payload.request_id, payload.prompt_token_ids, payload.params, kv=payload)
-    got: dict[str, list[int]] = {}
-    while decode.has_unfinished():
-        for out in decode.step():
-            got.setdefault(out.request_id, []).extend(out.outputs[0].token_ids)
+    got = prefill_then_decode(prefill, decode, {f"r{i}": (p, GREEDY) for i, p in enumerate(prompts[:6])})
     assert [got[f"r{i}"] for i in range(6)] == reference[:6]
     assert decode.stats().spec_drafts > 0
     assert prefill.kv.num_used_blocks == 0 and decode.kv.num_used_blocks == 0

@@ -24,6 +24,7 @@ sequence, where their rows go, and which rows each sequence attends to.
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +65,8 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor | None  # [T] rows the step's new tokens are written to; None = no cache
     kv_caches: list[torch.Tensor] | None  # per layer index (MTP layers after the main ones)
     prefill_mode: str = "naive"  # "naive" | "absorbed"
+    # called with a cache layer's index once the model is done with that layer (KV streaming)
+    layer_done: Callable[[int], None] | None = None
 
     @classmethod
     def no_cache(cls, seq_lens: list[int], prefill_mode: str = "naive") -> "AttentionMetadata":
@@ -85,6 +88,7 @@ class AttentionMetadata:
         kv_caches: list[torch.Tensor],
         device: torch.device,
         prefill_mode: str = "naive",
+        layer_done: Callable[[int], None] | None = None,
     ) -> "AttentionMetadata":
         """A step over the paged cache: sequence i has query_lens[i] new tokens ending its context_lens[i]."""
         b = len(query_lens)
@@ -120,7 +124,7 @@ class AttentionMetadata:
             decode = DecodeBatch(token_index.to(device), query_valid.to(device), slots[idx, :dmax].to(device),
                                  key_mask.to(device))
         return cls(num_tokens=int(q.sum()), spans=spans, decode=decode, slot_mapping=slot_mapping.to(device),
-                   kv_caches=kv_caches, prefill_mode=prefill_mode)
+                   kv_caches=kv_caches, prefill_mode=prefill_mode, layer_done=layer_done)
 
 
 @dataclasses.dataclass

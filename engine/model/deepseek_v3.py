@@ -195,8 +195,10 @@ class DeepseekV3ForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         x = self.embed_tokens(input_ids)  # [T, D]
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
             x = layer(x, positions, meta)
+            if meta.layer_done is not None:
+                meta.layer_done(i)
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -66,14 +66,14 @@ def register(subparsers: Any) -> None:
 
 # ---- up --------------------------------------------------------------------------------
 def run_up(ns: argparse.Namespace) -> int:
-    from deploy.config import ConfigError, load_config
+    from deploy.config import DeployConfigError, load_deploy_config
     from deploy.pool import Pool
     from serving.commands.serve import _bind, _configure_logging, _load_tokenizer
 
     _configure_logging(ns.log_level)
     try:
-        cfg = load_config(ns.config)
-    except ConfigError as e:
+        cfg = load_deploy_config(ns.config)
+    except DeployConfigError as e:
         raise CLIError(f"{ns.config}: {e}") from e
     pools = {role: Pool.from_deploy(cfg, role) for role in ("prefill", "decode")}
     for pool in pools.values():
@@ -114,7 +114,7 @@ def _ray(address: str | None, cfg: Any, host: str) -> Iterator[str]:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
 
-    from deploy.worker import NAMESPACE
+    from deploy.contract import NAMESPACE
 
     kwargs: dict[str, Any] = {"namespace": NAMESPACE, "log_to_driver": False}
     if address:

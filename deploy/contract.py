@@ -1,0 +1,126 @@
+"""The contract between the router and the worker actors: every message type and method, typed.
+
+Both sides import this module; nothing crosses the Ray boundary as a loose dict.
+``WorkerAPI`` lists the remote methods (an ``EngineWorker`` implements all of them;
+a test checks it), in the order a request uses them:
+
+* prefill pool: ``prefill(seq_id, prompt, params, continuation) -> PrefillResult``;
+  the latent rows leave through ``pull_kv(seq_id, cursor, wait_s) -> KVPull``, which
+  the decode worker calls (the pieces, then the ``KVControl``);
+* decode pool: ``reserve(seq_id, num_kv_tokens, num_total_tokens) -> bool`` (before
+  the prefill starts), ``start_decode(seq_id, source) -> TransferReport`` (pulls the
+  rows from the prefill worker named ``source`` while it computes, then joins the
+  engine), ``poll(seq_id, wait_s) -> RequestOutput | None`` until finished;
+* both: ``info() -> WorkerInfo``, ``load() -> WorkerLoad`` (health probe and the
+  policies' input), ``abort(seq_id)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Protocol
+
+from engine.outputs import KVControl, RequestOutput
+from engine.sampling_params import Continuation, SamplingParams
+
+NAMESPACE = "pdserve"  # the Ray namespace of a deployment's named actors
+ROLES = ("prefill", "decode")  # the pools of a disaggregated deployment
+
+
+@dataclasses.dataclass
+class WorkerInfo:
+    """Facts about a worker that do not change while it lives."""
+
+    name: str
+    role: str
+    model_name: str
+    model: str
+    max_model_len: int  # this worker's engine's context length (its pool's, when the pool is uniform)
+    eos_token_ids: list[int]
+    block_size: int
+    kv_blocks_total: int
+    pid: int
+
+
+@dataclasses.dataclass
+class WorkerLoad:
+    """A worker's state now: the router's health signal and the policies' input."""
+
+    name: str
+    role: str = ""
+    alive: bool = True
+    started_at: float = 0.0  # identifies the incarnation: a restarted worker has a new one
+    queued_prompt_tokens: int = 0  # prefill: prompt tokens accepted and not yet handed off
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_blocks_used: int = 0
+    kv_blocks_reserved: int = 0  # decode: held for sequences whose KV is on its way
+    kv_blocks_total: int = 0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    num_preemptions: int = 0
+    transfers_done: int = 0
+    transfers_failed: int = 0
+    outbox_bytes: int = 0  # prefill: latent rows waiting for their decode worker
+
+    @property
+    def kv_fraction(self) -> float:
+        return (self.kv_blocks_used + self.kv_blocks_reserved) / self.kv_blocks_total if self.kv_blocks_total else 0.0
+
+
+@dataclasses.dataclass
+class PrefillResult:
+    """How a prefill ended: handed off (its KV went to the decode worker pulling it), finished by
+    its first token (``output``: no decode needed), or aborted here."""
+
+    handed_off: bool = False
+    output: RequestOutput | None = None
+    aborted: bool = False
+    num_tokens: int = 0  # prompt positions computed or taken from the prefix cache
+    seconds: float = 0.0  # on the worker: accepted → done
+    finished_at: float = 0.0  # time.time() on the worker when the prompt was done
+
+
+@dataclasses.dataclass
+class TransferReport:
+    """A KV hand-off as the decode worker saw it (``deploy.kv_transfer``)."""
+
+    state: str  # "done" | "failed"
+    cause: str | None = None  # failed: timeout | lost | invalid | cancelled | no_reservation | rejected
+    message: str | None = None  # failed: what happened, for the logs
+    nbytes: int = 0
+    num_pieces: int = 0
+    seconds: float = 0.0  # first pull → last piece
+    done_at: float = 0.0  # time.time() on the worker when the sequence joined its engine
+
+
+@dataclasses.dataclass
+class KVPull:
+    """One answer of ``pull_kv``: pieces after the cursor; the control message once all are out."""
+
+    pieces: list[Any]  # engine.kv_connector.KVPiece
+    control: KVControl | None = None
+
+
+class WorkerAPI(Protocol):
+    """The remote methods of a worker actor (see the module docstring)."""
+
+    def info(self) -> WorkerInfo: ...
+
+    async def load(self) -> WorkerLoad: ...
+
+    async def prefill(self, seq_id: str, prompt: list[int], params: SamplingParams,
+                      continuation: Continuation) -> PrefillResult: ...
+
+    async def pull_kv(self, seq_id: str, cursor: int, wait_s: float) -> KVPull: ...
+
+    async def reserve(self, seq_id: str, num_kv_tokens: int, num_total_tokens: int) -> bool: ...
+
+    async def start_decode(self, seq_id: str, source: str) -> TransferReport: ...
+
+    async def poll(self, seq_id: str, wait_s: float) -> RequestOutput | None: ...
+
+    def abort(self, seq_id: str) -> None: ...
+
+
+WORKER_METHODS = tuple(name for name in vars(WorkerAPI) if not name.startswith("_"))
