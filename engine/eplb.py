@@ -16,31 +16,45 @@ Output, per layer (DeepSeek's EPLB contract, ``rebalance_experts``, so callers c
 A token routed to expert ``e`` goes to one of its replicas, evenly (``ExpertPlacement``), so a
 slot's load is ``weight[e] / logcnt[e]`` and a rank's load is the sum over its slots.
 
-Policies (both choose the replica counts, then pack the replicas onto ranks, layer by layer):
+Policies (both choose replica counts, then pack the replicas onto ranks, layer by layer):
 
-* ``hierarchical`` (used when ``num_groups % num_nodes == 0``: prefill, EP32): expert groups are
-  packed onto nodes (``num_groups // num_nodes`` whole groups per node, balanced by group load),
-  so group-limited routing sends a token to at most ``topk_group`` nodes; each node's
-  ``P // num_nodes`` slots are shared among that node's experts; the node's replicas are packed
-  onto its ranks. A group's experts never leave their node.
+* ``hierarchical`` (``auto`` picks it when ``num_groups % num_nodes == 0``: prefill, EP32): whole
+  expert groups go to nodes (``num_groups // num_nodes`` per node), so group-limited routing
+  reaches at most ``topk_group`` nodes; each node's ``P // num_nodes`` slots are shared among
+  its own experts and packed onto its ranks. A group's experts never leave their node.
 * ``global`` (otherwise: decode, EP144/EP320): one pool of ``P`` slots for all experts, packed onto
-  all ranks, ignoring groups and nodes.
+  all ranks, ignoring groups and nodes (the hierarchical steps with one group and one node).
 
-The steps: (1) replica counts that minimise the largest per-replica load (add a replica to the
-expert with the largest ``load / replicas`` until the slots are used; exact for that objective);
-(2) greedy packing, heaviest replica first onto the lightest rank that has a free slot (avoiding
-a rank that already holds a replica of the same expert); (3) refinement: while swapping one
-replica of the heaviest rank with one of another rank lowers the heaviest rank without making
-the other one as heavy, do the best such swap. Steps 1-2 are what DeepSeek's EPLB does; step 3
-only ever lowers the largest rank load.
+The steps, per node (the whole instance for ``global``):
 
-Placement stability (``previous=``): a live rollout moves expert weights for every slot whose
-expert changes. With the placement now in use, the planner (a) relabels the new placement's
-ranks (and nodes) and orders each rank's slots to keep as many slots as possible (free: loads do
-not change), (b) also tries the current placement itself and a repair of it (few replica swaps
-and re-assignments of redundant slots, fewest changed slots first), and per layer takes the
-candidate with the fewest changed slots whose largest rank load is within ``tolerance``
-(relative) of the freshly balanced one. ``tolerance=0`` never gives up balance.
+1. replica counts: the next replica goes to the expert with the largest ``load / replicas``,
+   which minimises the largest per-replica load (DeepSeek's rule; exact for that objective);
+2. greedy packing: heaviest replica first onto the lightest rank with a free slot (DeepSeek's);
+3. swap refinement: while swapping a replica of the heaviest rank with a lighter one of another
+   rank lowers the heaviest without making the other as heavy, do the best such swap;
+4. replica-count search: the smallest largest replica is not always what packs best (more
+   top-level replicas than ranks force two onto one rank), so move one replica at a time from
+   a donor expert to an expert on the heaviest rank while the greedy packing's largest rank
+   load (then the number of ranks at it) drops. Both tie rules of step 1 and the searched
+   counts are packed (2-3) and the best kept. With one slot per rank steps 2-4 have nothing to
+   do (step 1 is then optimal) and slots follow a canonical order (first replicas by expert id,
+   then the extra ones), which moves few slots when the load changes.
+
+Hierarchical, group -> node: DeepSeek packs groups greedily by group load. We solve every set of
+groups a node can get (28 sets for V3's 8 groups on 4 nodes) with steps 1-4 and take the
+partition whose worst node is lightest (the greedy one is among them; beyond
+``MAX_PARTITIONS`` partitions we fall back to the greedy one). The result is never worse than
+steps 1-2 alone, which is what DeepSeek's EPLB computes (``refine=False`` gives those).
+
+Placement stability (``previous=``): a live rollout moves the weights of every slot whose
+expert changes. Given the placement in use, per layer, with target = ``(1 + tolerance) x`` the
+freshly balanced largest rank load: (a) the fresh placement, and for ``hierarchical`` also one
+balanced inside the current group -> node split, are relabelled (nodes, ranks, slot order within
+a rank: free) to keep the most slots, then replicas are swapped back into their old slots while
+no rank exceeds the target; (b) the current placement is repaired (swaps, re-assigned redundant
+slots) until every rank is within the target. The candidate with the fewest changed slots wins;
+``Placement.changed_slots`` reports them. ``tolerance=0`` never gives up balance; the same load
+twice gives zero changes.
 
 Everything here is numpy on the CPU; torch tensors are accepted and returned as torch tensors.
 No torch.distributed.
@@ -110,7 +124,7 @@ def plan_placement(
     previous [L, P]: the placement in use (``phy2log``); the result then keeps as many slots as it
         can at no more than ``(1 + tolerance) x`` the balanced largest rank load, per layer, and
         reports ``changed_slots``.
-    refine: run step 3 (swap refinement); False gives DeepSeek's steps only (for comparison).
+    refine: False runs steps 1-2 only (what DeepSeek's EPLB computes), for comparison.
     """
     w = _as_numpy(weight).astype(np.float64)
     if w.ndim != 2:
@@ -126,7 +140,11 @@ def plan_placement(
         prev = _as_numpy(previous).astype(np.int64)
         if prev.shape != phy2log.shape:
             raise ValueError(f"previous phy2log has shape {prev.shape}, expected {phy2log.shape}")
-        phy2log = _stabilise(w, phy2log, prev, shape, groups, nodes, tolerance)
+        if prev.min() < 0 or prev.max() >= shape.num_logical:
+            raise ValueError("previous phy2log holds an expert id out of range")
+        if tolerance < 0:
+            raise ValueError(f"tolerance must be >= 0, got {tolerance}")
+        phy2log = _stabilise(w, phy2log, prev, shape, groups, nodes, tolerance, refine)
         changed = changed_slots(prev, phy2log)
     log2phy, logcnt = log2phy_from_phy2log(phy2log, shape.num_logical)
     return Placement(phy2log, log2phy, logcnt, policy, predicted_rank_load(w, phy2log, num_ranks), changed)
@@ -358,6 +376,13 @@ def _fill(node_w: np.ndarray, slots: int, ranks: int, refine: bool, improve: np.
             take = b_top < top[sel]
             t = sel[take]
             item[t], item_rank[t], top[t] = b_item[take], b_rank[take], b_top[take]
+    if slots == ranks:
+        # one slot per rank: any order balances the same, so use a canonical one that moves
+        # little when the load changes: each expert's first replica in expert order, then the
+        # extra replicas (with no redundancy: the identity)
+        extra = np.zeros_like(item, dtype=bool)
+        extra[:, 1:] = item[:, 1:] == item[:, :-1]
+        item_rank = np.argsort(np.argsort(extra * n + item, axis=1, kind="stable"), axis=1)
     order = np.argsort(item_rank * n + item, axis=1, kind="stable")
     return np.take_along_axis(item, order, axis=1), top
 
@@ -507,8 +532,9 @@ def _refine(item_w: np.ndarray, bins: np.ndarray, num_bins: int):
 
     Per row, while some swap of an item a of the heaviest bin h with a lighter item b of another
     bin j gives max(new h, new j) < old h, do the swap with the smallest max(new h, new j).
-    Each swap lowers the row's sorted bin loads lexicographically, so this ends; the largest bin load never rises. Rows stop as soon as
-    they reach the lower bound max(mean bin load, largest item).
+    Each swap lowers the row's sorted bin loads lexicographically, so this ends; the largest
+    bin load never rises. Rows stop once they reach the lower bound max(mean bin load, largest
+    item).
     """
     rows, n = item_w.shape
     per_bin = n // num_bins
@@ -550,7 +576,8 @@ def _refine(item_w: np.ndarray, bins: np.ndarray, num_bins: int):
 # ----------------------------------------------------------------------------- stability
 
 
-def _stabilise(w, fresh, prev, shape: _Shape, groups: int, nodes: int, tolerance: float) -> np.ndarray:
+def _stabilise(w, fresh, prev, shape: _Shape, groups: int, nodes: int, tolerance: float,
+               refine: bool) -> np.ndarray:
     """Per layer, the candidate with the fewest changed slots within tolerance (see docstring)."""
     k = shape.slots_per_rank
     ranks_per_node = shape.num_ranks // nodes
@@ -564,7 +591,7 @@ def _stabilise(w, fresh, prev, shape: _Shape, groups: int, nodes: int, tolerance
         present[layer_i, node_i, prev.reshape(len(prev), nodes, -1) // group_size] = True
         if (present.sum(-1) == groups // nodes).all():
             node_groups = np.argsort(~present, axis=2, kind="stable")[:, :, : groups // nodes]
-            starts.append(_place_partition(w, shape, node_groups, refine=True))
+            starts.append(_place_partition(w, shape, node_groups, refine))
     out = np.empty_like(fresh)
     for layer in range(w.shape[0]):
         wl = w[layer]
@@ -715,71 +742,70 @@ def _restore(wl, cur, prev, k: int, ranks_per_node: int, target: float) -> np.nd
 
 
 def _repair(wl, prev, k: int, ranks_per_node: int, target: float, budget: int) -> np.ndarray | None:
-    """Fewest changes to ``prev`` (one layer) that bring every rank to <= target, or None.
+    """Fewest changes to ``prev`` (one layer) that bring every rank to <= target, or None if
+    that takes more than ``budget`` changed slots.
 
-    Moves, greedily by excess removed per changed slot (excess = sum over ranks of the load above
-    target): swap two replicas between a rank over target and another rank of its node (2 slots),
-    or hand a redundant replica's slot (its expert keeps >= 1 replica) of the same node to an
-    expert of a rank over target (1 slot).
+    Greedy, by excess removed per changed slot (excess = sum over ranks of the load above
+    target), moves touching the (up to) 4 heaviest ranks above target: (a) swap a replica there
+    with one of another rank of its node (2 slots); (b) hand the slot of a redundant replica in
+    that node (its expert keeps >= 1) to an expert held there (1 slot). Gives up early when even
+    the best move's rate cannot remove the excess within the budget.
     """
     p2l = prev.copy()
-    num_logical = wl.size
-    slots = p2l.size
+    num_logical, slots = wl.size, p2l.size
     slot_rank = np.arange(slots) // k
     slot_node = slot_rank // ranks_per_node
     changed = np.zeros(slots, dtype=bool)
     for _ in range(4 * budget + 4):
         cnt = np.bincount(p2l, minlength=num_logical)
-        per = wl[p2l] / cnt[p2l]
-        load = per.reshape(-1, k).sum(-1)
-        excess = np.maximum(load - target, 0.0).sum()
+        per = wl[p2l] / cnt[p2l]  # [P] per-slot load
+        load = per.reshape(-1, k).sum(-1)  # [R]
+        over = np.maximum(load - target, 0.0)
+        excess = over.sum()
         if excess <= 0:
             return p2l
-        if int(changed.sum()) >= budget:
+        left = budget - int(changed.sum())
+        if left <= 0:
             return None
-        hot = np.flatnonzero(load > target)
-        best_gain, best_move = 0.0, None
-        # (a) swaps: a slot s on a hot rank with a slot t of the same node, another rank
-        s = np.flatnonzero(np.isin(slot_rank, hot))
-        t = np.arange(slots)
-        same = (slot_node[s][:, None] == slot_node[t][None, :]) & (slot_rank[s][:, None] != slot_rank[t][None, :])
-        d = per[s][:, None] - per[t][None, :]
-        rs, rt = slot_rank[s][:, None], slot_rank[t][None, :]
-        new_excess = (excess - np.maximum(load[rs] - target, 0) - np.maximum(load[rt] - target, 0)
-                      + np.maximum(load[rs] - d - target, 0) + np.maximum(load[rt] + d - target, 0))
-        cost = (~changed[s])[:, None].astype(float) + (~changed[t])[None, :]
-        gain = np.where(same & (d > 0) & (p2l[s][:, None] != p2l[t][None, :]),
-                        (excess - new_excess) / np.maximum(cost, 1e-9), 0.0)
-        if gain.size and gain.max() > best_gain:
-            i, j = np.unravel_index(gain.argmax(), gain.shape)
-            best_gain, best_move = gain[i, j], ("swap", s[i], t[j])
-        # (b) re-assign a redundant slot t (expert e keeps >= 1) to an expert x held on a hot rank
-        heaviest = np.argsort(-load)[:4]
-        xs = np.unique(p2l[np.isin(slot_rank, heaviest[load[heaviest] > target])])
-        donors = np.flatnonzero(cnt[p2l] > 1)
-        if donors.size and xs.size:
+        heavy = np.argsort(-load)[:4]
+        heavy = heavy[load[heavy] > target]
+        s = np.flatnonzero(np.isin(slot_rank, heavy))  # slots on the heavy ranks
+        moves = []  # (gain per changed slot, kind, slot, other)
+
+        # (a) swap slot s (heavy rank) with slot t (same node, other rank): d moves from s's rank
+        rs, rt = slot_rank[s][:, None], slot_rank[None, :]
+        d = per[s][:, None] - per[None, :]  # [S, P]
+        removed = (over[rs] + over[rt] - np.maximum(load[rs] - d - target, 0)
+                   - np.maximum(load[rt] + d - target, 0))
+        cost = (~changed[s])[:, None].astype(float) + ~changed[None, :]
+        ok = (slot_node[s][:, None] == slot_node[None, :]) & (rs != rt) & (d > 0)
+        gain = np.where(ok, removed / np.maximum(cost, 1e-9), 0.0)
+        i, j = np.unravel_index(gain.argmax(), gain.shape)
+        moves.append((gain[i, j], "swap", s[i], j))
+
+        # (b) slot t of a redundant replica of e (same node) now serves x, an expert on a heavy rank
+        xs = np.unique(p2l[s])
+        donors = np.flatnonzero((cnt[p2l] > 1) & np.isin(slot_node, slot_node[s]))
+        if donors.size:
             e = p2l[donors]
-            incid = np.zeros((num_logical, load.size))
-            np.add.at(incid, (p2l, slot_rank), 1.0)
-            base = load[None, None, :]
+            held = np.zeros((num_logical, load.size))  # [E, R] replicas of each expert per rank
+            np.add.at(held, (p2l, slot_rank), 1.0)
             ce, cx = cnt[e].astype(float), cnt[xs].astype(float)
-            de = incid[e] * (wl[e] / (ce - 1) - wl[e] / ce)[:, None]  # [D, R] e's other replicas heavier
-            de[np.arange(donors.size), slot_rank[donors]] -= wl[e] / (ce - 1)  # slot t stops serving e
-            dx = incid[xs] * (wl[xs] / (cx + 1) - wl[xs] / cx)[:, None]  # [X, R] x's replicas lighter
-            new = base + de[:, None, :] + dx[None, :, :]  # [D, X, R]
-            new[np.arange(donors.size)[:, None], np.arange(xs.size)[None, :], slot_rank[donors][:, None]] += (
-                wl[xs] / (cx + 1))[None, :]
+            de = held[e] * (wl[e] / (ce - 1) - wl[e] / ce)[:, None]  # [D, R] e's replicas heavier
+            de[np.arange(donors.size), slot_rank[donors]] -= wl[e] / (ce - 1)  # t stops serving e
+            dx = held[xs] * (wl[xs] / (cx + 1) - wl[xs] / cx)[:, None]  # [X, R] x's replicas lighter
+            new = load + de[:, None, :] + dx[None, :, :]  # [D, X, R]
+            new[np.arange(donors.size)[:, None], np.arange(xs.size), slot_rank[donors][:, None]] += wl[xs] / (cx + 1)
             x_node = slot_node[s[(p2l[s][None, :] == xs[:, None]).argmax(axis=1)]]
             ok = (slot_node[donors][:, None] == x_node[None, :]) & (e[:, None] != xs[None, :])
-            new_excess = np.maximum(new - target, 0).sum(-1)
-            cost = (~changed[donors]).astype(float)[:, None]
-            gain = np.where(ok, (excess - new_excess) / np.maximum(cost, 1e-9), 0.0)
-            if gain.max() > best_gain:
-                i, j = np.unravel_index(gain.argmax(), gain.shape)
-                best_gain, best_move = gain[i, j], ("give", donors[i], xs[j])
-        if best_move is None or best_gain <= 1e-12 * max(target, 1.0):
+            removed = excess - np.maximum(new - target, 0).sum(-1)
+            gain = np.where(ok, removed / np.maximum((~changed[donors]).astype(float), 1e-9)[:, None], 0.0)
+            i, j = np.unravel_index(gain.argmax(), gain.shape)
+            moves.append((gain[i, j], "give", donors[i], xs[j]))
+
+        rate, kind, a, b = max(moves, key=lambda m: m[0])
+        if rate <= 1e-12 * max(target, 1.0) or excess / rate > left:
             return None
-        kind, a, b = best_move
         if kind == "swap":
             p2l[a], p2l[b] = p2l[b], p2l[a]
             changed[[a, b]] = True
