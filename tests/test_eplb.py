@@ -4,8 +4,10 @@ stability, the sliding window."""
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import json
+import os
 
 import numpy as np
 import pytest
@@ -314,3 +316,25 @@ def test_window_rejects_bad_input():
 
 def test_balancedness_definition():
     assert balancedness([[1, 1, 1, 1], [4, 0, 0, 0], [0, 0, 0, 0]]).tolist() == [1.0, 0.25, 1.0]
+
+
+# ----------------------------------------------------------------------------- the bench script
+
+
+def test_bench_script_runs_against_a_stand_in_for_deepseeks_file(tmp_path, capsys):
+    # a stand-in with DeepSeek's signature that computes DeepSeek's steps (our refine=False)
+    stand_in = tmp_path / "eplb.py"
+    stand_in.write_text(
+        "import torch\n"
+        "from engine.eplb import plan_placement\n"
+        "def rebalance_experts(weight, num_replicas, num_groups, num_nodes, num_gpus):\n"
+        "    p = plan_placement(weight, num_replicas, num_groups, num_nodes, num_gpus, refine=False)\n"
+        "    return torch.from_numpy(p.phy2log), torch.from_numpy(p.log2phy), torch.from_numpy(p.logcnt)\n")
+    spec = importlib.util.spec_from_file_location(
+        "bench_eplb", os.path.join(os.path.dirname(__file__), "..", "tools", "bench_eplb.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--deepseek-eplb", str(stand_in), "--layers", "2", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "ours <= DeepSeek on every case and every layer" in out
+    assert sum(line.startswith("| EP320 |") for line in out.splitlines()) == 2 and "| routed | EP144 | global |" in out

@@ -121,9 +121,11 @@ def fmt(x: float) -> str:
 
 
 def balance_table(cases, deepseek) -> bool:
-    print("\n### Balance: max/mean rank load (1.0 = perfect), mean over layers [worst layer]\n")
-    cols = ["case", "shape", "policy", "identity", "lower bound"]
-    cols += ["DeepSeek", "ours", "ours/DeepSeek", "layers ours worse"] if deepseek else ["ours"]
+    print("\n### Balance: max/mean rank load (1.0 = perfect), mean over layers [worst layer]; "
+          "mean/max (balancedness), mean over layers\n")
+    cols = ["case", "shape", "policy", "identity", "lower bound (global rule)"]
+    cols += ["DeepSeek", "ours", "ours/DeepSeek", "layers ours worse", "mean/max DeepSeek", "mean/max ours"] \
+        if deepseek else ["ours", "mean/max ours"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     ok = True
@@ -140,9 +142,10 @@ def balance_table(cases, deepseek) -> bool:
             worse = int((mine > theirs * (1 + 1e-9)).sum())
             ok &= worse == 0 and mine.mean() <= theirs.mean() * (1 + 1e-12)
             row += [f"{fmt(theirs.mean())} [{fmt(theirs.max())}]", f"{fmt(mine.mean())} [{fmt(mine.max())}]",
-                    fmt(mine.mean() / theirs.mean()), f"{worse} / {len(w)}"]
+                    fmt(mine.mean() / theirs.mean()), f"{worse} / {len(w)}", fmt((1 / theirs).mean())]
         else:
             row += [f"{fmt(mine.mean())} [{fmt(mine.max())}]"]
+        row += [fmt(ours.balancedness.mean())]
         print("| " + " | ".join(row) + " |", flush=True)
     return ok
 
