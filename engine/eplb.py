@@ -302,8 +302,13 @@ def _place_partition(w: np.ndarray, shape: _Shape, node_groups: np.ndarray, refi
     layers, nodes, _ = node_groups.shape
     node_experts = _experts_of(node_groups, w.shape[1] // (nodes * node_groups.shape[2]))  # [L, N, E/N]
     node_w = _gather_rows(w, node_experts)
-    local, _ = _fill(node_w, shape.num_physical // nodes, shape.num_ranks // nodes, refine,
-                     improve=np.ones(len(node_w), dtype=bool))
+    slots, ranks = shape.num_physical // nodes, shape.num_ranks // nodes
+    local, top = _fill(node_w, slots, ranks, refine, improve=np.full(len(node_w), nodes == 1))
+    if nodes > 1 and refine:  # the replica-count search only for each layer's heaviest node(s)
+        worst = (top.reshape(layers, nodes) >= top.reshape(layers, nodes).max(1, keepdims=True) * (1 - 1e-9)).ravel()
+        r_local, r_top = _fill(node_w[worst], slots, ranks, refine, improve=np.ones(int(worst.sum()), dtype=bool))
+        take = np.flatnonzero(worst)[r_top < top[worst]]
+        local[take] = r_local[r_top < top[worst]]
     local = local.reshape(layers, nodes, -1)
     return np.take_along_axis(node_experts, local, axis=2).reshape(layers, shape.num_physical)
 
