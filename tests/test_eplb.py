@@ -338,3 +338,13 @@ def test_bench_script_runs_against_a_stand_in_for_deepseeks_file(tmp_path, capsy
     out = capsys.readouterr().out
     assert "ours <= DeepSeek on every case and every layer" in out
     assert sum(line.startswith("| EP320 |") for line in out.splitlines()) == 2 and "| routed | EP144 | global |" in out
+
+
+def test_balancer_and_statistics_do_not_import_torch():
+    # the router and the serving layer use them without torch
+    import subprocess
+    import sys
+
+    code = "import sys, engine.eplb, engine.expert_load; assert 'torch' not in sys.modules"
+    root = os.path.join(os.path.dirname(__file__), "..")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=root)
