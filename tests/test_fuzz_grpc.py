@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import os
 import sys
 import threading
@@ -28,17 +27,8 @@ from serving.proto import pdserve_pb2 as pb
 pytestmark = pytest.mark.timeout(300)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "tools", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while the class is made
-    spec.loader.exec_module(module)
-    return module
-
-
-fuzz = _load_tool("fuzz_grpc")
+sys.path.insert(0, os.path.join(REPO, "tools"))
+import fuzz_grpc as fuzz  # noqa: E402  (tools/ is not a package)
 
 
 @contextlib.contextmanager
@@ -73,6 +63,20 @@ def fake(tmp_path_factory):
         yield target, engine
 
 
+HELLO = pb.GenerateRequest(text="Hi", sampling_params=pb.SamplingParams(max_tokens=2))
+
+
+def _generate_stub(channel: grpc.Channel) -> Any:
+    return channel.unary_stream(fuzz.SERVICE + "Generate", request_serializer=pb.GenerateRequest.SerializeToString,
+                                response_deserializer=pb.GenerateResponse.FromString)
+
+
+def _generate_error(target: str, request: pb.GenerateRequest) -> grpc.RpcError:
+    with grpc.insecure_channel(target) as channel, pytest.raises(grpc.RpcError) as e:
+        list(_generate_stub(channel)(request, timeout=30))
+    return e.value
+
+
 def _raw(target: str, method: str, data: bytes, streaming: bool) -> grpc.RpcError:
     with grpc.insecure_channel(target) as channel:
         make = channel.unary_stream if streaming else channel.unary_unary
@@ -96,28 +100,20 @@ def test_undecodable_messages_are_invalid_argument(fake, method, data, streaming
 
 @pytest.mark.parametrize("request_id", ["a#1", "x" * 129, "with space", "é"])
 def test_request_ids_outside_the_charset_are_invalid(fake, request_id):
-    request = pb.GenerateRequest(text="Hi", request_id=request_id, sampling_params=pb.SamplingParams(max_tokens=2))
-    with grpc.insecure_channel(fake[0]) as channel:
-        stub = channel.unary_stream(fuzz.SERVICE + "Generate", request_serializer=pb.GenerateRequest.SerializeToString,
-                                    response_deserializer=pb.GenerateResponse.FromString)
-        with pytest.raises(grpc.RpcError) as e:
-            list(stub(request, timeout=30))
-    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert dict(e.value.trailing_metadata())["pdserve-param"] == "request_id"
+    error = _generate_error(fake[0], pb.GenerateRequest(text="Hi", request_id=request_id,
+                                                        sampling_params=pb.SamplingParams(max_tokens=2)))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert dict(error.trailing_metadata())["pdserve-param"] == "request_id"
 
 
 def test_a_handler_bug_is_internal_without_details(fake):
     target, engine = fake
     engine.fail_with = RuntimeError("secret detail")
-    request = pb.GenerateRequest(text="Hi", sampling_params=pb.SamplingParams(max_tokens=2))
-    with grpc.insecure_channel(target) as channel:
-        stub = channel.unary_stream(fuzz.SERVICE + "Generate", request_serializer=pb.GenerateRequest.SerializeToString,
-                                    response_deserializer=pb.GenerateResponse.FromString)
-        with pytest.raises(grpc.RpcError) as e:
-            list(stub(request, timeout=30))
-        assert e.value.code() == grpc.StatusCode.INTERNAL
-        assert e.value.details() == "internal server error: RuntimeError"
-        assert list(stub(request, timeout=30))[-1].finish_reason == "length"  # and it still serves
+    error = _generate_error(target, HELLO)
+    assert error.code() == grpc.StatusCode.INTERNAL
+    assert error.details() == "internal server error: RuntimeError"
+    with grpc.insecure_channel(target) as channel:  # and it still serves
+        assert list(_generate_stub(channel)(HELLO, timeout=30))[-1].finish_reason == "length"
 
 
 def test_overload_is_resource_exhausted_with_retry_after(fake):
@@ -125,14 +121,9 @@ def test_overload_is_resource_exhausted_with_retry_after(fake):
 
     target, engine = fake
     engine.fail_with = EngineOverloaded("queue full")
-    request = pb.GenerateRequest(text="Hi", sampling_params=pb.SamplingParams(max_tokens=2))
-    with grpc.insecure_channel(target) as channel:
-        stub = channel.unary_stream(fuzz.SERVICE + "Generate", request_serializer=pb.GenerateRequest.SerializeToString,
-                                    response_deserializer=pb.GenerateResponse.FromString)
-        with pytest.raises(grpc.RpcError) as e:
-            list(stub(request, timeout=30))
-    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert dict(e.value.trailing_metadata())["retry-after"] == "1"
+    error = _generate_error(target, HELLO)
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert dict(error.trailing_metadata())["retry-after"] == "1"
 
 
 def test_fuzz_fake_engine(fake):
