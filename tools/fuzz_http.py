@@ -173,6 +173,8 @@ def hand_cases(openapi: dict[str, Any], model: str, max_model_len: int) -> list[
         # nesting
         Case("100k nested lists", COMPLETIONS, b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", bad),
         Case("100k nested objects", CHAT, b'{"x": ' + b'{"x": ' * 100_000 + b"1" + b"}" * 100_001, bad),
+        *(Case(f"chat_template_kwargs sets {name}", CHAT, _json({**chat, "chat_template_kwargs": {name: 1}}), bad,
+               f"chat_template_kwargs.{name}") for name in ("messages", "add_generation_prompt", "self")),
         Case("nested template kwargs", CHAT, _json({**chat, "chat_template_kwargs": {"x": _nest(200)}}), ok),
         # content types
         Case("text/plain", COMPLETIONS, _json(completion), frozenset({415}), headers={"Content-Type": "text/plain"}),
