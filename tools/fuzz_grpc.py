@@ -5,10 +5,10 @@
 Hypothesis strategies over every field of the ``Generate``, ``Tokenize`` and ``Detokenize``
 requests (int64 fields over their whole range, doubles with NaN and infinities, any
 Unicode text, token ids over uint32, unknown models, odd request ids), plus raw bytes
-sent as each method's request (corrupt wire format, bad UTF-8 in string fields). Every
-call must end OK or with one of ``ALLOWED`` (INVALID_ARGUMENT, NOT_FOUND, ALREADY_EXISTS,
-RESOURCE_EXHAUSTED); an OK ``Generate`` stream must end with a ``finish_reason``. After
-the run the server must still generate. Prints a report and exits 1 on a failure;
+sent as the request of every method, ``Abort`` and ``ListModels`` too (corrupt wire format,
+bad UTF-8 in string fields). Every call must end OK or with one of ``ALLOWED``
+(INVALID_ARGUMENT, NOT_FOUND, ALREADY_EXISTS, RESOURCE_EXHAUSTED); an OK ``Generate``
+stream must end with a ``finish_reason``. After the run the server must still generate. Prints a report and exits 1 on a failure;
 ``run`` is what ``tests/test_fuzz_grpc.py`` calls against servers it starts.
 """
 
@@ -159,11 +159,13 @@ def run(target: str, model: str, examples: int, seed: int = 0, timeout: float = 
         for method, (strategy, streaming) in kinds.items():
             _fuzz_method(caller, method, strategy, streaming, seed, common)
 
+        streaming = {m.name: m.server_streaming for m in pb.DESCRIPTOR.services_by_name["PDServe"].methods}
+
         @hypothesis_seed(seed)
         @settings(**common)
-        @given(method=st.sampled_from(sorted(kinds)), data=st.binary(max_size=200))
+        @given(method=st.sampled_from(sorted(streaming)), data=st.binary(max_size=200))
         def raw(method: str, data: bytes) -> None:
-            caller.call(method, data, streaming=kinds[method][1])
+            caller.call(method, data, streaming=streaming[method])
         raw()
 
         still = Report()
