@@ -38,7 +38,6 @@ import hmac
 import importlib.metadata
 import logging
 import time
-
 from typing import Any
 
 from fastapi import FastAPI, Request
