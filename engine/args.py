@@ -49,7 +49,9 @@ class EngineArgs:
     enable_chunked_prefill: bool = True
     max_model_len: int | None = None  # None = the model's max_position_embeddings
     scheduling_policy: str = "fcfs"  # fcfs | priority
-    max_waiting_requests: int = 4096  # beyond this the API answers 429
+    # sequences allowed to wait beyond the running ones; the dev server answers 429 past
+    # max_num_seqs + this (AsyncEngine), which bounds an admitted request's wait. None = max_num_seqs
+    max_waiting_requests: int | None = None
     # attention math for prefill: "naive" expands K/V; decode always runs absorbed over pages
     mla_prefill: str = "naive"
     # prefill role: how a prompt's latent rows leave — all at once after the prompt ("whole"), or
@@ -75,7 +77,7 @@ class EngineArgs:
         if self.mla_prefill not in ("naive", "absorbed"):
             raise ValueError(f"mla_prefill: must be 'naive' or 'absorbed', got {self.mla_prefill!r}")
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_waiting_requests"):
-            if getattr(self, name) <= 0:
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"{name}: must be positive, got {getattr(self, name)}")
         if self.speculative not in (None, "mtp"):
             raise ValueError(f"speculative: only 'mtp' is supported, got {self.speculative!r}")

@@ -5,7 +5,14 @@ validation error comes back as the exception of that call) and yields the deltas
 as the engine thread delivers them. A caller that stops iterating (client gone,
 task cancelled) aborts its request, which frees its blocks before the next step.
 ``shutdown`` aborts what is in flight, ends every stream with an ``EngineError``
-and joins the thread. The Ray workers of a disaggregated deployment use the same
+and joins the thread.
+
+Admission: ``generate`` raises ``EngineOverloaded`` (the API's 429) when the request's
+``n`` sequences would bring the sequences in flight — admitted here and not finished,
+running or waiting, counted on the event loop so a burst inside one engine step is
+seen whole — past ``admission_limit = max_num_seqs + max_waiting_requests`` (by
+default ``2 * max_num_seqs``). With FCFS an admitted sequence then waits at most until
+the running ones finish, so time to first token stays bounded under any burst. The Ray workers of a disaggregated deployment use the same
 ``EngineLoop``.
 """
 
@@ -25,6 +32,7 @@ class AsyncEngine:
         self.engine = None
         self.loop: EngineLoop | None = None
         self._closing = False
+        self._in_flight = 0  # sequences admitted by generate() and not finished yet
 
     # ---- EngineClient --------------------------------------------------------------
     @property
@@ -51,15 +59,24 @@ class AsyncEngine:
         self.loop = EngineLoop(self.engine)
         self.loop.ensure_started()
 
+    @property
+    def admission_limit(self) -> int:
+        """Sequences (running + waiting) beyond which ``generate`` answers ``EngineOverloaded``."""
+        waiting = self.args.max_waiting_requests
+        return self.args.max_num_seqs + (self.args.max_num_seqs if waiting is None else waiting)
+
     async def generate(self, request: GenerateRequest) -> AsyncIterator[RequestOutput]:
         self._check_alive()
-        if self.engine.scheduler.num_waiting >= self.args.max_waiting_requests:
-            raise EngineOverloaded(f"{self.engine.scheduler.num_waiting} requests are already waiting")
+        n = request.sampling_params.n
+        if self._in_flight + n > self.admission_limit:
+            raise EngineOverloaded(f"{self._in_flight} sequences in flight, {n} more would pass the limit of "
+                                   f"{self.admission_limit}")
         rid = request.request_id
         if self.loop.is_open(rid):
             raise ValueError(f"request_id: {rid!r} is already in flight")
         stream = self.loop.open(rid)
-        finished = False
+        self._in_flight += n
+        admitted, finished = n, False
         try:
             await self.loop.add(rid, request.prompt_token_ids, request.sampling_params, priority=request.priority)
             while True:
@@ -69,10 +86,14 @@ class AsyncEngine:
                 if isinstance(item, BaseException):
                     raise item
                 finished = item.finished
+                if finished:  # free the slot before the caller sees the end, so its next request fits
+                    self._in_flight -= admitted
+                    admitted = 0
                 yield item
                 if finished:
                     return
         finally:
+            self._in_flight -= admitted
             self.loop.close(rid)
             if not finished:
                 self.loop.abort(rid)

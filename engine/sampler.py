@@ -428,7 +428,8 @@ def _apply_top_p(probs: torch.Tensor, top_p: torch.Tensor) -> None:
         top = rows.topk(width, dim=-1).values if width < vocab else _sorted_descending(rows)  # [R, width]
         cumulative = top.cumsum(dim=-1)  # [R, width]
         p = top_p[pending]  # [R, 1]
-        num_keep = ((cumulative - top) < p).sum(dim=-1, keepdim=True)  # [R, 1] >= 1
+        # [R, 1]; at least the most likely token, also when top_p underflows to 0 in fp32
+        num_keep = ((cumulative - top) < p).sum(dim=-1, keepdim=True).clamp_(min=1)
         resolved = (cumulative[:, -1:] >= p).squeeze(1) if width < vocab else torch.ones_like(pending, dtype=torch.bool)
         threshold[pending[resolved]] = top.gather(1, num_keep - 1)[resolved]
         pending = pending[~resolved]

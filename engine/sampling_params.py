@@ -102,7 +102,8 @@ class SamplingParams:
         check(is_num(self.temperature) and 0.0 <= self.temperature <= 100.0, "temperature",
               f"must be in [0, 100], got {self.temperature!r}")
         check(is_num(self.top_p) and 0.0 < self.top_p <= 1.0, "top_p", f"must be in (0, 1], got {self.top_p!r}")
-        check(is_int(self.top_k) and self.top_k >= 0, "top_k", f"must be -1, 0 (off) or a positive integer, got {self.top_k!r}")
+        check(is_int(self.top_k) and 0 <= self.top_k < 2**31, "top_k",
+              f"must be -1, 0 (off) or a positive integer below 2^31, got {self.top_k!r}")
         check(is_num(self.min_p) and 0.0 <= self.min_p <= 1.0, "min_p", f"must be in [0, 1], got {self.min_p!r}")
         for name in ("presence_penalty", "frequency_penalty"):
             v = getattr(self, name)
@@ -122,8 +123,8 @@ class SamplingParams:
         check(len(self.stop) <= MAX_STOP_STRINGS, "stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}")
         check(all(len(s) <= MAX_STOP_STRING_CHARS for s in self.stop), "stop",
               f"each stop string is at most {MAX_STOP_STRING_CHARS} characters")
-        check(isinstance(self.stop_token_ids, list) and all(is_int(t) and t >= 0 for t in self.stop_token_ids),
-              "stop_token_ids", "must be a list of non-negative integers")
+        check(isinstance(self.stop_token_ids, list) and all(is_int(t) and 0 <= t < 2**31 for t in self.stop_token_ids),
+              "stop_token_ids", "must be a list of token ids (integers in [0, 2^31))")
         check(isinstance(self.ignore_eos, bool), "ignore_eos", "must be a boolean")
         for name in ("logprobs", "prompt_logprobs"):
             v = getattr(self, name)

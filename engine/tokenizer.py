@@ -114,9 +114,17 @@ class Tokenizer:
         return None if token is None else self._tok.token_to_id(token)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids of ``text``; special tokens as Hugging Face would add them for a prompt."""
+        """Token ids of ``text``; special tokens as Hugging Face would add them for a prompt.
+
+        ``ValueError`` when ``text`` is not valid Unicode (a lone surrogate).
+        """
         explicit = self.add_bos_token is not None or self.add_eos_token is not None
-        ids = self._tok.encode(text, add_special_tokens=add_special_tokens and not explicit).ids
+        try:
+            ids = self._tok.encode(text, add_special_tokens=add_special_tokens and not explicit).ids
+        except TypeError:  # the Rust side takes only valid Unicode: a lone surrogate ("\ud800") lands here
+            if isinstance(text, str):
+                raise ValueError("text is not valid Unicode (it holds a lone UTF-16 surrogate)") from None
+            raise
         if add_special_tokens and explicit:
             if self.add_bos_token and self.bos_token_id is not None:
                 ids = [self.bos_token_id] + ids

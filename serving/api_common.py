@@ -1,6 +1,8 @@
 """What ``/v1/completions`` and ``/v1/chat/completions`` share.
 
-Reading and checking the JSON body (size limit, UTF-8, content type), turning
+Reading and checking the JSON body (size limit, UTF-8, content type, no lone
+UTF-16 surrogates in any string: ``"\\ud800"`` is valid JSON but not Unicode text,
+and tokenizers, templates and UTF-8 encoders all reject it), turning
 request fields into ``SamplingParams`` with the context-length check, running a
 ``Generation`` to the end while watching for the client leaving, and framing
 Server-Sent Events for ``stream: true``.
@@ -11,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import math
+import re
 import time
 from typing import Any, AsyncIterator, Awaitable, Callable
 
@@ -24,11 +28,13 @@ from starlette.types import Receive, Scope, Send
 
 from engine.outputs import CompletionOutput, EngineClient, EngineError, RequestOutput, TokenLogprobs
 from engine.sampling_params import SamplingParamError, SamplingParams
-from serving.errors import APIError, from_engine_error, from_sampling_error, invalid
+from serving.errors import APIError, from_engine_error, from_sampling_error, internal_error, invalid
 from serving.generation import Generation
 from serving.metrics import ServingMetrics
 from serving.protocol import SamplingFields
 from engine.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
 
 MIN_LOGPROB = -9999.0  # JSON has no -inf; vLLM clamps the same way
 
@@ -78,7 +84,42 @@ async def read_json_object(request: Request, limit: int) -> dict[str, Any]:
         raise invalid(f"request body is not valid JSON: {e}", code="invalid_json") from e
     if not isinstance(data, dict):
         raise invalid(f"request body must be a JSON object, got {type(data).__name__}", code="invalid_json")
+    if _SURROGATE_ESCAPE.search(body):  # only a \uD800-\uDFFF escape puts a surrogate in a parsed string
+        _check_unicode(data)
     return data
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abcdefABCDEF]")
+
+
+def _lone_surrogate(text: str) -> int | None:
+    """Index of the first lone surrogate in ``text`` (a JSON escaped pair is already one code point)."""
+    try:
+        text.encode("utf-8")
+        return None
+    except UnicodeEncodeError as e:
+        return e.start
+
+
+def _check_unicode(data: Any) -> None:
+    """400 naming the first string (key or value, at any depth) that is not valid Unicode."""
+    stack: list[tuple[Any, tuple]] = [(data, ())]
+    while stack:
+        value, loc = stack.pop()
+        if isinstance(value, str):
+            at = _lone_surrogate(value)
+            if at is not None:
+                raise invalid(f"{_loc(loc)}: the string holds a lone UTF-16 surrogate ({value[at]!a} at index {at}), "
+                              "which is not valid Unicode", _loc(loc), code="invalid_unicode")
+        elif isinstance(value, dict):
+            bad_key = next((k for k in value if _lone_surrogate(k) is not None), None)
+            if bad_key is not None:
+                where = _loc(loc) or "request body"
+                raise invalid(f"{where}: the key {bad_key!a} holds a lone UTF-16 surrogate, which is not valid Unicode",
+                              _loc(loc) or None, code="invalid_unicode")
+            stack.extend((v, loc + (k,)) for k, v in reversed(value.items()))
+        elif isinstance(value, list):
+            stack.extend((v, loc + (i,)) for i, v in reversed(list(enumerate(value))))
 
 
 def _loc(loc: tuple) -> str:
@@ -322,7 +363,11 @@ async def start_stream(request: Request, gen: Generation) -> AsyncIterator[tuple
 
 
 async def stream_events(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
-    """Frame JSON chunks as SSE, turn engine failures into an error event, end with ``[DONE]``."""
+    """Frame JSON chunks as SSE, turn any failure into an error event, end with ``[DONE]``.
+
+    The 200 status is sent already, so an error can only be an event: a stream always
+    ends well-formed, whatever went wrong (a bug too: logged, named by type only).
+    """
     try:
         async for chunk in chunks:
             yield sse(chunk)
@@ -330,4 +375,7 @@ async def stream_events(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[
         yield sse(from_engine_error(e).body())
     except APIError as e:
         yield sse(e.body())
+    except Exception as e:  # a bug; the client still gets a complete stream
+        logger.exception("error while streaming a response")
+        yield sse(internal_error(e).body())
     yield sse("[DONE]")

@@ -55,12 +55,19 @@ def _template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     return out
 
 
+_RESERVED_TEMPLATE_ARGS = ("self", "messages", "add_generation_prompt")  # apply_chat_template's own parameters
+
+
 def _prompt_ids(req: ChatCompletionRequest, tok: Tokenizer) -> list[int]:
     if req.tools:
         raise invalid("tool calling is not supported by this server", "tools")
     if req.response_format is not None and req.response_format.type != "text":
         raise invalid(f"response_format {req.response_format.type!r} is not supported (only 'text')",
                       "response_format")
+    clash = next((k for k in _RESERVED_TEMPLATE_ARGS if k in (req.chat_template_kwargs or {})), None)
+    if clash is not None:
+        raise invalid(f"chat_template_kwargs may not set {clash!r} (it comes from the request itself)",
+                      f"chat_template_kwargs.{clash}")
     try:
         text = tok.apply_chat_template(_template_messages(req.messages),
                                        add_generation_prompt=req.add_generation_prompt,

@@ -16,7 +16,7 @@ from typing import AsyncIterator
 
 import anyio
 
-from engine.outputs import EngineClient, GenerateRequest, RequestOutput
+from engine.outputs import EngineClient, EngineOverloaded, GenerateRequest, RequestOutput
 from serving.metrics import ServingMetrics
 
 
@@ -98,8 +98,10 @@ class Generation:
                 except StopAsyncIteration:
                     self.timings[i].done = True
                     continue
-                except BaseException:
+                except BaseException as e:
                     self._failed = True
+                    if isinstance(e, EngineOverloaded):
+                        self.metrics.observe_rejected(self.protocol, "overloaded")
                     raise
                 self._observe(i, out)
                 if out.finished:

@@ -11,7 +11,13 @@ and ``sampling_params``, and the engine requests run in a ``Generation``, so bot
 surfaces accept, reject and name parameters alike. The ``APIError`` those raise maps
 onto a status by its HTTP status: 400 INVALID_ARGUMENT, 404 NOT_FOUND, 429
 RESOURCE_EXHAUSTED, 503 UNAVAILABLE (a ``request_id`` already running is
-ALREADY_EXISTS); the offending field goes in the trailing metadata ``pdserve-param``.
+ALREADY_EXISTS); the offending field goes in the trailing metadata ``pdserve-param``
+(and a 429's ``Retry-After`` in ``retry-after``). A message that does not parse (bad
+UTF-8 in a string, corrupt wire format) is INVALID_ARGUMENT too: the handlers are
+registered with a decoder that hands them the parse error instead of letting grpc answer
+UNKNOWN. Anything else a handler raises is a bug: logged, and answered INTERNAL with the
+exception's type only. A client-chosen ``request_id`` is 1-128 characters of
+``[A-Za-z0-9._:-]`` (the engine names the extra sequences of ``n > 1`` ``ID#k``).
 A cancelled call (client gone, deadline) aborts its engine request, which frees its KV blocks.
 
 Also served: ``grpc.health.v1.Health`` (SERVING / NOT_SERVING from ``client.health()``,
@@ -24,12 +30,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
+import re
 import time
 import uuid
-from typing import Any, Iterator, NoReturn
+from typing import Any, Awaitable, Callable, Iterator, NoReturn
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
@@ -37,7 +46,7 @@ from grpc_reflection.v1alpha import reflection
 from engine.outputs import CompletionOutput, EngineClient, EngineError, GenerateRequest
 from engine.tokenizer import Tokenizer
 from serving import api_common as common
-from serving.errors import APIError, from_engine_error, invalid
+from serving.errors import APIError, from_engine_error, internal_error, invalid
 from serving.generation import Generation
 from serving.metrics import ServingMetrics
 from serving.protocol import CompletionRequest
@@ -49,6 +58,7 @@ logger = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PDServe"].full_name  # "pdserve.v1.PDServe"
 DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 PARAM_METADATA_KEY = "pdserve-param"
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 _STATUS_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND,
                  409: grpc.StatusCode.ALREADY_EXISTS, 429: grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -74,7 +84,52 @@ def _status(e: APIError) -> grpc.StatusCode:
 
 async def _abort(context: grpc.aio.ServicerContext, e: APIError) -> NoReturn:
     metadata = ((PARAM_METADATA_KEY, e.param),) if e.param else ()
+    metadata += tuple((key.lower(), value) for key, value in e.headers.items())
     await context.abort(_status(e), e.message, trailing_metadata=metadata)
+
+
+@dataclasses.dataclass
+class _Undecodable:
+    """A request message that did not parse; its handler answers INVALID_ARGUMENT."""
+
+    error: str
+
+
+def _decoder(message_class: Any) -> Callable[[bytes], Any]:
+    def decode(data: bytes) -> Any:
+        try:
+            return message_class.FromString(data)
+        except DecodeError as e:
+            return _Undecodable(str(e))
+    return decode
+
+
+def _guarded(method: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]) -> Callable:
+    """``method`` answering INVALID_ARGUMENT for an undecodable request and INTERNAL (logged) for a bug."""
+
+    @functools.wraps(method)
+    async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if isinstance(request, _Undecodable):
+            await _abort(context, invalid(f"the request message does not parse: {request.error}", code="invalid_message"))
+        try:
+            return await method(request, context)
+        except (grpc.aio.AbortError, asyncio.CancelledError):
+            raise
+        except Exception as e:
+            logger.exception("unhandled error in %s", method.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, internal_error(e).message)
+    return handler
+
+
+def add_servicer(servicer: "PDServeServicer", server: grpc.aio.Server) -> None:
+    """``pb_grpc.add_PDServeServicer_to_server`` with ``_decoder`` and ``_guarded`` around every method."""
+    handlers = {}
+    for method in pb.DESCRIPTOR.services_by_name["PDServe"].methods:
+        make = grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
+        handlers[method.name] = make(_guarded(getattr(servicer, method.name)),
+                                     request_deserializer=_decoder(getattr(pb, method.input_type.name)),
+                                     response_serializer=getattr(pb, method.output_type.name).SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
 
 
 @contextlib.contextmanager
@@ -167,6 +222,9 @@ class PDServeServicer(pb_grpc.PDServeServicer):
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
         try:
             request_id = request.request_id or f"grpc-{uuid.uuid4().hex}"
+            if not _REQUEST_ID.fullmatch(request_id):
+                raise _Abort(invalid(f"request_id must be 1-128 characters of [A-Za-z0-9._:-], got "
+                                     f"{request_id[:140]!r}", "request_id"))
             if request_id in self._running:
                 raise _Abort(APIError(409, f"request_id {request_id!r} is already running", param="request_id"))
             with _api_errors():
@@ -289,7 +347,7 @@ async def start_grpc_server(client: EngineClient, tokenizer: Tokenizer, metrics:
                ("grpc.so_reuseport", 0)]
     server = grpc.aio.server(options=options)
     servicer = PDServeServicer(client, tokenizer, metrics)
-    pb_grpc.add_PDServeServicer_to_server(servicer, server)
+    add_servicer(servicer, server)
     health = _HealthServicer(client)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(

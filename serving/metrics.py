@@ -15,7 +15,11 @@ Engine-wide values are read from ``EngineClient.stats()`` at scrape time: counte
 (tokens), with MTP speculative decoding ``spec_decode_num_drafts_total``,
 ``spec_decode_num_draft_tokens_total``, ``spec_decode_num_accepted_tokens_total`` and
 ``spec_decode_num_accepted_tokens_per_pos_total{position}``; gauges ``num_requests_running``,
-``num_requests_waiting``, ``kv_cache_usage_perc`` (a fraction in [0, 1], as vLLM's).
+``num_requests_waiting``, ``kv_cache_usage_perc`` (a fraction in [0, 1], as vLLM's),
+``kv_blocks_used`` and ``kv_blocks`` (all blocks). ``requests_rejected_total{protocol,reason}`` counts
+requests turned away before reaching the engine's queue (``overloaded``: the 429s).
+The standard ``process_*`` metrics (``process_resident_memory_bytes``, CPU seconds, open
+files) describe the serving process, so a soak run can watch its memory from outside.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from __future__ import annotations
 import logging
 from typing import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
@@ -82,6 +86,9 @@ class EngineStatsCollector:
                                 value=s.num_waiting)
         yield GaugeMetricFamily(PREFIX + "kv_cache_usage_perc", "Fraction of KV cache blocks in use (0 to 1).",
                                 value=s.kv_usage)
+        yield GaugeMetricFamily(PREFIX + "kv_blocks_used", "KV cache blocks held by requests.",
+                                value=s.kv_blocks_used)
+        yield GaugeMetricFamily(PREFIX + "kv_blocks", "KV cache blocks in all (used or free).", value=s.kv_blocks_total)
 
 
 class ServingMetrics:
@@ -107,6 +114,9 @@ class ServingMetrics:
                                ("protocol", "finish_reason"), registry=r)
         self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Prompt tokens processed.", p, registry=r)
         self.generation_tokens = Counter(PREFIX + "generation_tokens", "Tokens generated.", p, registry=r)
+        self.rejected = Counter(PREFIX + "requests_rejected", "Requests turned away before the engine queue.",
+                                ("protocol", "reason"), registry=r)
+        ProcessCollector(registry=r)
         if stats is not None:
             r.register(EngineStatsCollector(stats))
 
@@ -128,6 +138,9 @@ class ServingMetrics:
         self.generation_tokens.labels(protocol).inc(generation_tokens)
         for reason in finish_reasons:
             self.success.labels(protocol, reason).inc()
+
+    def observe_rejected(self, protocol: str, reason: str) -> None:
+        self.rejected.labels(protocol, reason).inc()
 
     def exposition(self) -> bytes:
         """The registry in the Prometheus text format (``CONTENT_TYPE``)."""

@@ -12,6 +12,8 @@ running requests finish for ``--graceful-shutdown-timeout`` seconds (then cancel
 them), after which ``engine.shutdown()`` runs; a second SIGINT skips the wait. A
 missing or broken model directory, a port in use, or an engine that fails to load is
 a one-line error with exit status 2. The API key may also come from ``PDSERVE_API_KEY``.
+Admission: past ``--max-num-seqs`` + ``--max-waiting-requests`` sequences in flight (default
+``2 × max_num_seqs``) requests are answered 429 with ``Retry-After`` (``engine.async_engine``).
 With ``--grpc-port N`` the gRPC API (``serving.grpc_server``) also listens on HOST:N,
 in the same event loop over the same engine, tokenizer and metrics, and prints
 ``pdserve: gRPC API (pdserve.v1.PDServe) at HOST:PORT`` when started; it stops after
