@@ -19,40 +19,14 @@ from typing import Any, AsyncIterator
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
+from engine.chat import ChatFormatError, render_chat
 from engine.outputs import CompletionOutput, GenerateRequest
 from serving import api_common as common
 from serving.access_log import access_record
 from serving.errors import invalid
 from serving.generation import Generation
-from serving.protocol import ChatCompletionRequest, ChatMessage
-from engine.tokenizer import ChatTemplateError, Tokenizer
-
-
-def _content_text(message: ChatMessage, i: int) -> str:
-    if message.content is None:
-        if message.role in ("assistant", "tool"):
-            return ""
-        raise invalid(f"messages[{i}].content is required for role {message.role!r}", f"messages[{i}].content")
-    if isinstance(message.content, str):
-        return message.content
-    texts = []
-    for j, part in enumerate(message.content):
-        if part.type != "text" or part.text is None:
-            raise invalid(f"messages[{i}].content[{j}]: only text content parts are supported, got type "
-                          f"{part.type!r}", f"messages[{i}].content[{j}].type")
-        texts.append(part.text)
-    return "\n".join(texts)
-
-
-def _template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
-    """Messages as chat templates expect them: plain dicts, absent fields left out (templates test ``in``)."""
-    out = []
-    for i, m in enumerate(messages):
-        d = m.model_dump(exclude_none=True)
-        d["role"] = "system" if m.role == "developer" else m.role
-        d["content"] = _content_text(m, i)
-        out.append(d)
-    return out
+from serving.protocol import ChatCompletionRequest
+from engine.tokenizer import Tokenizer
 
 
 def _prompt_ids(req: ChatCompletionRequest, tok: Tokenizer) -> list[int]:
@@ -62,15 +36,10 @@ def _prompt_ids(req: ChatCompletionRequest, tok: Tokenizer) -> list[int]:
         raise invalid(f"response_format {req.response_format.type!r} is not supported (only 'text')",
                       "response_format")
     try:
-        text = tok.apply_chat_template(_template_messages(req.messages),
-                                       add_generation_prompt=req.add_generation_prompt,
-                                       **(req.chat_template_kwargs or {}))
-    except ChatTemplateError as e:
-        raise invalid(str(e), "messages") from e
-    ids = tok.encode(text, add_special_tokens=False)
-    if not ids:
-        raise invalid("the rendered conversation is empty", "messages")
-    return ids
+        return render_chat(tok, [m.model_dump(exclude_none=True) for m in req.messages],
+                           add_generation_prompt=req.add_generation_prompt, template_kwargs=req.chat_template_kwargs)
+    except ChatFormatError as e:
+        raise invalid(str(e), e.param) from e
 
 
 def _engine_request(req: ChatCompletionRequest, prompt_ids: list[int], max_model_len: int,
