@@ -31,9 +31,9 @@ class ChatFormatError(ValueError):
 
 def _content_text(message: Mapping[str, Any], i: int) -> str | None:
     content = message.get("content")
+    if message["role"] == "assistant" and message.get("tool_calls") and not content:
+        return None  # DeepSeek-V3's template renders a tool-call turn when content is none
     if content is None:
-        if message["role"] == "assistant" and message.get("tool_calls"):
-            return None  # DeepSeek-V3's template renders a tool-call turn when content is none
         if message["role"] in ("assistant", "tool"):
             return ""
         raise ChatFormatError(f"messages[{i}].content is required for role {message['role']!r}",

@@ -271,3 +271,13 @@ def test_markers_as_special_tokens_are_kept_for_the_parser(tool_checkpoint, tok)
     assert params(special_tok, tools=[TIME_TOOL], tool_choice="none").skip_special_tokens is True
     assert params(special_tok).skip_special_tokens is True
     assert params(tok, tools=[TIME_TOOL]).skip_special_tokens is True  # markers are plain text there
+
+
+def test_assistant_tool_call_turn_renders_the_same_with_null_or_empty_content(tok):
+    from engine.chat import render_chat
+
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}
+    turns = [[{"role": "user", "content": "time?"}, {"role": "assistant", "content": content, "tool_calls": [call]},
+              {"role": "tool", "tool_call_id": "call_1", "content": "12:00"}] for content in (None, "")]
+    prompts = [tok.decode(render_chat(tok, t, tools=[TIME_TOOL])) for t in turns]
+    assert prompts[0] == prompts[1] and CALL_BEGIN + "function" + SEP + "get_time" in prompts[0]
