@@ -35,6 +35,8 @@ class EngineArgs:
     dtype: str = "auto"  # auto = bfloat16 (fast on CPUs with AVX512-BF16 and on GPUs)
     # auto = an FP8 checkpoint's projections stay FP8 in memory; dequantize = load them as ``dtype``
     weights: str = "auto"
+    # stored tensors the model does not use: False = one warning listing them, True = refuse to load
+    strict_load: bool = False
     seed: int = 0
     # kv cache
     block_size: int = 64

@@ -167,6 +167,9 @@ class LLMEngine:
         vocab = self.config.vocab_size
         if any((not isinstance(t, int)) or t < 0 or t >= vocab for t in prompt):
             raise SamplingParamError("prompt", f"token ids must be integers in [0, {vocab})")
+        if params.logit_bias and max(params.logit_bias) >= vocab:
+            raise SamplingParamError("logit_bias", f"token id {max(params.logit_bias)} is outside the vocabulary "
+                                                   f"[0, {vocab})")
         if len(prompt) + num_generated >= self.max_model_len:
             raise SamplingParamError(
                 "prompt", f"{len(prompt) + num_generated} prompt tokens leave no room to generate "

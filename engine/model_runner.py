@@ -19,7 +19,7 @@ import time
 import torch
 
 from engine.args import EngineArgs
-from engine.checkpoint.loader import iter_checkpoint_tensors
+from engine.checkpoint.loader import iter_checkpoint_tensors, mtp_layers_to_load, read_index
 from engine.model.attention import AttentionMetadata
 from engine.model.config import ModelConfig
 from engine.model.deepseek_v3 import DeepseekV3ForCausalLM
@@ -90,8 +90,6 @@ class ModelRunner:
         self.sampler = Sampler(torch.Generator(device=self.device).manual_seed(args.seed))
         self.proposer = None
         if args.speculative == "mtp":
-            if not self.model.mtp:
-                raise ValueError(f"speculative: {args.model} has no MTP layer (num_nextn_predict_layers = 0)")
             self.proposer = MTPProposer(self.model, args.num_speculative_tokens, self.block_size)
         self.kv_worker.sent_layers = range(self.num_computed_layers)
 
@@ -101,8 +99,11 @@ class ModelRunner:
             # positions past the context: speculative rows of the MTP layer may run up to lookahead ahead
             max_positions = self.cfg.max_position_embeddings + args.lookahead
             fp8 = is_fp8_checkpoint(self.cfg) and args.weights == "auto"  # keep FP8 weights FP8
-            model = DeepseekV3ForCausalLM(self.cfg, dtype=self.dtype, max_positions=max_positions, fp8=fp8)
-        model.load_weights(iter_checkpoint_tensors(args.model, self.cfg, self.dtype, include_mtp=True, keep_fp8=fp8))
+            mtp = mtp_layers_to_load(read_index(args.model), self.cfg, required=args.speculative == "mtp")
+            model = DeepseekV3ForCausalLM(self.cfg, dtype=self.dtype, max_positions=max_positions, with_mtp=mtp,
+                                          fp8=fp8)
+        model.load_weights(iter_checkpoint_tensors(args.model, self.cfg, self.dtype, include_mtp=mtp, keep_fp8=fp8,
+                                                   strict=args.strict_load))
         return model.eval()
 
     @property

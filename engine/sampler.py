@@ -11,6 +11,8 @@ Processing order (as in vLLM):
 1. min_tokens: while ``len(output) < min_tokens`` the row's eos ids and
    ``stop_token_ids`` are masked to ``-inf``. ``ignore_eos`` masks nothing: as
    in vLLM, eos may be sampled and simply does not end the sequence.
+   logit_bias (OpenAI): each listed token's bias is added to its logit, as a
+   sparse (row, token) add that costs nothing when no row uses it.
 2. repetition penalty (HF/vLLM): for tokens seen in prompt + output, positive
    logits are divided by the penalty and negative ones multiplied.
 3. presence / frequency penalties (OpenAI): over output tokens only,
@@ -114,6 +116,9 @@ class SamplingMetadata:
     min_p: torch.Tensor | None  # [B, 1]
     banned_rows: torch.Tensor | None  # [N] int64, with banned_tokens: (row, token) pairs to mask
     banned_tokens: torch.Tensor | None  # [N] int64
+    bias_rows: torch.Tensor | None  # [M] int64, with bias_tokens/bias_values: logit_bias as (row, token, bias)
+    bias_tokens: torch.Tensor | None  # [M] int64
+    bias_values: torch.Tensor | None  # [M] fp32
     penalties: _Penalties | None
     unseeded_rows: list[int]  # sampled rows that draw from the sampler's shared generator
     seeded_rows: list[tuple[int, torch.Generator]]  # sampled rows with their own generator
@@ -130,6 +135,8 @@ class SamplingMetadata:
         min_ps: list[float] = []
         banned_rows: list[int] = []
         banned_tokens: list[int] = []
+        bias_rows: list[int] = []
+        bias_entries: list[tuple[int, float]] = []
         pen_rows: list[int] = []
         unseeded: list[int] = []
         seeded: list[tuple[int, torch.Generator]] = []
@@ -156,6 +163,9 @@ class SamplingMetadata:
             if banned:
                 banned_rows.extend([i] * len(banned))
                 banned_tokens.extend(banned)
+            if p.logit_bias:
+                bias_rows.extend([i] * len(p.logit_bias))
+                bias_entries.extend(p.logit_bias.items())
             if p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0:
                 pen_rows.append(i)
             num_logprobs.append(p.logprobs)
@@ -175,6 +185,9 @@ class SamplingMetadata:
             min_p=_column(min_ps, 0.0, device),
             banned_rows=torch.tensor(banned_rows, dtype=torch.int64, device=device) if banned_rows else None,
             banned_tokens=torch.tensor(banned_tokens, dtype=torch.int64, device=device) if banned_rows else None,
+            bias_rows=torch.tensor(bias_rows, dtype=torch.int64, device=device) if bias_rows else None,
+            bias_tokens=torch.tensor([t for t, _ in bias_entries], dtype=torch.int64, device=device) if bias_rows else None,
+            bias_values=torch.tensor([b for _, b in bias_entries], dtype=torch.float32, device=device) if bias_rows else None,
             penalties=_build_penalties(rows, pen_rows, device) if pen_rows else None,
             unseeded_rows=unseeded,
             seeded_rows=seeded,
@@ -293,18 +306,19 @@ def prompt_logprobs(logits: torch.Tensor, prompt_token_ids: Sequence[int], k: in
 
 
 def penalized_logits(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
-    """Steps 1-3 of the pipeline: fp32 ``[B, V]`` logits with the min_tokens mask
-    masking and the repetition, frequency and presence penalties applied.
+    """Steps 1-3 of the pipeline: fp32 ``[B, V]`` logits with the min_tokens mask, the logit
+    bias and the repetition, frequency and presence penalties applied.
 
     Returns a new tensor, except when there is nothing to apply and ``logits``
     is already fp32: then ``logits`` itself (never modified).
     """
     x = logits.float()  # [B, V]; a copy unless already fp32
-    if meta.banned_rows is None and meta.penalties is None:
+    if meta.banned_rows is None and meta.bias_rows is None and meta.penalties is None:
         return x
     if x is logits:
         x = x.clone()
     _mask_banned(x, meta)
+    _add_bias(x, meta)
     if meta.penalties is not None:
         _apply_penalties(x, meta.penalties)
     return x
@@ -380,6 +394,14 @@ def _mask_banned(x: torch.Tensor, meta: SamplingMetadata) -> None:
         return
     in_vocab = meta.banned_tokens < x.shape[1]
     x[meta.banned_rows[in_vocab], meta.banned_tokens[in_vocab]] = float("-inf")
+
+
+def _add_bias(x: torch.Tensor, meta: SamplingMetadata) -> None:
+    """logit_bias: add each (row, token) bias in place; ids outside the vocab are ignored."""
+    if meta.bias_rows is None:
+        return
+    in_vocab = meta.bias_tokens < x.shape[1]
+    x.index_put_((meta.bias_rows[in_vocab], meta.bias_tokens[in_vocab]), meta.bias_values[in_vocab], accumulate=True)
 
 
 def _apply_penalties(x: torch.Tensor, pen: _Penalties) -> None:

@@ -21,6 +21,7 @@ MAX_N = 64
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
 MAX_LOGPROBS = 20
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range: a bias in [-100, 100] per token
 
 
 class SamplingParamError(ValueError):
@@ -71,6 +72,7 @@ class SamplingParams:
     stop: list[str] = dataclasses.field(default_factory=list)
     stop_token_ids: list[int] = dataclasses.field(default_factory=list)
     ignore_eos: bool = False
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit before sampling (OpenAI)
     logprobs: int | None = None  # top-k logprobs per generated token (0 = only the sampled one)
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
@@ -126,6 +128,10 @@ class SamplingParams:
         check(isinstance(self.stop_token_ids, list) and all(is_int(t) and 0 <= t < 2**31 for t in self.stop_token_ids),
               "stop_token_ids", "must be a list of token ids (integers in [0, 2^31))")
         check(isinstance(self.ignore_eos, bool), "ignore_eos", "must be a boolean")
+        check(self.logit_bias is None or (
+            isinstance(self.logit_bias, dict)
+            and all(is_int(t) and t >= 0 and is_num(b) and abs(b) <= MAX_LOGIT_BIAS for t, b in self.logit_bias.items())),
+            "logit_bias", f"must map token ids (integers >= 0) to biases in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]")
         for name in ("logprobs", "prompt_logprobs"):
             v = getattr(self, name)
             check(v is None or (is_int(v) and 0 <= v <= MAX_LOGPROBS), name,

@@ -14,7 +14,6 @@ import asyncio
 import dataclasses
 import json
 import logging
-import math
 import re
 import time
 from typing import Any, AsyncIterator, Awaitable, Callable
@@ -26,7 +25,7 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from engine.outputs import CompletionOutput, EngineClient, EngineError, RequestOutput, TokenLogprobs
+from engine.outputs import CompletionOutput, EngineClient, EngineError, RequestOutput
 from engine.sampling_params import SamplingParamError, SamplingParams
 from serving.errors import APIError, from_engine_error, from_sampling_error, internal_error, invalid
 from serving.generation import Generation
@@ -35,8 +34,6 @@ from serving.protocol import SamplingFields
 from engine.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
-
-MIN_LOGPROB = -9999.0  # JSON has no -inf; vLLM clamps the same way
 
 
 @dataclasses.dataclass
@@ -205,11 +202,11 @@ _OPTIONAL_SAMPLING = ("temperature", "top_p", "top_k", "min_p", "presence_penalt
 def sampling_params(req: SamplingFields, *, max_tokens: int | None, logprobs: int | None,
                     prompt_logprobs: int | None = None, aliases: dict[str, str] | None = None) -> SamplingParams:
     """``SamplingParams`` from the request's fields; an out-of-range value is a 400 naming its field."""
-    if req.logit_bias:
-        raise invalid("logit_bias is not supported by this server", "logit_bias")
     if req.stream_options is not None and not req.stream:
         raise invalid("stream_options is only allowed when stream is true", "stream_options")
     kwargs = {name: getattr(req, name) for name in _OPTIONAL_SAMPLING if getattr(req, name) is not None}
+    if req.logit_bias:
+        kwargs["logit_bias"] = _logit_bias(req.logit_bias)
     try:
         return SamplingParams(
             n=req.n, max_tokens=max_tokens, min_tokens=req.min_tokens, ignore_eos=req.ignore_eos,
@@ -219,35 +216,18 @@ def sampling_params(req: SamplingFields, *, max_tokens: int | None, logprobs: in
         raise from_sampling_error(e, aliases) from e
 
 
+def _logit_bias(bias: dict[str, float]) -> dict[int, float]:
+    """OpenAI sends token ids as JSON object keys (strings); the engine takes ints."""
+    bad = next((key for key in bias if not (key.isascii() and key.isdigit())), None)
+    if bad is not None:
+        raise invalid(f"logit_bias: keys must be token ids (non-negative integers), got {bad!r}", "logit_bias")
+    return {int(key): value for key, value in bias.items()}
+
+
 def check_token_ids(ids: list[int], vocab_size: int, param: str) -> None:
     bad = next((t for t in ids if not 0 <= t < vocab_size), None)
     if bad is not None:
         raise invalid(f"token id {bad} is outside the vocabulary [0, {vocab_size})", param)
-
-
-def clamp_logprob(value: float) -> float:
-    return MIN_LOGPROB if math.isnan(value) or value < MIN_LOGPROB else value
-
-
-def sampled_logprob(entry: TokenLogprobs, token_id: int) -> float:
-    """The logprob of the token that was produced (the engine puts it first in each position's dict)."""
-    return entry[token_id] if token_id in entry else next(iter(entry.values()))
-
-
-def top_entries(entry: TokenLogprobs, k: int) -> list[tuple[int, float]]:
-    """The ``k`` most likely tokens of a position (the dict holds the sampled token plus the top-k)."""
-    return sorted(entry.items(), key=lambda kv: kv[1], reverse=True)[:k]
-
-
-def usage(gen: Generation) -> dict[str, Any]:
-    out: dict[str, Any] = {"prompt_tokens": gen.prompt_tokens, "completion_tokens": gen.completion_tokens,
-                           "total_tokens": gen.prompt_tokens + gen.completion_tokens}
-    if gen.cached_tokens is not None:
-        out["prompt_tokens_details"] = {"cached_tokens": gen.cached_tokens}
-    drafts, accepted = gen.spec_tokens
-    if drafts:  # speculative decoding: this request's MTP acceptance (a pdserve extension)
-        out["spec_decode"] = {"draft_tokens": drafts, "accepted_tokens": accepted}
-    return out
 
 
 def now_seconds() -> int:

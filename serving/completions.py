@@ -23,7 +23,9 @@ from serving import api_common as common
 from serving.access_log import access_record
 from serving.errors import invalid
 from serving.generation import Generation
+from serving.logprobs import CompletionLogprobs
 from serving.protocol import CompletionRequest
+from serving.usage import Usage
 from engine.tokenizer import Tokenizer
 
 
@@ -78,31 +80,6 @@ def _engine_requests(req: CompletionRequest, prompts: list[_Prompt], max_model_l
     return out
 
 
-class _Logprobs:
-    """OpenAI's completions ``logprobs`` object, built incrementally (text offsets carry over chunks)."""
-
-    def __init__(self, tok: Tokenizer, k: int):
-        self.tok, self.k, self.offset = tok, k, 0
-
-    def build(self, token_ids: list[int], logprobs: list[TokenLogprobs | None] | None) -> dict[str, Any]:
-        out: dict[str, Any] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-        for j, tid in enumerate(token_ids):
-            entry = logprobs[j] if logprobs is not None and j < len(logprobs) else None
-            text = self.tok.token_text(tid)
-            out["tokens"].append(text)
-            out["text_offset"].append(self.offset)
-            self.offset += len(text)
-            if entry is None:
-                out["token_logprobs"].append(None)
-                out["top_logprobs"].append(None)
-                continue
-            out["token_logprobs"].append(common.clamp_logprob(common.sampled_logprob(entry, tid)))
-            top = dict(common.top_entries(entry, self.k))
-            top.setdefault(tid, common.sampled_logprob(entry, tid))
-            out["top_logprobs"].append({self.tok.token_text(t): common.clamp_logprob(v) for t, v in top.items()})
-        return out
-
-
 def _merge_logprobs(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     return {key: a[key] + b[key] for key in a}
 
@@ -114,7 +91,7 @@ class _Choice:
                  tok: Tokenizer):
         self.pending_echo = req.echo
         self.prompt, self.prompt_logprobs = prompt, prompt_logprobs
-        self.logprobs = _Logprobs(tok, req.logprobs) if req.logprobs is not None else None
+        self.logprobs = CompletionLogprobs(tok, req.logprobs) if req.logprobs is not None else None
 
     def render(self, c: CompletionOutput) -> tuple[str, dict[str, Any] | None]:
         """This delta's text and logprobs, the prompt's prepended the first time when echoing."""
@@ -158,7 +135,7 @@ async def create(ctx: common.ServerContext, request: Request) -> Any:
             text, lp = _Choice(req, p, out.prompt_logprobs, ctx.tokenizer).render(c)
             choices.append(_choice_dict(i * req.n + c.index, text, lp, c))
     choices.sort(key=lambda ch: ch["index"])
-    return JSONResponse({**head, "choices": choices, "usage": common.usage(gen)})
+    return JSONResponse({**head, "choices": choices, "usage": Usage.of(gen).openai()})
 
 
 async def _chunks(req: CompletionRequest, prompts: list[_Prompt], gen: Generation,
@@ -176,7 +153,7 @@ async def _chunks(req: CompletionRequest, prompts: list[_Prompt], gen: Generatio
                 continue
             chunk = {**head, "choices": [_choice_dict(index, text, lp, c)]}
             if options and options.continuous_usage_stats:
-                chunk["usage"] = common.usage(gen)
+                chunk["usage"] = Usage.of(gen).openai()
             yield chunk
     if options and options.include_usage:
-        yield {**head, "choices": [], "usage": common.usage(gen)}
+        yield {**head, "choices": [], "usage": Usage.of(gen).openai()}

@@ -48,8 +48,10 @@ from engine.tokenizer import Tokenizer
 from serving import api_common as common
 from serving.errors import APIError, from_engine_error, internal_error, invalid
 from serving.generation import Generation
+from serving.logprobs import positions
 from serving.metrics import ServingMetrics
 from serving.protocol import CompletionRequest
+from serving.usage import Usage
 from serving.proto import pdserve_pb2 as pb
 from serving.proto import pdserve_pb2_grpc as pb_grpc
 
@@ -182,19 +184,9 @@ def engine_request(req: CompletionRequest, prompt_ids: list[int], max_model_len:
 
 
 def _logprobs(c: CompletionOutput, k: int) -> list[pb.TokenLogprob]:
-    out = []
-    for tid, entry in zip(c.token_ids, c.logprobs or []):
-        top = [pb.TopLogprob(token_id=t, logprob=v) for t, v in common.top_entries(entry, k)]
-        out.append(pb.TokenLogprob(token_id=tid, logprob=common.sampled_logprob(entry, tid), top_logprobs=top))
-    return out
-
-
-def _usage(gen: Generation) -> pb.Usage:
-    usage = pb.Usage(prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens,
-                     total_tokens=gen.prompt_tokens + gen.completion_tokens)
-    if gen.cached_tokens is not None:
-        usage.cached_tokens = gen.cached_tokens
-    return usage
+    return [pb.TokenLogprob(token_id=p.token_id, logprob=p.logprob,
+                            top_logprobs=[pb.TopLogprob(token_id=t, logprob=v) for t, v in p.top])
+            for p in positions(c.token_ids, c.logprobs, k) if p.logprob is not None]
 
 
 def _response(request_id: str, c: CompletionOutput, logprobs: int | None) -> pb.GenerateResponse:
@@ -248,7 +240,7 @@ class PDServeServicer(pb_grpc.PDServeServicer):
                             continue
                         msg = _response(request_id, c, req.logprobs)
                         if j == last:
-                            msg.usage.CopyFrom(_usage(gen))
+                            msg.usage.CopyFrom(pb.Usage(**Usage.of(gen).counts()))
                         await context.write(msg)
         except _Abort as e:
             await _abort(context, e.error)

@@ -1,7 +1,8 @@
 """Request bodies of the OpenAI-compatible endpoints, as strict pydantic models.
 
 Types are strict (``"max_tokens": "10"`` or ``"stream": 1`` is a 400, as with
-OpenAI); unknown fields are ignored like vLLM does. Value ranges are checked by
+OpenAI); unknown fields are ignored like vLLM does, and unknown top-level fields are
+logged once per request (logger ``pdserve.api``). Value ranges are checked by
 ``SamplingParams.validate`` so the HTTP and gRPC surfaces agree on them; only what
 ``SamplingParams`` cannot see (message roles, ``top_logprobs``, unsupported
 features) is checked here. The vLLM extensions ``top_k``, ``min_p``,
@@ -12,9 +13,15 @@ features) is checked here. The vLLM extensions ``top_k``, ``min_p``,
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+log = logging.getLogger("pdserve.api")
+
+# OpenAI's rule for function names; it also keeps a name on the one line DeepSeek-V3's tool-call format gives it.
+FUNCTION_NAME = r"^[A-Za-z0-9_-]{1,64}$"
 
 
 class _Strict(BaseModel):
@@ -46,8 +53,17 @@ class SamplingFields(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     logit_bias: dict[str, float] | None = None
-    user: str | None = None
+    user: str | None = None  # accepted as OpenAI documents it; not used
     priority: int = 0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _log_ignored_fields(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            ignored = sorted(str(k) for k in set(data) - set(cls.model_fields))
+            if ignored:
+                log.warning("request fields ignored (not supported): %s", ", ".join(ignored))
+        return data
 
 
 class CompletionRequest(SamplingFields):
@@ -66,16 +82,48 @@ class TextPart(_Strict):
     text: str | None = None
 
 
+class FunctionCall(_Strict):
+    name: str = Field(pattern=FUNCTION_NAME)
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(_Strict):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
     tool_call_id: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ResponseFormat(_Strict):
     type: str
+
+
+class FunctionDefinition(_Strict):
+    name: str = Field(pattern=FUNCTION_NAME)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # JSON Schema; not enforced until constrained decoding exists
+    strict: bool | None = None
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: FunctionName
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -85,6 +133,9 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = None
     response_format: ResponseFormat | None = None
-    tools: list[dict[str, Any]] | None = None
+    tools: list[Tool] | None = None
+    # default: "auto" with tools, "none" without
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None

@@ -3,7 +3,8 @@ and ``running_server``, which serves any ``EngineClient`` on 127.0.0.1 with uvic
 
 ``FakeEngine`` emits, for completion ``k`` of a prompt, the tokens
 ``expected_token_ids(prompt, k, count)`` — a pure function of the prompt, so concurrent
-requests can be checked independently. It honours ``max_tokens``, ``n``, stop strings,
+requests can be checked independently — or, with ``reply``, the tokens of the text
+``reply(request, k)`` followed by EOS (scripted model output). It honours ``max_tokens``, ``n``, stop strings,
 ``stop_token_ids``, EOS (after ``eos_after`` tokens unless ``ignore_eos``), ``min_tokens``,
 logprobs/prompt logprobs and ``abort``, sleeps ``token_delay`` seconds per step, and
 keeps ``blocks_in_use`` (KV blocks held by running requests) so tests can check that
@@ -22,7 +23,7 @@ import os
 import socket
 import threading
 import time
-from typing import AsyncIterator, Iterator
+from typing import AsyncIterator, Callable, Iterator
 
 import uvicorn
 from tokenizers import Tokenizer as HFTokenizer
@@ -95,7 +96,8 @@ class FakeEngine:
 
     def __init__(self, tokenizer: Tokenizer, *, model_name: str = "fake-model", max_model_len: int = 512,
                  token_delay: float = 0.0, block_size: int = 16, num_blocks: int = 100_000,
-                 max_running: int | None = None, eos_after: int | None = None):
+                 max_running: int | None = None, eos_after: int | None = None,
+                 reply: Callable[[GenerateRequest, int], str] | None = None):
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.max_model_len = max_model_len
@@ -104,6 +106,7 @@ class FakeEngine:
         self.num_blocks = num_blocks
         self.max_running = max_running
         self.eos_after = eos_after
+        self.reply = reply
         self.eos_token_ids = [tokenizer.eos_token_id]
         self.healthy = True
         self.fail_with: EngineError | None = None  # raised by the next generate()
@@ -183,7 +186,7 @@ class FakeEngine:
         metrics = RequestMetrics(arrival_time=time.time(), num_cached_tokens=self._cached_tokens(req.prompt_token_ids))
         await asyncio.sleep(self.token_delay)
         metrics.scheduled_time = time.time()
-        states = [_Completion(k, self.expected_token_ids(req.prompt_token_ids, k, sp.max_tokens)) for k in range(sp.n)]
+        states = [_Completion(k, self._plan(req, k)) for k in range(sp.n)]
         prompt_logprobs = None
         if sp.prompt_logprobs is not None:
             prompt_logprobs = [None] + [{t: -1.5} for t in req.prompt_token_ids[1:]]
@@ -209,10 +212,15 @@ class FakeEngine:
                                 prompt_logprobs=prompt_logprobs if step == 1 else None,
                                 metrics=dataclasses.replace(metrics))
 
+    def _plan(self, req: GenerateRequest, k: int) -> list[int]:
+        if self.reply is None:
+            return self.expected_token_ids(req.prompt_token_ids, k, req.sampling_params.max_tokens)
+        return self.tokenizer.encode(self.reply(req, k), add_special_tokens=False) + [self.tokenizer.eos_token_id]
+
     def _advance(self, s: "_Completion", step: int, sp) -> CompletionOutput:
         eos = self.tokenizer.eos_token_id
         at_eos = (self.eos_after is not None and step >= self.eos_after and not sp.ignore_eos
-                  and step >= sp.min_tokens)
+                  and step >= sp.min_tokens) or (s.plan[step] == eos and not sp.ignore_eos)
         tid = eos if at_eos else s.plan[step]
         s.token_ids.append(tid)
         out = CompletionOutput(s.index, token_ids=[tid])
@@ -233,6 +241,8 @@ class FakeEngine:
                 out.finish_reason, out.stop_reason = "stop", tid
             elif len(s.token_ids) >= sp.max_tokens:
                 out.finish_reason = "length"
+            if out.finish_reason is None and out.text.endswith("\ufffd"):
+                out.text = ""  # a character split across tokens: shown once its last byte arrives
         s.text += out.text
         return out
 

@@ -9,14 +9,25 @@ Loading first reads only the safetensors headers and checks them against
 ``checkpoint_schema(cfg)``, so a broken checkpoint fails before any data is read,
 with one ``CheckpointError`` naming the file and the tensor. Tensors are then read
 lazily shard by shard and yielded one at a time: memory holds one tensor (plus the
-memory-mapped shard), never the whole model. Tensors the schema does not know
-(``rotary_emb.inv_freq`` and the like) are ignored.
+memory-mapped shard), never the whole model.
+
+Two departures from the schema are tolerated, as vLLM tolerates them:
+
+* MTP layers that config.json declares (``num_nextn_predict_layers``) but the checkpoint
+  does not store at all -- transformers' ``save_pretrained`` drops them, and so do many
+  published DeepSeek-derived checkpoints. ``mtp_layers_to_load`` decides: the model is
+  built without them, with one warning; speculative decoding with MTP then fails at
+  start-up naming the missing layer. A partly stored MTP layer is still an error.
+* Tensors config.json does not account for: one warning lists them, or with
+  ``strict=True`` (``--strict-load``) they are an error. ``rotary_emb.inv_freq``
+  buffers (derived, written by old exporters) are skipped silently.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import sys
 from collections.abc import Iterator
@@ -28,6 +39,8 @@ from tqdm import tqdm
 from engine.checkpoint.fp8 import dequantize_block_fp8
 from engine.checkpoint.schema import TensorSpec, checkpoint_schema, scale_inv_shape
 from engine.model.config import ConfigError, ModelConfig
+
+log = logging.getLogger("pdserve.checkpoint")
 
 SINGLE_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -150,6 +163,56 @@ def _check_missing(index: CheckpointIndex, schema: dict[str, TensorSpec], cfg: M
     raise CheckpointError(f"{index.source}: missing tensor {missing[0]!r}{more}{hint}")
 
 
+# Buffers some exporters write that are derived from config.json, never weights.
+_DERIVED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def unused_tensors(index: CheckpointIndex, cfg: ModelConfig) -> list[str]:
+    """Stored tensors that config.json does not account for (neither a schema tensor, MTP layers included,
+    nor its FP8 ``weight_scale_inv``), in storage order; derived rotary buffers are not counted."""
+    known = set(checkpoint_schema(cfg, include_mtp=True))
+    known |= {scale_name(n) for n in known}
+    return [n for n in index.tensors if n not in known and not n.endswith(_DERIVED_SUFFIXES)]
+
+
+def _report_unused(index: CheckpointIndex, cfg: ModelConfig, strict: bool) -> None:
+    unused = unused_tensors(index, cfg)
+    if not unused:
+        return
+    listed = ", ".join(unused[:8]) + (f", ... ({len(unused) - 8} more)" if len(unused) > 8 else "")
+    if strict:
+        raise CheckpointError(f"{index.source}: {len(unused)} tensor(s) the model does not use: {listed} "
+                              f"(strict load; drop strict_load / --strict-load to load without them)")
+    log.warning("%s: ignoring %d tensor(s) the model does not use: %s", index.source, len(unused), listed)
+
+
+def mtp_layers_to_load(index: CheckpointIndex, cfg: ModelConfig, required: bool = False) -> bool:
+    """Whether to build and load the MTP layers config.json declares.
+
+    True when the checkpoint stores them (a partly stored layer counts, so the loader then names its
+    missing tensors). False when config.json declares none, or when the checkpoint stores none of their
+    tensors: then one warning, unless ``required`` (MTP speculative decoding), where either case is a
+    ``CheckpointError`` naming the missing layer.
+    """
+    if cfg.num_nextn_predict_layers == 0:
+        if required:
+            raise CheckpointError(f"{index.path}: speculative decoding with MTP needs an MTP layer, but config.json "
+                                  f"declares num_nextn_predict_layers = 0")
+        return False
+    mtp = [n for n in checkpoint_schema(cfg, include_mtp=True) if _is_mtp_tensor(n, cfg)]
+    if any(n in index.tensors for n in mtp):
+        return True
+    first = cfg.num_hidden_layers
+    layers = ", ".join(f"model.layers.{first + k}" for k in range(cfg.num_nextn_predict_layers))
+    what = (f"config.json declares num_nextn_predict_layers={cfg.num_nextn_predict_layers}, but {index.source} "
+            f"stores no tensor of MTP layer {layers} (e.g. {mtp[0]!r}; transformers' save_pretrained drops it)")
+    if required:
+        raise CheckpointError(f"speculative decoding with MTP needs MTP layer {layers}: {what}; "
+                              f"serve without speculative decoding or use a checkpoint that ships the layer")
+    log.warning("%s: loading without MTP (no speculative decoding with MTP on this checkpoint)", what)
+    return False
+
+
 def _check_tensor(index: CheckpointIndex, name: str, spec: TensorSpec) -> None:
     stored = index.tensors[name]
     if stored.shape != spec.shape:
@@ -169,12 +232,17 @@ def _check_tensor(index: CheckpointIndex, name: str, spec: TensorSpec) -> None:
                               f"expected {list(scale_inv_shape(spec.shape))} for weight shape {list(spec.shape)}")
 
 
-def check_checkpoint(index: CheckpointIndex, cfg: ModelConfig, include_mtp: bool = True) -> dict[str, TensorSpec]:
-    """Check the stored tensors against the schema of ``cfg``; returns that schema. Raises CheckpointError."""
+def check_checkpoint(index: CheckpointIndex, cfg: ModelConfig, include_mtp: bool = True,
+                     strict: bool = False) -> dict[str, TensorSpec]:
+    """Check the stored tensors against the schema of ``cfg``; returns that schema. Raises CheckpointError.
+
+    Stored tensors config.json does not account for are logged once, or with ``strict`` raise.
+    """
     schema = checkpoint_schema(cfg, include_mtp)
     _check_missing(index, schema, cfg)
     for name, spec in schema.items():
         _check_tensor(index, name, spec)
+    _report_unused(index, cfg, strict)
     return schema
 
 
@@ -221,16 +289,18 @@ def iter_checkpoint_tensors(
     include_mtp: bool = True,
     progress: bool = True,
     keep_fp8: bool = False,
+    strict: bool = False,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, tensor)`` for every tensor of ``checkpoint_schema(cfg, include_mtp)``, shard by shard.
 
     Tensors come cast to ``dtype``; FP8 weights are dequantized block-wise (product in
     fp32, then cast). ``dtype=None`` keeps each tensor's stored dtype (FP8 weights come
     out float32). ``keep_fp8=True`` yields FP8 weights as stored instead, each followed by its
-    fp32 ``<name>_scale_inv``. The whole checkpoint is validated before the first tensor is yielded.
+    fp32 ``<name>_scale_inv``. The whole checkpoint is validated before the first tensor is yielded
+    (``strict``: stored tensors the model does not use are an error, not a warning).
     """
     index = read_index(path)
-    schema = check_checkpoint(index, cfg, include_mtp)
+    schema = check_checkpoint(index, cfg, include_mtp, strict)
     by_file: dict[str, list[str]] = {f: [] for f in index.files}
     for name in schema:
         by_file[index.tensors[name].file].append(name)

@@ -11,12 +11,8 @@ torch and the engine are imported inside the handlers only; a CheckpointError
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING
 
 from serving.cli import CLIError
-
-if TYPE_CHECKING:
-    from engine.model.config import ModelConfig
 
 DTYPE_NAMES = ("bfloat16", "float32")
 
@@ -86,13 +82,12 @@ def _gb(n: int) -> str:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from engine.checkpoint.loader import CheckpointError, check_checkpoint, load_config, read_index
+    from engine.checkpoint.loader import CheckpointError, check_checkpoint, load_config, mtp_layers_to_load, read_index
 
     try:
         cfg = load_config(args.dir)
         index = read_index(args.dir)
-        has_mtp = cfg.num_nextn_predict_layers > 0 and all(
-            name in index.tensors for name in _mtp_probe_names(cfg))
+        has_mtp = mtp_layers_to_load(index, cfg)
         schema = check_checkpoint(index, cfg, include_mtp=has_mtp)
     except CheckpointError as e:
         raise CLIError(str(e)) from e
@@ -118,7 +113,3 @@ def _inspect(args: argparse.Namespace) -> int:
     print("\n".join(lines))
     return 0
 
-
-def _mtp_probe_names(cfg: ModelConfig) -> list[str]:
-    """One tensor per declared MTP layer whose presence means the layer was shipped."""
-    return [f"model.layers.{cfg.num_hidden_layers + k}.eh_proj.weight" for k in range(cfg.num_nextn_predict_layers)]
