@@ -21,6 +21,11 @@ Two departures from the schema are tolerated, as vLLM tolerates them:
 * Tensors config.json does not account for: one warning lists them, or with
   ``strict=True`` (``--strict-load``) they are an error. ``rotary_emb.inv_freq``
   buffers (derived, written by old exporters) are skipped silently.
+
+A rank of a parallel instance passes ``select`` (``DeepseekV3ForCausalLM.checkpoint_filter``):
+names it answers False for are never read, and a ``TensorSlice`` answer reads only
+that slice of the tensor (safetensors reads lazily), so a rank reads its own TP
+slices and its own experts and nothing else.
 """
 
 from __future__ import annotations
@@ -30,13 +35,13 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
-from engine.checkpoint.fp8 import dequantize_block_fp8
+from engine.checkpoint.fp8 import BLOCK, dequantize_block_fp8
 from engine.checkpoint.schema import TensorSpec, checkpoint_schema, scale_inv_shape
 from engine.model.config import ConfigError, ModelConfig
 
@@ -48,6 +53,28 @@ INDEX_NAME = "model.safetensors.index.json"
 
 class CheckpointError(Exception):
     """A checkpoint pdserve cannot load; the message names the file and, where it applies, the tensor."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSlice:
+    """Elements ``[start, start + length)`` along ``dim`` of a stored tensor."""
+
+    dim: int
+    start: int
+    length: int
+
+    def index(self) -> tuple[slice, ...]:
+        return (slice(None),) * self.dim + (slice(self.start, self.start + self.length),)
+
+    def scale_slice(self, full: int) -> "TensorSlice | None":
+        """The same rows of the 128x128 block scales, or None when the slice cuts through a block."""
+        end = self.start + self.length
+        if self.start % BLOCK or (end % BLOCK and end != full):
+            return None
+        return TensorSlice(self.dim, self.start // BLOCK, -(-end // BLOCK) - self.start // BLOCK)
+
+
+Selection = Callable[[str], "bool | TensorSlice"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,33 +280,37 @@ def _open(file: str):
         raise CheckpointError(f"{file}: not a readable safetensors file, truncated or corrupt ({e})") from e
 
 
-def _get(handle, file: str, name: str) -> torch.Tensor:
+def _get(handle, file: str, name: str, part: TensorSlice | None = None) -> torch.Tensor:
     try:
-        return handle.get_tensor(name)
+        return handle.get_tensor(name) if part is None else handle.get_slice(name)[part.index()]
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{file}: cannot read tensor {name!r} ({e})") from e
 
 
-def _materialize(handle, index: CheckpointIndex, name: str, dtype: torch.dtype | None,
-                 keep_fp8: bool) -> Iterator[tuple[str, torch.Tensor]]:
-    """One schema tensor from the open shard, cast to ``dtype`` (None: as stored); an FP8 pair is
-    dequantized, or with ``keep_fp8`` yielded raw: the e4m3 weight, then its fp32 ``weight_scale_inv``."""
+def _materialize(handle, index: CheckpointIndex, name: str, dtype: torch.dtype | None, keep_fp8: bool,
+                 part: TensorSlice | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """One schema tensor (or its ``part``) from the open shard, cast to ``dtype`` (None: as stored); an FP8
+    pair is dequantized, or with ``keep_fp8`` yielded raw: the e4m3 weight, then its fp32 ``weight_scale_inv``."""
     stored = index.tensors[name]
-    tensor = _get(handle, stored.file, name)
     if not is_fp8_dtype(stored.dtype):
+        tensor = _get(handle, stored.file, name, part)
         yield name, tensor if dtype is None else tensor.to(dtype)
         return
     scale = index.tensors[scale_name(name)]
+    scale_part = part.scale_slice(stored.shape[part.dim]) if part is not None else None
+    whole_then_cut = part is not None and scale_part is None  # a slice through a 128-block: read whole, cut after
+    tensor = _get(handle, stored.file, name, None if whole_then_cut else part)
     if scale.file == stored.file:
-        scale_inv = _get(handle, scale.file, scale_name(name))
+        scale_inv = _get(handle, scale.file, scale_name(name), scale_part)
     else:  # the scale landed in the next shard
         with _open(scale.file) as other:
-            scale_inv = _get(other, scale.file, scale_name(name))
+            scale_inv = _get(other, scale.file, scale_name(name), scale_part)
     if keep_fp8:
         yield name, tensor
         yield scale_name(name), scale_inv.to(torch.float32)
-    else:
-        yield name, dequantize_block_fp8(tensor, scale_inv, dtype or torch.float32)
+        return
+    tensor = dequantize_block_fp8(tensor, scale_inv, dtype or torch.float32)
+    yield name, tensor[part.index()] if whole_then_cut else tensor
 
 
 def iter_checkpoint_tensors(
@@ -290,26 +321,32 @@ def iter_checkpoint_tensors(
     progress: bool = True,
     keep_fp8: bool = False,
     strict: bool = False,
+    select: Selection | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, tensor)`` for every tensor of ``checkpoint_schema(cfg, include_mtp)``, shard by shard.
 
     Tensors come cast to ``dtype``; FP8 weights are dequantized block-wise (product in
     fp32, then cast). ``dtype=None`` keeps each tensor's stored dtype (FP8 weights come
     out float32). ``keep_fp8=True`` yields FP8 weights as stored instead, each followed by its
-    fp32 ``<name>_scale_inv``. The whole checkpoint is validated before the first tensor is yielded
-    (``strict``: stored tensors the model does not use are an error, not a warning).
+    fp32 ``<name>_scale_inv``. ``select(name)``: False skips the tensor unread, a
+    ``TensorSlice`` yields only that slice (an FP8 pair: the weight's slice and the scales of
+    its blocks), True the whole tensor. The whole checkpoint is validated before the first
+    tensor is yielded (``strict``: stored tensors the model does not use are an error, not a warning).
     """
     index = read_index(path)
     schema = check_checkpoint(index, cfg, include_mtp, strict)
-    by_file: dict[str, list[str]] = {f: [] for f in index.files}
+    by_file: dict[str, list[tuple[str, TensorSlice | None]]] = {f: [] for f in index.files}
     for name in schema:
-        by_file[index.tensors[name].file].append(name)
-    with tqdm(total=len(schema), desc="loading checkpoint", unit="tensor", file=sys.stderr,
+        choice = True if select is None else select(name)
+        if choice is not False:
+            by_file[index.tensors[name].file].append((name, choice if isinstance(choice, TensorSlice) else None))
+    total = sum(len(names) for names in by_file.values())
+    with tqdm(total=total, desc="loading checkpoint", unit="tensor", file=sys.stderr,
               disable=not progress) as bar:
         for file, names in by_file.items():
             if not names:
                 continue
             with _open(file) as handle:
-                for name in names:
-                    yield from _materialize(handle, index, name, dtype, keep_fp8)
+                for name, part in names:
+                    yield from _materialize(handle, index, name, dtype, keep_fp8, part)
                     bar.update(1)

@@ -1,35 +1,51 @@
-"""The DeepSeek-V3 / V2 model, read top-down: MLA → MLP / MoE → decoder block → MTP → causal LM.
+"""The DeepSeek-V3 / V2 model, read top-down: MLA → dense MLP / MoE → decoder block → MTP → causal LM.
 
 Tokens of a step arrive flat (``input_ids [T]``, ``positions [T]``); an
 ``AttentionMetadata`` says how they split into sequences and where their latent
 rows live in the paged cache. ``forward`` returns the final hidden states
 (after the last norm) ``[T, D]``; ``compute_logits`` turns selected rows into
-fp32 logits. MTP layer ``k`` (checkpoint layer ``num_hidden_layers + k``)
-predicts token t+2 from the main model's hidden state at t and the embedding
-of token t+1:
+fp32 logits over the full vocabulary. MTP layer ``k`` (checkpoint layer
+``num_hidden_layers + k``) predicts token t+2 from the main model's hidden
+state at t and the embedding of token t+1:
 
     h' = block(eh_proj([enorm(emb(x_{t+1})); hnorm(h_t)]))   logits = head(norm(h'))
 
 (the concatenation order is the one DeepSeek's checkpoints were trained with,
 embedding first, as vLLM and SGLang load them).
 
-Weights are loaded by checkpoint name with ``load_weights``: each parameter's
-``shard_dim`` (see ``layers.py``) is the whole tensor-parallel plan.
+**Parallel instances** (``engine/model/parallel.py``): every rank of an instance
+builds this model from its ``ParallelContext`` and, each step, calls
+``forward`` / ``mtp_forward`` with its DP replica's inputs (the same on every TP
+rank of the replica); ``forward`` returns ``[T, D]`` and ``compute_logits`` the
+full-vocabulary logits on *every* TP rank of the replica (the vocabulary-parallel
+head all-gathers). Heads are split over the TP group, the latent is not (every TP
+rank writes the whole latent rows of its replica's tokens to its own cache); the
+token split around the norms and the MoE is ``engine/model/token_split.py``.
+With ``ep > 1`` every rank must make the same sequence of passes per step (the
+main pass, then the same number of MTP passes): a replica without tokens for a
+pass calls ``dummy_forward`` / ``dummy_mtp_forward``, which join each MoE
+layer's all-to-alls with zero tokens.
+
+Weights are loaded by checkpoint name with ``load_weights``; ``checkpoint_filter``
+says which names this rank needs (its experts' slots only) so the loader never
+reads the rest. Each parameter's ``shard_dim`` (see ``layers.py``) is the whole
+tensor-parallel plan.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from engine.checkpoint.loader import TensorSlice
 from engine.model.attention import AttentionMetadata, MLAWeights, mla_attention
 from engine.model.config import ModelConfig
 from engine.model.fp8 import FP8
 from engine.model.layers import (
+    MLP,
     ColumnParallelLinear,
     ParallelGroup,
     ParallelLMHead,
@@ -38,12 +54,17 @@ from engine.model.layers import (
     RowParallelLinear,
     VocabParallelEmbedding,
 )
-from engine.model.moe import Experts, ExpertPlacement, Gate, MoEDispatcher
+from engine.model.moe import MoE
+from engine.model.parallel import ParallelContext
 from engine.model.rope import RotaryEmbedding
+from engine.model.token_split import TokenSplit
 
 
 class MLA(nn.Module):
-    """Multi-head latent attention; heads split over the TP group."""
+    """Multi-head latent attention; heads split over the TP group, the latent replicated.
+
+    Returns o_proj's partial sums ``[T, D]`` (the caller reduces them over the TP group).
+    """
 
     def __init__(self, cfg: ModelConfig, layer_idx: int, rope: RotaryEmbedding, dtype: torch.dtype, tp: ParallelGroup,
                  fp8: bool = False):
@@ -84,54 +105,28 @@ class MLA(nn.Module):
         return self.o_proj(out)
 
 
-class MLP(nn.Module):
-    """SiLU-gated MLP, intermediate dimension split over the TP group."""
-
-    def __init__(self, hidden: int, inter: int, dtype: torch.dtype, tp: ParallelGroup, fp8: bool = False):
-        super().__init__()
-        self.gate_proj = ColumnParallelLinear(hidden, inter, dtype, tp, fp8)
-        self.up_proj = ColumnParallelLinear(hidden, inter, dtype, tp, fp8)
-        self.down_proj = RowParallelLinear(inter, hidden, dtype, tp, fp8)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
-class MoE(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, tp: ParallelGroup, ep: ParallelGroup, fp8: bool = False):
-        super().__init__()
-        self.gate = Gate(cfg)
-        placement = ExpertPlacement.identity(cfg.n_routed_experts)
-        self.dispatcher = MoEDispatcher(placement, ep)
-        self.experts = Experts(len(placement.local_slots), cfg.hidden_size, cfg.moe_intermediate_size, dtype,
-                               fp8)
-        self.shared_experts = (
-            MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, dtype, tp, fp8)
-            if cfg.n_shared_experts else None
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        topk_ids, topk_weights = self.gate(x)  # [T, k], [T, k]
-        routed, handle = self.dispatcher.dispatch(x, topk_ids, topk_weights)
-        out = self.dispatcher.combine(self.experts(routed, handle.counts), handle)
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(x)
-        return out
-
-
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int, rope: RotaryEmbedding, dtype: torch.dtype,
-                 tp: ParallelGroup, ep: ParallelGroup, fp8: bool = False):
+                 parallel: ParallelContext, fp8: bool = False):
         super().__init__()
+        self.tp = parallel.tp
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.self_attn = MLA(cfg, layer_idx, rope, dtype, tp, fp8)
+        self.self_attn = MLA(cfg, layer_idx, rope, dtype, parallel.tp, fp8)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.mlp = MoE(cfg, dtype, tp, ep, fp8) if cfg.is_moe_layer(layer_idx) else MLP(
-            cfg.hidden_size, cfg.intermediate_size, dtype, tp, fp8)
+        self.is_moe = cfg.is_moe_layer(layer_idx)
+        self.mlp = (MoE(cfg, dtype, parallel.ep, parallel.layout.num_redundant_experts, fp8) if self.is_moe
+                    else MLP(cfg.hidden_size, cfg.intermediate_size, dtype, parallel.tp, fp8))
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                tokens: TokenSplit | None = None) -> torch.Tensor:
+        """x: the residual stream in ``tokens``' layout (without ``tokens``: ``[T, D]``, replicated)."""
+        tokens = tokens or TokenSplit(self.tp, False, x.shape[0])
+        h = tokens.gather(self.input_layernorm(x))  # [T, D]
+        x = x + tokens.reduce(self.self_attn(h, positions, meta))
+        h = self.post_attention_layernorm(x)
+        if self.is_moe:
+            return x + self.mlp(h, tokens)
+        return x + tokens.reduce(self.mlp(tokens.gather(h)))
 
 
 class SharedHead(nn.Module):
@@ -145,21 +140,23 @@ class MTPLayer(nn.Module):
     """One multi-token-prediction module (checkpoint layer ``num_hidden_layers + k``)."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int, rope: RotaryEmbedding, dtype: torch.dtype,
-                 tp: ParallelGroup, ep: ParallelGroup, fp8: bool = False):
+                 parallel: ParallelContext, fp8: bool = False):
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, dtype, tp)
+        self.parallel = parallel
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, dtype, parallel.tp)
         self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.eh_proj = ReplicatedLinear(2 * cfg.hidden_size, cfg.hidden_size, dtype)
-        self.block = DecoderLayer(cfg, layer_idx, rope, dtype, tp, ep, fp8)  # eh_proj stays unquantized, as stored
-        self.shared_head = SharedHead(cfg, dtype, tp)
+        self.eh_proj = ReplicatedLinear(2 * cfg.hidden_size, cfg.hidden_size, dtype)  # unquantized, as stored
+        self.block = DecoderLayer(cfg, layer_idx, rope, dtype, parallel, fp8)
+        self.shared_head = SharedHead(cfg, dtype, parallel.tp)
 
     def forward(self, next_ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
         """next_ids [T] (token t+1), hidden [T, D] (main model at t) -> [T, D] MTP hidden (before its norm)."""
-        e = self.enorm(self.embed_tokens(next_ids))
-        x = self.eh_proj(torch.cat([e, self.hnorm(hidden)], dim=-1))
-        return self.block(x, positions, meta)
+        tokens = self.parallel.split(next_ids.shape[0])
+        e = self.enorm(tokens.reduce(self.embed_tokens(next_ids)))  # residual layout
+        x = self.eh_proj(torch.cat([e, self.hnorm(tokens.scatter(hidden))], dim=-1))
+        return tokens.gather(self.block(x, positions, meta, tokens))
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.shared_head.head(self.shared_head.norm(h))  # [N, V] fp32
@@ -167,26 +164,28 @@ class MTPLayer(nn.Module):
 
 class DeepseekV3ForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype = torch.bfloat16, max_positions: int | None = None,
-                 tp: ParallelGroup | None = None, ep: ParallelGroup | None = None, with_mtp: bool = True,
-                 fp8: bool = False):
-        """``fp8``: hold the projections the checkpoint stores in block FP8 as e4m3 + ``weight_scale_inv``
+                 parallel: ParallelContext | None = None, with_mtp: bool = True, fp8: bool = False):
+        """``parallel``: this rank's place in its instance (``init_parallel``); None = one rank.
+        ``fp8``: hold the projections the checkpoint stores in block FP8 as e4m3 + ``weight_scale_inv``
         (load with ``iter_checkpoint_tensors(..., keep_fp8=True)``); otherwise every weight is ``dtype``."""
         super().__init__()
         self.cfg = cfg
         self.dtype = dtype
-        tp = tp or ParallelGroup.single()
-        ep = ep or ParallelGroup.single()
-        self.tp = tp
+        parallel = parallel or ParallelContext.single()
+        parallel.layout.check_model(cfg)
+        self.parallel = parallel
+        self.tp = parallel.tp
         rope = RotaryEmbedding(cfg, max_positions or cfg.max_position_embeddings)
-        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, dtype, tp)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, rope, dtype, tp, ep, fp8) for i in range(cfg.num_hidden_layers))
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, dtype, parallel.tp)
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, i, rope, dtype, parallel, fp8) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, dtype, tp)
+        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, dtype, parallel.tp)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         n_mtp = cfg.num_nextn_predict_layers if with_mtp else 0
         self.mtp = nn.ModuleList(
-            MTPLayer(cfg, cfg.num_hidden_layers + k, rope, dtype, tp, ep, fp8) for k in range(n_mtp))
+            MTPLayer(cfg, cfg.num_hidden_layers + k, rope, dtype, parallel, fp8) for k in range(n_mtp))
 
     @property
     def num_cache_layers(self) -> int:
@@ -194,66 +193,118 @@ class DeepseekV3ForCausalLM(nn.Module):
         return len(self.layers) + len(self.mtp)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)  # [T, D]
+        """input_ids, positions [T] -> final hidden states [T, D] (on every TP rank)."""
+        tokens = self.parallel.split(input_ids.shape[0])
+        x = tokens.reduce(self.embed_tokens(input_ids))  # residual layout
         for i, layer in enumerate(self.layers):
-            x = layer(x, positions, meta)
+            x = layer(x, positions, meta, tokens)
             if meta.layer_done is not None:
                 meta.layer_done(i)
-        return self.norm(x)
+        return tokens.gather(self.norm(x))
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)  # [N, V] fp32
+        """hidden [N, D] (the same rows on every TP rank) -> [N, V] fp32 logits on every TP rank."""
+        return self.lm_head(hidden)
 
     def mtp_forward(self, k: int, next_ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
                     meta: AttentionMetadata) -> torch.Tensor:
         return self.mtp[k](next_ids, hidden, positions, meta)
 
+    # ---- idle DP replicas ----------------------------------------------------------
+    def _empty_step(self) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        device = self.embed_tokens.weight.device
+        empty = torch.zeros(0, dtype=torch.long, device=device)
+        return empty, empty, AttentionMetadata.no_cache([])
+
+    def dummy_forward(self) -> None:
+        """A main pass with zero tokens: joins every MoE layer's collectives, touches no cache."""
+        ids, pos, meta = self._empty_step()
+        self.forward(ids, pos, meta)
+
+    def dummy_mtp_forward(self, k: int = 0) -> None:
+        """An MTP pass of layer ``k`` with zero tokens."""
+        ids, pos, meta = self._empty_step()
+        self.mtp_forward(k, ids, torch.zeros(0, self.cfg.hidden_size, dtype=self.dtype, device=ids.device), pos, meta)
+
+    # ---- experts: placement and load ---------------------------------------------------
+    def moe_layers(self) -> dict[int, MoE]:
+        """Checkpoint layer index -> its MoE (main layers, then MTP layers)."""
+        blocks = [*self.layers, *(m.block for m in self.mtp)]
+        return {i: b.mlp for i, b in enumerate(blocks) if b.is_moe}
+
+    def read_expert_load(self, reset: bool = True) -> dict:
+        """Checkpoint layer index -> ``ExpertLoad`` of this rank's tokens (reset after reading)."""
+        return {i: moe.read_expert_load(reset) for i, moe in self.moe_layers().items()}
+
     # ---- weights -----------------------------------------------------------------
+    def checkpoint_filter(self) -> Callable[[str], "bool | TensorSlice"]:
+        """For the loader's ``select``: per checkpoint name, False when this rank holds none of it (other
+        ranks' experts), its TP slice when the parameter is cut, else True."""
+        params = dict(self.named_parameters())
+
+        def select(name: str) -> "bool | TensorSlice":
+            targets = self._targets(name, params)
+            if not targets:
+                return False
+            param, index = targets[0]
+            if index is None and getattr(param, "num_shards", 1) > 1:
+                part = param.shape[param.shard_dim]
+                return TensorSlice(param.shard_dim, param.shard_rank * part, part)
+            return True
+
+        return select
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copy checkpoint tensors (by checkpoint name) into parameters; returns the names loaded.
 
-        Each tensor is cut along its parameter's ``shard_dim`` for this TP rank. Experts
-        land in their stacked slot; tensors of layers this model does not have (MTP when
-        built without it) are skipped.
+        A tensor comes whole or already cut to this rank's slice; a whole one is cut along its
+        parameter's ``shard_dim`` for this TP rank. An expert's tensors fill every local slot
+        that holds it; tensors this rank does not hold (other ranks' experts, MTP layers when
+        built without them) are skipped.
         """
         params = dict(self.named_parameters())
         loaded: set[str] = set()
         for name, tensor in weights:
-            target = self._param_for(name, params)
-            if target is None:
-                continue
-            param, index = target
-            dst = param.data if index is None else param.data[index]
-            shard_dim = getattr(param, "shard_dim", None)  # None for experts: EP places them whole
-            if shard_dim is not None and self.tp.size > 1:
-                tensor = tensor.narrow(shard_dim, self.tp.rank * dst.shape[shard_dim], dst.shape[shard_dim])
-            if tuple(dst.shape) != tuple(tensor.shape):
-                raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} does not fit parameter {tuple(dst.shape)}")
-            if (dst.dtype == FP8) != (tensor.dtype == FP8):
-                raise ValueError(f"{name}: checkpoint dtype {tensor.dtype} does not fit parameter dtype {dst.dtype} "
-                                 f"(FP8 parameters take the raw FP8 checkpoint tensors: keep_fp8=True)")
-            dst.copy_(tensor)
-            loaded.add(name)
+            for param, index in self._targets(name, params):
+                dst = param.data if index is None else param.data[index]
+                shards = getattr(param, "num_shards", 1)
+                if shards > 1 and tensor.shape[param.shard_dim] == dst.shape[param.shard_dim] * shards:
+                    part = dst.shape[param.shard_dim]
+                    tensor = tensor.narrow(param.shard_dim, param.shard_rank * part, part)
+                if tuple(dst.shape) != tuple(tensor.shape):
+                    raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} does not fit parameter "
+                                     f"{tuple(dst.shape)}")
+                if (dst.dtype == FP8) != (tensor.dtype == FP8):
+                    raise ValueError(f"{name}: checkpoint dtype {tensor.dtype} does not fit parameter dtype "
+                                     f"{dst.dtype} (FP8 parameters take the raw FP8 checkpoint tensors: keep_fp8=True)")
+                dst.copy_(tensor)
+                loaded.add(name)
         return loaded
 
     _EXPERT = re.compile(r"(.*)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.(weight|weight_scale_inv)$")
 
     def _param_for(self, name: str, params: dict[str, nn.Parameter]):
-        """Checkpoint name -> (parameter, index into it or None), or None when not held here."""
+        """Checkpoint name -> (parameter, index into it or None) of its first home here, or None."""
+        targets = self._targets(name, params)
+        return targets[0] if targets else None
+
+    def _targets(self, name: str, params: dict[str, nn.Parameter]) -> list[tuple[nn.Parameter, object]]:
+        """Checkpoint name -> every (parameter, index or None) it is copied into on this rank."""
         local = self._local_name(name)
         if local is None:
-            return None
+            return []
         m = self._EXPERT.match(local)
         if m:
             prefix, e, proj, kind = m.group(1), int(m.group(2)), m.group(3), m.group(4)
+            slots = [j for j, log in enumerate(self.get_submodule(prefix + ".mlp").placement.local_logical) if log == e]
             suffix = "" if kind == "weight" else "_scale_inv"
             if proj == "down_proj":
-                return params[prefix + ".mlp.experts.w2" + suffix], e
+                return [(params[prefix + ".mlp.experts.w2" + suffix], j) for j in slots]
             w13 = params[prefix + ".mlp.experts.w13" + suffix]
             half = w13.shape[1] // 2  # gate rows (or gate scale blocks), then up's
             rows = slice(0, half) if proj == "gate_proj" else slice(half, 2 * half)
-            return w13, (e, rows)
-        return (params[local], None) if local in params else None
+            return [(w13, (j, rows)) for j in slots]
+        return [(params[local], None)] if local in params else []
 
     def _local_name(self, name: str) -> str | None:
         if name == "lm_head.weight":

@@ -1,10 +1,17 @@
-"""Parallel building blocks: linear layers, embeddings, RMSNorm.
+"""Parallel building blocks: the rank groups and their collectives, linear layers, embeddings, RMSNorm, MLP.
 
 Every parameter carries ``shard_dim`` (``None`` = replicated): the dimension
-along which a checkpoint tensor is cut for tensor-parallel rank ``r`` of ``n``.
-That attribute, read by ``DeepseekV3ForCausalLM.load_weights``, is the whole TP
-sharding plan. With ``ParallelGroup.single()`` (world size 1) these are plain
-layers; collectives are skipped.
+along which a checkpoint tensor is cut, and ``num_shards`` / ``shard_rank``: into
+how many equal pieces and which one this rank keeps (1 / 0 for a layer built with
+a group of one, e.g. the shared experts, which every rank holds whole). Read by
+``DeepseekV3ForCausalLM.load_weights``, these attributes are the whole
+tensor-parallel plan.
+
+Row-parallel layers (``RowParallelLinear``, ``VocabParallelEmbedding``) return
+*partial sums*: the caller reduces them, with an all-reduce or, under sequence
+parallelism, a reduce-scatter (``engine/model/token_split.py``). With
+``ParallelGroup.single()`` (world size 1) every layer is a plain layer and no
+collective runs.
 """
 
 from __future__ import annotations
@@ -21,27 +28,64 @@ from engine.model.fp8 import FP8, dequant_tile, fp8_linear, scale_shape
 
 @dataclasses.dataclass(frozen=True)
 class ParallelGroup:
-    """A rank's place in one torch.distributed group (tensor parallel or expert parallel)."""
+    """A rank's place in one torch.distributed group (a TP group or the EP group).
+
+    ``rank`` is the rank inside the group, ``ranks`` the members' ranks in the default
+    group, in group order. Every collective is a no-op (returns its input) when ``size == 1``.
+    """
 
     rank: int = 0
     size: int = 1
     group: object | None = None  # torch.distributed ProcessGroup
+    ranks: tuple[int, ...] = (0,)
 
     @classmethod
     def single(cls) -> "ParallelGroup":
         return cls()
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum over the group, in place."""
         if self.size > 1:
             dist.all_reduce(x, group=self.group)
         return x
 
-    def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
+    def all_gather(self, x: torch.Tensor) -> torch.Tensor:
+        """x [n, ...] on every rank -> [size * n, ...], rank 0's rows first."""
         if self.size == 1:
             return x
-        parts = [torch.empty_like(x) for _ in range(self.size)]
-        dist.all_gather(parts, x.contiguous(), group=self.group)
-        return torch.cat(parts, dim=-1)
+        out = x.new_empty(self.size * x.shape[0], *x.shape[1:])
+        dist.all_gather_single(out, x.contiguous(), group=self.group)
+        return out
+
+    def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
+        """x [n, m] on every rank -> [n, size * m], rank 0's columns first."""
+        if self.size == 1:
+            return x
+        n, m = x.shape
+        return self.all_gather(x).view(self.size, n, m).transpose(0, 1).reshape(n, self.size * m)
+
+    def reduce_scatter(self, x: torch.Tensor) -> torch.Tensor:
+        """x [size * n, ...] partial sums -> [n, ...]: rank i gets rows [i*n, (i+1)*n) summed over the group."""
+        if self.size == 1:
+            return x
+        out = x.new_empty(x.shape[0] // self.size, *x.shape[1:])
+        dist.reduce_scatter_single(out, x.contiguous(), group=self.group)
+        return out
+
+    def all_to_all(self, x: torch.Tensor, send_counts: list[int], recv_counts: list[int]) -> torch.Tensor:
+        """Rows [sum(send_counts), ...] -> [sum(recv_counts), ...]: the first send_counts[0] rows go to rank 0, ...;
+        the result holds rank 0's rows for this rank first. Counts must agree pairwise (exchange them first)."""
+        if self.size == 1:
+            return x
+        out = x.new_empty(sum(recv_counts), *x.shape[1:])
+        dist.all_to_all_single(out, x.contiguous(), recv_counts, send_counts, group=self.group)
+        return out
+
+    def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """Group rank ``src``'s tensor into ``x`` on every rank, in place."""
+        if self.size > 1:
+            dist.broadcast(x, group=self.group, group_src=src)
+        return x
 
     def split(self, n: int, what: str) -> int:
         if n % self.size:
@@ -49,9 +93,12 @@ class ParallelGroup:
         return n // self.size
 
 
-def _param(shape: tuple[int, ...], dtype: torch.dtype, shard_dim: int | None) -> nn.Parameter:
+def _param(shape: tuple[int, ...], dtype: torch.dtype, shard_dim: int | None,
+           group: ParallelGroup | None = None) -> nn.Parameter:
     p = nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
     p.shard_dim = shard_dim  # type: ignore[attr-defined]
+    p.num_shards = group.size if group is not None and shard_dim is not None else 1  # type: ignore[attr-defined]
+    p.shard_rank = group.rank if group is not None and shard_dim is not None else 0  # type: ignore[attr-defined]
     return p
 
 
@@ -61,16 +108,16 @@ class _Linear(nn.Module):
     both kept as loaded and cut along the same ``shard_dim`` (see ``engine/model/fp8.py``)."""
 
     def __init__(self, shape: tuple[int, int], dtype: torch.dtype, shard_dim: int | None, fp8: bool,
-                 tp_size: int = 1):
+                 tp: ParallelGroup | None = None):
         super().__init__()
         self.fp8 = fp8
         if not fp8:
-            self.weight = _param(shape, dtype, shard_dim)
+            self.weight = _param(shape, dtype, shard_dim, tp)
             return
-        if tp_size > 1 and shape[shard_dim] % 128:
+        if tp is not None and tp.size > 1 and shape[shard_dim] % 128:
             raise ValueError(f"FP8 weight shard {shape} is not a whole number of 128-wide blocks along dim {shard_dim}")
-        self.weight = _param(shape, FP8, shard_dim)
-        self.weight_scale_inv = _param(scale_shape(*shape), torch.float32, shard_dim)
+        self.weight = _param(shape, FP8, shard_dim, tp)
+        self.weight_scale_inv = _param(scale_shape(*shape), torch.float32, shard_dim, tp)
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         if not self.fp8:
@@ -97,51 +144,51 @@ class ColumnParallelLinear(_Linear):
 
     def __init__(self, in_features: int, out_features: int, dtype: torch.dtype, tp: ParallelGroup,
                  fp8: bool = False):
-        super().__init__((tp.split(out_features, "output features"), in_features), dtype, 0, fp8, tp.size)
+        super().__init__((tp.split(out_features, "output features"), in_features), dtype, 0, fp8, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._matmul(x)
 
 
 class RowParallelLinear(_Linear):
-    """Input features split over ranks; partial outputs are summed with an all-reduce."""
+    """Input features split over ranks; returns this rank's partial sum [..., out] (the caller reduces it)."""
 
     def __init__(self, in_features: int, out_features: int, dtype: torch.dtype, tp: ParallelGroup,
                  fp8: bool = False):
-        super().__init__((out_features, tp.split(in_features, "input features")), dtype, 1, fp8, tp.size)
-        self.tp = tp
+        super().__init__((out_features, tp.split(in_features, "input features")), dtype, 1, fp8, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.tp.all_reduce(self._matmul(x))
+        return self._matmul(x)
 
 
 class VocabParallelEmbedding(nn.Module):
-    """Vocabulary rows split over ranks; out-of-range ids contribute zeros before the all-reduce."""
+    """Vocabulary rows split over ranks; ids outside this rank's rows give zero rows.
+
+    Returns partial sums [T, D] (the caller reduces them); with one rank, the embedding itself.
+    """
 
     def __init__(self, vocab_size: int, dim: int, dtype: torch.dtype, tp: ParallelGroup):
         super().__init__()
         self.tp = tp
         self.part = tp.split(vocab_size, "vocab_size")
-        self.weight = _param((self.part, dim), dtype, 0)
+        self.weight = _param((self.part, dim), dtype, 0, tp)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
             return F.embedding(ids, self.weight)
-        start = self.tp.rank * self.part
-        local = ids - start
+        local = ids - self.tp.rank * self.part
         outside = (local < 0) | (local >= self.part)
-        out = F.embedding(local.masked_fill(outside, 0), self.weight)
-        out = out.masked_fill(outside.unsqueeze(-1), 0)
-        return self.tp.all_reduce(out)
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)  # [T, D]
+        return out.masked_fill(outside.unsqueeze(-1), 0)
 
 
 class ParallelLMHead(nn.Module):
-    """Vocabulary rows split over ranks; logits gathered to the full vocabulary, in fp32."""
+    """Vocabulary rows split over ranks; logits all-gathered to the full vocabulary, in fp32, on every rank."""
 
     def __init__(self, vocab_size: int, dim: int, dtype: torch.dtype, tp: ParallelGroup):
         super().__init__()
         self.tp = tp
-        self.weight = _param((tp.split(vocab_size, "vocab_size"), dim), dtype, 0)
+        self.weight = _param((tp.split(vocab_size, "vocab_size"), dim), dtype, 0, tp)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.tp.all_gather_last_dim(F.linear(h, self.weight)).float()  # [N, V]
@@ -158,3 +205,19 @@ class RMSNorm(nn.Module):
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
+
+
+class MLP(nn.Module):
+    """SiLU-gated MLP, intermediate dimension split over ``tp``: returns partial sums when ``tp.size > 1``.
+
+    Built with ``ParallelGroup.single()`` it is a whole MLP on every rank (the shared experts).
+    """
+
+    def __init__(self, hidden: int, inter: int, dtype: torch.dtype, tp: ParallelGroup, fp8: bool = False):
+        super().__init__()
+        self.gate_proj = ColumnParallelLinear(hidden, inter, dtype, tp, fp8)
+        self.up_proj = ColumnParallelLinear(hidden, inter, dtype, tp, fp8)
+        self.down_proj = RowParallelLinear(inter, hidden, dtype, tp, fp8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -1,4 +1,4 @@
-"""DeepSeekMoE: the router, the routed experts behind a dispatcher, the shared experts.
+"""DeepSeekMoE: the router, the routed experts behind a dispatcher, the shared experts, the load counters.
 
 Routing (fp32, as the reference):
 
@@ -11,24 +11,37 @@ Routing (fp32, as the reference):
   best expert); weights normalised when ``top_k > 1 and norm_topk_prob``, else
   × ``routed_scaling_factor`` (DeepSeek-V2's own rule).
 
-The experts sit behind ``MoEDispatcher``: ``dispatch`` groups token copies by
-physical expert, ``combine`` scatters the expert outputs back, weighted. An
-``ExpertPlacement`` maps logical experts to physical replicas; EPLB replaces it
-between steps. With one rank every expert is local and the placement is the
-identity.
+A ``MoE`` layer works on *this rank's MoE tokens* only (its owned rows, see
+``engine/model/token_split.py``): gate → physical slots by the layer's
+``ExpertPlacement`` (``engine/model/placement.py``, replica rule there) →
+``MoEDispatcher`` (``engine/model/dispatch.py``: a sort with one EP rank, two
+all-to-alls with several) → the routed experts of this rank's slots → combine,
+weighted, back in token order; plus the shared experts, held whole by every rank
+and run on its own tokens. The outputs go back to the residual layout.
+
+**Expert load**: each layer counts the token copies this rank routes to every
+physical slot (``bincount`` of the dispatch, int64 ``[S]``, on by default;
+``count_load = False`` turns it off). ``read_expert_load()`` returns and resets
+them with the per-logical-expert counts (through ``phy2log``); summed over the
+EP group they are the layer's load. A placement switch folds the physical counts
+into the logical ones first, so logical counts span switches.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from engine.model.config import ModelConfig
+from engine.model.dispatch import MoEDispatcher
 from engine.model.fp8 import FP8, fp8_linear, scale_shape
-from engine.model.layers import ParallelGroup, _param
+from engine.model.layers import MLP, ParallelGroup, _param
+from engine.model.placement import ExpertPlacement
+from engine.model.token_split import TokenSplit
 
 
 class Gate(nn.Module):
@@ -72,65 +85,8 @@ def _mask_groups(scores: torch.Tensor, group_scores: torch.Tensor, keep: int, fi
     t, g = group_scores.shape
     top = group_scores.topk(keep, dim=-1, sorted=False)[1]  # [T, keep]
     group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, top, True)
-    expert_mask = group_mask.unsqueeze(-1).expand(t, g, scores.shape[-1] // g).reshape(t, -1)
+    expert_mask = group_mask.unsqueeze(-1).expand(t, g, scores.shape[-1] // g).reshape(t, scores.shape[-1])
     return scores.masked_fill(~expert_mask, fill)
-
-
-@dataclasses.dataclass
-class ExpertPlacement:
-    """Logical expert -> physical replicas, and which physical experts this rank holds.
-
-    ``replicas[e]`` lists the physical slots serving logical expert ``e``; a token
-    routed to ``e`` goes to one of them (chosen by token index, spreading load).
-    """
-
-    replicas: list[list[int]]
-    local_slots: list[int]
-
-    @classmethod
-    def identity(cls, num_experts: int) -> "ExpertPlacement":
-        return cls(replicas=[[e] for e in range(num_experts)], local_slots=list(range(num_experts)))
-
-    def physical_ids(self, topk_ids: torch.Tensor) -> torch.Tensor:
-        if all(len(r) == 1 for r in self.replicas):
-            table = torch.tensor([r[0] for r in self.replicas], device=topk_ids.device)
-            return table[topk_ids]
-        width = max(len(r) for r in self.replicas)
-        table = torch.tensor([[r[i % len(r)] for i in range(width)] for r in self.replicas], device=topk_ids.device)
-        counts = torch.tensor([len(r) for r in self.replicas], device=topk_ids.device)
-        token = torch.arange(topk_ids.shape[0], device=topk_ids.device)[:, None]
-        return table[topk_ids, token % counts[topk_ids]]
-
-
-@dataclasses.dataclass
-class DispatchHandle:
-    order: torch.Tensor  # [T*k] sorted position -> flat (token, choice) index
-    counts: list[int]  # tokens per local physical expert, in local order
-    weights: torch.Tensor  # [T*k] routing weights in sorted order
-    num_tokens: int
-
-
-class MoEDispatcher:
-    """Groups token copies by physical expert (local: a sort; EP: an all-to-all comes here)."""
-
-    def __init__(self, placement: ExpertPlacement, ep: ParallelGroup):
-        self.placement = placement
-        self.ep = ep
-
-    def dispatch(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor):
-        """x [T, D] -> (tokens sorted by expert [T*k, D], handle)."""
-        phys = self.placement.physical_ids(topk_ids).flatten()  # [T*k]
-        order = phys.argsort(stable=True)
-        counts = torch.bincount(phys, minlength=len(self.placement.local_slots)).tolist()
-        k = topk_ids.shape[1]
-        return x[order // k], DispatchHandle(order, counts, topk_weights.flatten()[order], x.shape[0])
-
-    def combine(self, y: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
-        """y [T*k, D] expert outputs in dispatch order -> [T, D] weighted sum per token."""
-        k = handle.order.shape[0] // handle.num_tokens
-        out = torch.zeros(handle.num_tokens, y.shape[-1], dtype=torch.float32, device=y.device)
-        out.index_add_(0, handle.order // k, y.float() * handle.weights[:, None])
-        return out.to(y.dtype)
 
 
 class Experts(nn.Module):
@@ -154,6 +110,28 @@ class Experts(nn.Module):
         gate_blocks, hidden_blocks = scale_shape(inter, hidden)
         self.w13_scale_inv = _param((num_local, 2 * gate_blocks, hidden_blocks), torch.float32, None)
         self.w2_scale_inv = _param((num_local, *scale_shape(hidden, inter)), torch.float32, None)
+
+    @property
+    def num_slots(self) -> int:
+        return self.w13.shape[0]
+
+    def slot_weights(self, slot: int) -> dict[str, torch.Tensor]:
+        """Views of one local slot's tensors (``w13``, ``w2``; FP8: and their ``*_scale_inv``)."""
+        return {name: p[slot] for name, p in self.named_parameters()}
+
+    def check_slot_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
+        """Raise ValueError unless ``weights`` has exactly one slot's tensors, in shape and dtype."""
+        want = {name: p[0] for name, p in self.named_parameters()}
+        if set(weights) != set(want):
+            raise ValueError(f"expert slot weights: need {sorted(want)}, got {sorted(weights)}")
+        for name, t in weights.items():
+            if tuple(t.shape) != tuple(want[name].shape) or t.dtype != want[name].dtype:
+                raise ValueError(f"expert slot weights: {name} is {t.dtype} {list(t.shape)}, the slot holds "
+                                 f"{want[name].dtype} {list(want[name].shape)}")
+
+    def set_slot(self, slot: int, weights: Mapping[str, torch.Tensor]) -> None:
+        for name, p in self.named_parameters():
+            p.data[slot].copy_(weights[name])
 
     # Below this many rows per expert, all experts run as one padded bmm: many tiny per-expert
     # matmuls are far slower on CPU (measured 8x at decode batch 32 on the bench preset).
@@ -192,3 +170,84 @@ class Experts(nn.Module):
         gate = fp8_linear(x, self.w13[e, :i], self.w13_scale_inv[e, :half])
         up = fp8_linear(x, self.w13[e, i:], self.w13_scale_inv[e, half:])
         return fp8_linear(F.silu(gate) * up, self.w2[e], self.w2_scale_inv[e])
+
+
+@dataclasses.dataclass
+class ExpertLoad:
+    """Token copies this rank routed, since the last read."""
+
+    physical: torch.Tensor  # [S] int64 per physical slot of the current placement (since the last read or switch)
+    logical: torch.Tensor  # [E] int64 per logical expert (since the last read, across switches)
+
+
+class MoE(nn.Module):
+    """One DeepSeekMoE layer on this rank's MoE tokens (module docstring)."""
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, ep: ParallelGroup, num_redundant_experts: int = 0,
+                 fp8: bool = False):
+        super().__init__()
+        self.gate = Gate(cfg)
+        self.placement = ExpertPlacement.default(cfg.n_routed_experts, num_redundant_experts, ep.size, ep.rank)
+        self.dispatcher = MoEDispatcher(ep)
+        self.experts = Experts(self.placement.slots_per_rank, cfg.hidden_size, cfg.moe_intermediate_size, dtype,
+                               fp8)
+        self.shared_experts = (  # whole on every rank: ParallelGroup.single()
+            MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, dtype, ParallelGroup.single(), fp8)
+            if cfg.n_shared_experts else None
+        )
+        self.count_load = True
+        self._physical_load = torch.zeros(self.placement.num_slots, dtype=torch.long)  # [S]
+        self._logical_carry = torch.zeros(cfg.n_routed_experts, dtype=torch.long)  # [E]
+
+    def forward(self, h: torch.Tensor, tokens: TokenSplit | None = None) -> torch.Tensor:
+        """h in the residual layout (``[T, D]`` without ``tokens``) -> the MoE output, same layout."""
+        x = h if tokens is None else tokens.owned(h)  # [N, D] this rank's MoE tokens
+        topk_ids, topk_weights = self.gate(x)  # [N, k], [N, k]
+        placement = self.placement
+        phys = placement.physical_ids(topk_ids)  # [N, k]
+        rows, counts, handle = self.dispatcher.dispatch(x, phys, topk_weights, placement.num_slots)
+        if self.count_load:
+            self._physical_load += handle.slot_counts
+        out = self.dispatcher.combine(self.experts(rows, counts), handle)  # [N, D]
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return out if tokens is None else tokens.from_owned(out)
+
+    def read_expert_load(self, reset: bool = True) -> ExpertLoad:
+        physical = self._physical_load.clone()
+        load = ExpertLoad(physical, self._logical_carry + self.placement.logical_counts(physical))
+        if reset:
+            self._physical_load.zero_()
+            self._logical_carry.zero_()
+        return load
+
+    def install_placement(self, phy2log: torch.Tensor | list[int],
+                          slot_weights: Mapping[int, Mapping[str, torch.Tensor]]) -> list[int]:
+        """Switch this layer to a new ``phy2log`` (between steps; the same on every EP rank).
+
+        ``slot_weights`` maps physical slot ids *of this rank* to the tensors of the logical
+        expert they hold under the new placement (``Experts.slot_weights`` layout); every local
+        slot whose logical expert changes must be given, others may be. Everything is checked
+        before anything is written; then the weights are copied into their slots and the new
+        placement replaces the old one. Returns the local slots written.
+        """
+        new = self.placement.with_phy2log(phy2log)
+        first, per_rank = new.local_start, new.slots_per_rank
+        outside = [s for s in slot_weights if not first <= s < first + per_rank]
+        if outside:
+            raise ValueError(f"install_placement: slots {outside} are not on this rank (slots {first}..{first + per_rank - 1})")
+        old_local, new_local = self.placement.local_logical, new.local_logical
+        changed = [first + j for j in range(per_rank) if old_local[j] != new_local[j]]
+        missing = [s for s in changed if s not in slot_weights]
+        if missing:
+            raise ValueError(f"install_placement: slots {missing} change expert but no weights were given")
+        device = self.experts.w13.device
+        staged = {s: {n: t.to(device) for n, t in w.items()} for s, w in slot_weights.items()}
+        for w in staged.values():
+            self.experts.check_slot_weights(w)
+        self._logical_carry += self.placement.logical_counts(self._physical_load)
+        self._physical_load.zero_()
+        for s, w in staged.items():
+            self.experts.set_slot(s - first, w)
+        self.placement = new
+        return sorted(staged)

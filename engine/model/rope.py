@@ -49,7 +49,7 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x: [T, ..., dim] rotated by positions [T]; returns the same shape and dtype."""
-        shape = (positions.shape[0],) + (1,) * (x.dim() - 2) + (-1,)
+        shape = (positions.shape[0],) + (1,) * (x.dim() - 2) + (self.cos.shape[-1],)
         cos = self.cos[positions].view(shape)  # [T, 1.., dim/2]
         sin = self.sin[positions].view(shape)
         xf = x.float()
