@@ -18,9 +18,9 @@ One instance of a pool is ``tp × dp`` ranks (attention TP groups × data-parall
 attention replicas); MoE experts are spread over all of them, so ``ep`` must equal
 ``tp × dp`` (or be 1: experts replicated), and ``(n_routed_experts +
 num_redundant_experts)`` must divide evenly by ``ep`` when the model's config.json is
-readable. ``sp`` (sequence parallelism inside the TP group) needs ``tp > 1``. These
-settings are validated now; running an instance of more than one rank is not
-implemented yet and ``deploy.pool.Pool`` refuses it with a clear error.
+readable. ``sp`` (sequence parallelism inside the TP group) needs ``tp > 1``. The layout is
+``engine.model.parallel.ParallelLayout`` (its rules are the ones checked here);
+``deploy.pool.Pool`` runs an instance of ``tp × dp`` ranks as one actor per rank.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ import yaml
 
 from deploy.contract import ROLES
 from engine.args import EngineArgs
+from engine.model.parallel import ParallelLayout
 
 
 
@@ -42,23 +43,10 @@ class DeployConfigError(ValueError):
 
 
 @dataclasses.dataclass
-class ParallelConfig:
-    tp: int = 1
-    sp: bool = False
-    dp: int = 1
-    ep: int = 1
-    num_redundant_experts: int = 0
-
-    @property
-    def ranks(self) -> int:
-        return self.tp * self.dp
-
-
-@dataclasses.dataclass
 class PoolConfig:
     role: str
     instances: int = 1
-    parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
+    parallel: ParallelLayout = dataclasses.field(default_factory=ParallelLayout)
     engine: dict[str, Any] = dataclasses.field(default_factory=dict)
     num_cpus: float = 0.0
     cpu_affinity: list[int] | None = None
@@ -84,11 +72,12 @@ class DeployConfig:
 
 
 _ROUTER_KEYS = {"host", "port", "api_key", "max_body_bytes", "poll_wait_s", "prefill_timeout_s", "reserve_timeout_s",
+                "collective_timeout_s",
                 "transfer_timeout_s", "stall_timeout_s", "health_interval_s", "health_timeout_s",
                 "max_prefill_retries", "max_resumes", "affinity_slack_tokens", "affinity_entries"}
 _RAY_KEYS = {"address", "num_cpus", "object_store_memory_mb"}
 _POOL_KEYS = {"instances", "parallel", "engine", "resources", "max_restarts"}
-_PARALLEL_KEYS = {f.name for f in dataclasses.fields(ParallelConfig)}
+_PARALLEL_KEYS = {f.name for f in dataclasses.fields(ParallelLayout)}
 _ENGINE_KEYS = {f.name for f in dataclasses.fields(EngineArgs)} - {"model", "role", "served_model_name"}
 
 
@@ -144,20 +133,20 @@ def _pool(role: str, raw: Any) -> PoolConfig:
     instances = _int(raw.get("instances", 1), f"{where}.instances", minimum=1)
     par_raw = _mapping(raw.get("parallel", {}), f"{where}.parallel")
     _known(par_raw, _PARALLEL_KEYS, f"{where}.parallel.")
-    par = ParallelConfig(
-        tp=_int(par_raw.get("tp", 1), f"{where}.parallel.tp", minimum=1),
-        sp=par_raw.get("sp", False), dp=_int(par_raw.get("dp", 1), f"{where}.parallel.dp", minimum=1),
-        ep=_int(par_raw.get("ep", 1), f"{where}.parallel.ep", minimum=1),
-        num_redundant_experts=_int(par_raw.get("num_redundant_experts", 0), f"{where}.parallel.num_redundant_experts", minimum=0))
-    if not isinstance(par.sp, bool):
-        raise DeployConfigError(f"{where}.parallel.sp: must be true or false, got {par.sp!r}")
-    if par.sp and par.tp == 1:
-        raise DeployConfigError(f"{where}.parallel.sp: sequence parallelism splits a TP group; it needs tp > 1")
-    if par.ep not in (1, par.ranks):
-        raise DeployConfigError(f"{where}.parallel.ep: experts are spread over every rank of an instance, so ep must be 1 "
-                          f"or tp × dp = {par.ranks}, got {par.ep}")
-    if par.num_redundant_experts and par.ep == 1:
-        raise DeployConfigError(f"{where}.parallel.num_redundant_experts: redundant experts need expert parallelism (ep > 1)")
+    sp = par_raw.get("sp", False)
+    if not isinstance(sp, bool):
+        raise DeployConfigError(f"{where}.parallel.sp: must be true or false, got {sp!r}")
+    try:  # the layout's own rules (engine.model.parallel): sp needs tp > 1, ep is 1 or tp × dp, ...
+        par = ParallelLayout(
+            tp=_int(par_raw.get("tp", 1), f"{where}.parallel.tp", minimum=1), sp=sp,
+            dp=_int(par_raw.get("dp", 1), f"{where}.parallel.dp", minimum=1),
+            ep=_int(par_raw.get("ep", 1), f"{where}.parallel.ep", minimum=1),
+            num_redundant_experts=_int(par_raw.get("num_redundant_experts", 0),
+                                       f"{where}.parallel.num_redundant_experts", minimum=0))
+    except ValueError as e:
+        if isinstance(e, DeployConfigError):
+            raise
+        raise DeployConfigError(f"{where}.parallel.{e}") from e
     engine = _mapping(raw.get("engine", {}), f"{where}.engine")
     _known(engine, _ENGINE_KEYS, f"{where}.engine.")
     res = _mapping(raw.get("resources", {}), f"{where}.resources")

@@ -43,6 +43,20 @@ class WorkerInfo:
 
 
 @dataclasses.dataclass
+class RankInfo:
+    """One rank of an instance as its actor reports it (``rank_info()``; every rank, leaders and followers)."""
+
+    name: str
+    rank: int  # instance rank
+    leader: bool  # leads a DP replica (owns an engine; the router talks to it)
+    alive: bool  # its engine thread (leader) or follower loop is running
+    error: str | None = None
+    weight_bytes: int = 0  # resident weights on this rank
+    expected_weight_bytes: int = 0  # its share by the layout (engine.model.weight_share)
+    full_weight_bytes: int = 0  # the whole model, for comparison
+
+
+@dataclasses.dataclass
 class WorkerLoad:
     """A worker's state now: the router's health signal and the policies' input."""
 

@@ -32,10 +32,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import threading
 import time
 from typing import Any
 
-from deploy.contract import NAMESPACE, KVPull, PrefillResult, TransferReport, WorkerInfo, WorkerLoad
+from deploy.contract import NAMESPACE, KVPull, PrefillResult, RankInfo, TransferReport, WorkerInfo, WorkerLoad
 from deploy.kv_transfer import ActorSource, Transfer, TransferFailed
 from engine.engine_loop import ABORTED, EngineLoop, Expire, LoadKV, ReserveKV
 from engine.outputs import RequestOutput
@@ -54,24 +55,32 @@ class _Decoding:
 class EngineWorker:
     def __init__(self, name: str, engine_args: dict[str, Any], cpu_affinity: list[int] | None = None,
                  transfer_timeout_s: float = 30.0, prefill_timeout_s: float = 120.0,
-                 reservation_ttl_s: float = 120.0):
+                 reservation_ttl_s: float = 120.0, parallel: dict[str, Any] | None = None):
+        """``parallel``: this actor is rank ``parallel["rank"]`` of a multi-rank instance of layout
+        ``parallel["layout"]`` (ParallelLayout fields); it builds its engine (leader) or follower loop in
+        ``setup(init_method)``, once every rank of the instance exists. None: one rank, built now."""
         if cpu_affinity:
             os.sched_setaffinity(0, cpu_affinity)
         import torch
 
         from engine.args import EngineArgs
-        from engine.engine import LLMEngine
 
-        if cpu_affinity:
-            torch.set_num_threads(len(cpu_affinity))
+        threads = len(cpu_affinity) if cpu_affinity else (parallel or {}).get("threads")
+        if threads:
+            torch.set_num_threads(threads)
         self.name = name
         self.args = EngineArgs(**engine_args)
         self.role = self.args.role
         if self.role not in ("prefill", "decode"):
             raise ValueError(f"role: a worker runs role 'prefill' or 'decode', got {self.role!r}")
-        self.engine = LLMEngine(self.args)
-        self.engine.connector.reservation_ttl_s = reservation_ttl_s
-        self.loop = EngineLoop(self.engine)
+        self.parallel = parallel
+        self.reservation_ttl_s = reservation_ttl_s
+        self.engine = self.loop = None
+        self._follower: threading.Thread | None = None
+        self._follower_error: BaseException | None = None
+        self._weights = None
+        if parallel is None:
+            self._build_engine(None)
         self.transfer_timeout_s = transfer_timeout_s
         self.prefill_timeout_s = prefill_timeout_s
         self.started_at = time.time()
@@ -81,6 +90,80 @@ class EngineWorker:
         self._transfers: dict[str, asyncio.Task] = {}  # decode: the start_decode call of each sequence
         self.transfers_done = 0
         self.transfers_failed = 0
+
+    def _build_engine(self, groups: Any) -> None:
+        from engine.engine import LLMEngine
+
+        if groups is None:
+            self.engine = LLMEngine(self.args)
+        else:
+            from engine.multirank import MultiRankExecutor
+
+            self.engine = LLMEngine(self.args, lambda a, cfg, outbox: MultiRankExecutor(a, cfg, outbox, groups))
+        self.engine.connector.reservation_ttl_s = self.reservation_ttl_s
+        self.loop = EngineLoop(self.engine)
+
+    # ---- a rank of a multi-rank instance --------------------------------------------------
+    def rendezvous(self) -> str:
+        """Rank 0: where the instance's ranks meet (``tcp://<this node's address>:<a free port>``)."""
+        import socket
+
+        import ray
+
+        host = ray.util.get_node_ip_address()
+        with socket.socket() as s:
+            s.bind((host, 0))
+            return f"tcp://{host}:{s.getsockname()[1]}"
+
+    async def setup(self, init_method: str, timeout_s: float = 120.0) -> None:
+        """Join the instance (every rank at once) and build this rank's part: an engine (a replica's
+        leader) or a follower loop on its own thread."""
+        from engine.model.parallel import ParallelLayout
+        from engine.model.weight_share import weight_share
+        from engine.model_runner import resolve_device
+        from engine.multirank import RankSpec, follow, init_rank
+
+        spec = RankSpec(ParallelLayout(**self.parallel["layout"]), self.parallel["rank"], init_method, timeout_s)
+        groups = init_rank(spec, resolve_device(self.args.device))
+        if spec.is_leader:
+            self._build_engine(groups)
+            self._weights = weight_share(self.engine.runner.model)
+            self.loop.ensure_started()  # lock-step and pings start now, before any request
+            return
+        ready = threading.Event()
+
+        def run() -> None:
+            def on_ready(runner: Any) -> None:
+                self._weights = weight_share(runner.model)
+                ready.set()
+
+            try:
+                follow(self.args, self.engine_config(), groups, on_ready)
+            except BaseException as e:  # a failed collective: the instance must be re-created
+                self._follower_error = e
+                ready.set()
+
+        self._follower = threading.Thread(target=run, name=f"{self.name}-follower", daemon=True)
+        self._follower.start()
+        await asyncio.get_running_loop().run_in_executor(None, ready.wait)
+        if self._follower_error is not None:
+            raise RuntimeError(f"{self.name}: {self._follower_error}") from self._follower_error
+
+    def engine_config(self) -> Any:
+        from engine.checkpoint.loader import load_config
+
+        return load_config(self.args.model)
+
+    def rank_info(self) -> RankInfo:
+        """This rank's state, for the pool's watchdog and ``pdserve status``."""
+        rank = self.parallel["rank"] if self.parallel else 0
+        if self._follower is not None:
+            alive, error = self._follower.is_alive(), self._follower_error
+        else:
+            alive, error = self.loop is not None and self.loop.alive, self.loop.error if self.loop else None
+        w = self._weights
+        return RankInfo(self.name, rank, self._follower is None, alive, None if error is None else str(error)[:300],
+                        w.resident_bytes if w else 0, w.expected_bytes if w else 0, w.full_model_bytes if w else 0)
 
     # ---- info, health, load ----------------------------------------------------------
     def info(self) -> WorkerInfo:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from typing import Callable
 
 from engine.args import EngineArgs
 from engine.checkpoint.loader import load_config
@@ -32,6 +33,7 @@ from engine.detokenizer import IncrementalDetokenizer
 from engine.executor import Executor, LocalExecutor
 from engine.kv_cache import KVCacheManager
 from engine.kv_connector import KVConnector, KVOutbox, KVPayload, KVPiece
+from engine.model.config import ModelConfig
 from engine.model.kv_cache_fp8 import payload_width_ok
 from engine.outputs import CompletionOutput, EngineStats, KVControl, RequestOutput
 from engine.request import Request
@@ -88,13 +90,16 @@ class SpecStats:
 
 
 class LLMEngine:
-    def __init__(self, args: EngineArgs, executor: Executor | None = None):
+    def __init__(self, args: EngineArgs,
+                 make_executor: Callable[[EngineArgs, ModelConfig, KVOutbox], Executor] = LocalExecutor):
+        """``make_executor(args, model config, KV outbox)``: the ranks this engine drives (default: one,
+        in this process; ``engine.multirank.MultiRankExecutor`` leads a replica of a multi-rank instance)."""
         self.args = args
         self.role = args.role
         self.config = load_config(args.model)
         self.tokenizer = Tokenizer.from_dir(args.model) if Tokenizer.available(args.model) else None
         outbox = KVOutbox()
-        self.executor = executor or LocalExecutor(args, self.config, outbox)
+        self.executor = make_executor(args, self.config, outbox)
         self.kv = KVCacheManager(self.executor.num_blocks, args.block_size, args.enable_prefix_caching)
         self.connector = KVConnector(self.kv, outbox, args.kv_transfer)
         self.scheduler = Scheduler(
@@ -257,6 +262,7 @@ class LLMEngine:
         t0 = time.perf_counter()
         out = self.scheduler.schedule()
         if out.empty:
+            self.executor.idle()
             return []
         result = self.executor.execute(out.step)
         self.spec.record(out, result)

@@ -5,8 +5,9 @@ workers of a disaggregated deployment. Queues, in order: the owner's event loop 
 *commands* on ``_inbox`` — typed ones (``AddRequest``, ``Abort``, ``ReserveKV``,
 ``LoadKV``, ``Expire``, ``Stop``; each knows how to apply itself to the engine, so a
 new one is one small class) — and the engine thread drains it before every step (so
-a command never races a step), runs ``step()`` while there
-is work (sleeping on ``_wake`` otherwise) and hands each step's deltas back to the
+a command never races a step), runs ``step()`` while there is work (sleeping on
+``_wake`` otherwise; an executor with ``needs_ticks`` — a multi-rank leader — is stepped
+every ``tick_s`` even when idle, for lock-step and pings) and hands each step's deltas back to the
 loop with one ``call_soon_threadsafe``; there each delta lands on its request's
 ``asyncio.Queue`` (opened with ``open``). An aborted request's queue receives
 ``ABORTED`` so whoever waits on it wakes up; a failed engine puts an ``EngineError``
@@ -164,11 +165,15 @@ class EngineLoop:
     def _run(self) -> None:
         engine = self.engine
         try:
+            executor = engine.executor
             while self._drain(engine):
-                if engine.has_unfinished():
+                if engine.has_unfinished() or executor.needs_ticks:
                     outputs = engine.step()
                     if outputs:
                         self._loop.call_soon_threadsafe(self._deliver, outputs)
+                    if not engine.has_unfinished() and not executor.busy_elsewhere:  # ticking while idle
+                        self._wake.wait(executor.tick_s)
+                        self._wake.clear()
                 else:
                     self._wake.wait()
                     self._wake.clear()

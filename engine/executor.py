@@ -6,10 +6,11 @@ executor also carries the KV connector's worker-side operations (read a sequence
 rows for a hand-off, write arriving rows into reserved blocks), because the rows
 live on the ranks.
 
-``LocalExecutor`` runs one rank in this process. A multi-rank executor (one Ray
-actor per rank, rank 0 broadcasting each step) implements the same four methods;
-its ``num_blocks`` is the minimum over its ranks, so the scheduler never hands out
-a block some rank does not have.
+``LocalExecutor`` runs one rank in this process; ``engine.multirank.MultiRankExecutor``
+leads a DP replica of a multi-rank instance (it sends each step to the replica's other
+ranks, and keeps DP replicas in lock-step for the MoE collectives). Their ``num_blocks``
+is the minimum over the ranks, so the scheduler never hands out a block some rank does
+not have.
 """
 
 from __future__ import annotations
@@ -23,11 +24,16 @@ from engine.step import StepInput, StepOutput
 
 
 class Executor(Protocol):
+    needs_ticks: bool  # the engine loop must step even without work (lock-step ranks, pings)
+    busy_elsewhere: bool  # lock-step: another DP replica worked in the last iteration (do not sleep)
+    tick_s: float  # how long an idle engine loop waits before stepping again (needs_ticks)
     num_blocks: int  # KV blocks every rank holds (the minimum over ranks)
     num_cache_layers: int  # latent cache layers (main layers, then MTP layers)
     num_computed_layers: int  # of which the forward fills: the MTP layers only when it drafts with them
 
     def execute(self, step: StepInput) -> StepOutput: ...
+
+    def idle(self) -> None: ...  # a step with nothing scheduled here
 
     def read_kv(self, seq_id: str, block_table: list[int], num_tokens: int) -> KVPiece: ...
 
@@ -39,6 +45,10 @@ class Executor(Protocol):
 class LocalExecutor:
     """One rank in this process: a ``ModelRunner``."""
 
+    needs_ticks = False
+    busy_elsewhere = False
+    tick_s = 0.0
+
     def __init__(self, args: EngineArgs, cfg: ModelConfig, outbox: KVOutbox | None = None):
         from engine.model_runner import ModelRunner
 
@@ -49,6 +59,9 @@ class LocalExecutor:
 
     def execute(self, step: StepInput) -> StepOutput:
         return self.runner.execute(step)
+
+    def idle(self) -> None:
+        pass  # one rank: nobody to keep in step
 
     def read_kv(self, seq_id: str, block_table: list[int], num_tokens: int) -> KVPiece:
         return self.runner.kv_worker.read(seq_id, block_table, 0, num_tokens)

@@ -15,6 +15,7 @@ import dataclasses
 import itertools
 import logging
 import time
+from typing import Callable
 
 import torch
 
@@ -26,6 +27,7 @@ from engine.model.deepseek_v3 import DeepseekV3ForCausalLM
 from engine.model.fp8 import is_fp8_checkpoint
 from engine.kv_connector import KVConnectorWorker, KVOutbox
 from engine.model.kv_cache_fp8 import fp8_row_bytes
+from engine.model.parallel import ParallelContext
 from engine.sampler import (Sampler, SamplingMetadata, SamplingRow, compute_logprobs_topk,
                             position_generator)
 from engine.sampling_params import SamplingParams
@@ -74,23 +76,29 @@ class _Sequence:
 
 
 class ModelRunner:
-    def __init__(self, args: EngineArgs, cfg: ModelConfig, outbox: KVOutbox | None = None):
+    def __init__(self, args: EngineArgs, cfg: ModelConfig, outbox: KVOutbox | None = None,
+                 parallel: ParallelContext | None = None, agree_blocks: Callable[[int], int] = lambda n: n,
+                 fixed_passes: bool = False):
+        """``parallel``: this rank's place in a multi-rank instance (its model holds only its share);
+        ``agree_blocks``: turns this rank's affordable KV block count into the instance's (the minimum);
+        ``fixed_passes``: every step makes the same MTP passes (ranks in lock-step, ``engine.multirank``)."""
         self.cfg = cfg
         self.role = args.role
         self.device = resolve_device(args.device)
         self.dtype = resolve_dtype(args.dtype)
         self.block_size = args.block_size
         self.mla_prefill = args.mla_prefill
+        self.parallel = parallel or ParallelContext.single()
         torch.manual_seed(args.seed)
         self.model = self._load(args)
         self.cache_dtype = self.dtype
-        self.kv_caches = self._allocate_cache(args)
+        self.kv_caches = self._allocate_cache(args, agree_blocks)
         self.kv_worker = KVConnectorWorker(self.kv_caches, self.block_size, cfg.kv_lora_rank, outbox)
         self.sequences: dict[str, _Sequence] = {}
         self.sampler = Sampler(torch.Generator(device=self.device).manual_seed(args.seed))
         self.proposer = None
         if args.speculative == "mtp":
-            self.proposer = MTPProposer(self.model, args.num_speculative_tokens, self.block_size)
+            self.proposer = MTPProposer(self.model, args.num_speculative_tokens, self.block_size, fixed_passes)
         self.kv_worker.sent_layers = range(self.num_computed_layers)
 
     # ---- setup ------------------------------------------------------------------------
@@ -100,10 +108,11 @@ class ModelRunner:
             max_positions = self.cfg.max_position_embeddings + args.lookahead
             fp8 = is_fp8_checkpoint(self.cfg) and args.weights == "auto"  # keep FP8 weights FP8
             mtp = mtp_layers_to_load(read_index(args.model), self.cfg, required=args.speculative == "mtp")
-            model = DeepseekV3ForCausalLM(self.cfg, dtype=self.dtype, max_positions=max_positions, with_mtp=mtp,
-                                          fp8=fp8)
+            model = DeepseekV3ForCausalLM(self.cfg, dtype=self.dtype, max_positions=max_positions,
+                                          parallel=self.parallel, with_mtp=mtp, fp8=fp8)
+        select = None if self.parallel.is_single else model.checkpoint_filter()  # only this rank's share
         model.load_weights(iter_checkpoint_tensors(args.model, self.cfg, self.dtype, include_mtp=mtp, keep_fp8=fp8,
-                                                   strict=args.strict_load))
+                                                   strict=args.strict_load, select=select))
         return model.eval()
 
     @property
@@ -114,11 +123,11 @@ class ModelRunner:
         elem = torch.tensor([], dtype=self.cache_dtype).element_size()
         return self.model.num_cache_layers * self.cfg.kv_cache_width * elem
 
-    def _allocate_cache(self, args: EngineArgs) -> list[torch.Tensor]:
+    def _allocate_cache(self, args: EngineArgs, agree_blocks: Callable[[int], int]) -> list[torch.Tensor]:
         if args.kv_cache_dtype == "fp8":
             self.cache_dtype = torch.uint8  # rows packed as in engine/model/kv_cache_fp8.py
         per_block = self.cache_bytes_per_token * self.block_size
-        num_blocks = args.num_kv_blocks or int(args.kv_cache_memory_gb * 2**30 // per_block)
+        num_blocks = agree_blocks(args.num_kv_blocks or int(args.kv_cache_memory_gb * 2**30 // per_block))
         if num_blocks < 1:
             raise ValueError(f"kv_cache_memory_gb: {args.kv_cache_memory_gb} GiB holds no block of {per_block} bytes")
         shape = (num_blocks, self.block_size, self.cache_bytes_per_token // self.model.num_cache_layers
@@ -138,6 +147,15 @@ class ModelRunner:
         return self.kv_caches[0].shape[0]
 
     # ---- one step ---------------------------------------------------------------------
+    @torch.inference_mode()
+    def dummy_step(self) -> None:
+        """A step with no tokens: the same passes as a real one (main, then every MTP pass), joining the
+        MoE collectives of the other DP replicas; touches no cache and no sequence."""
+        self.model.dummy_forward()
+        if self.proposer is not None:
+            for _ in range(self.proposer.k):
+                self.model.dummy_mtp_forward(0)
+
     def _apply(self, step: StepInput) -> None:
         """Bring the runner's copy of each scheduled sequence up to date (forgotten ones first)."""
         for seq_id in step.finished:

@@ -88,10 +88,11 @@ class MTPJob:
 
 
 class MTPProposer:
-    def __init__(self, model, num_speculative_tokens: int, block_size: int):
+    def __init__(self, model, num_speculative_tokens: int, block_size: int, fixed_passes: bool = False):
         self.model = model
         self.k = num_speculative_tokens
         self.block_size = block_size
+        self.fixed_passes = fixed_passes  # always k MTP passes (ranks in lock-step must make the same ones)
 
     def run(self, hidden: torch.Tensor, jobs: list[MTPJob], tables: list[list[int]], kv_caches,
             device: torch.device, layer_done=None) -> list[list[int]]:
@@ -109,6 +110,9 @@ class MTPProposer:
         drafting = [i for i, j in enumerate(jobs) if j.draft]
         drafts: list[list[int]] = [[] for _ in jobs]
         if not drafting:
+            if self.fixed_passes:
+                for _ in range(1, self.k):
+                    model.dummy_mtp_forward(0)
             return drafts
         ends = torch.cumsum(torch.tensor([j.count for j in jobs]), 0) - 1
         last = mtp_h[ends[drafting].to(device)]  # [B, D] MTP hidden at each drafting job's last position

@@ -10,7 +10,9 @@ by cause, healthy workers per pool) registered in the same registry, so one
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+from typing import Callable
 
 from fastapi import FastAPI
 
@@ -20,14 +22,20 @@ from serving.openai_api import DEFAULT_MAX_BODY_BYTES, build_app
 
 
 def build_router_app(client: PDClient, tokenizer, *, api_key: str | None = None,
-                     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+                     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+                     ranks: Callable[[], dict[str, list]] | None = None) -> FastAPI:
+    """``ranks``: every rank of every pool (``deploy.pool.Pool.rank_status``), when this process owns the pools."""
     metrics = ServingMetrics(client.stats)
     client.metrics.attach(metrics.registry)
     app = build_app(client, tokenizer, api_key=api_key, max_body_bytes=max_body_bytes, metrics=metrics)
 
     @app.get("/pools")
     async def pools() -> dict:
-        return {"max_model_len": client.pool_max_model_len,
+        rank_status = {}
+        if ranks is not None:
+            status = await asyncio.get_running_loop().run_in_executor(None, ranks)
+            rank_status = {role: [dataclasses.asdict(r) for r in rs] for role, rs in status.items()}
+        return {"max_model_len": client.pool_max_model_len, "ranks": rank_status,
                 **{role: [{"name": w.name, "healthy": w.healthy, "last_error": w.last_error,
                            "load": dataclasses.asdict(w.load)} for w in ws] for role, ws in client.workers.items()}}
 

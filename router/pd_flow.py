@@ -24,7 +24,9 @@ States of a sequence, in order (the router is the single owner)::
   that dies or stalls (no poll answer in ``poll_wait_s + stall_timeout_s``) leaves
   rotation; the sequence *resumes* on another pair with a ``Continuation`` (the
   tokens already streamed, beside the unchanged ``SamplingParams``), up to
-  ``max_resumes``; then one clean ``EngineError``. Greedy and seeded-sampled output
+  ``max_resumes``; then one clean ``EngineError``. A resume or a retry waits (up to
+  ``prefill_timeout_s``) for a decode worker when none is in rotation — e.g. while the
+  only decode instance, a multi-rank one that lost a rank, is being re-created. Greedy and seeded-sampled output
   is unchanged by a resume (seeded sampling depends on seed, index and position only).
 * Every exit (finished, client gone → ``abort``/``aclose``, error) sends ``abort`` to
   the workers that may still hold the sequence (blocks, reservation, outbox) and is
@@ -212,7 +214,8 @@ class PDClient:
             while True:
                 cont = Continuation(index, tuple(sent), cumulative)
                 try:
-                    result = await self._prefill_and_transfer(seq_id, prompt, params, cont, slot, tried)
+                    result = await self._prefill_and_transfer(seq_id, prompt, params, cont, slot, tried,
+                                                              patient=bool(sent or failures or resumes))
                     metrics.scheduled_time = metrics.scheduled_time or time.time()
                     if result.output is not None:  # the first token ended it: no decode
                         out = self._fix(result.output, request, index, metrics, first_leg=not sent)
@@ -276,16 +279,18 @@ class PDClient:
 
     async def _prefill_and_transfer(self, seq_id: str, prompt: list[int], params: SamplingParams,
                                     cont: Continuation, slot: list[Worker | None],
-                                    tried: set[tuple[str, float]]) -> PrefillResult:
+                                    tried: set[tuple[str, float]], patient: bool) -> PrefillResult:
         """queued → prefilling (+ the decode worker pulling the rows) → running on the decode worker.
 
         Returns the prefill's result: ``output`` set when the first token ended the sequence.
-        Raises ``_Retry`` when this attempt failed in a way another attempt can fix."""
+        Raises ``_Retry`` when this attempt failed in a way another attempt can fix. ``patient``
+        (a retry or a resume: the sequence is under way) waits for a decode worker to come back."""
         cfg, m = self.config, self.metrics
         kv_tokens = len(prompt) + len(cont.output_token_ids)
         total = len(prompt) + max_new_tokens(params.max_tokens, len(prompt), self.max_model_len)
         t0 = time.monotonic()
-        decode = slot[1] = await self._reserve_decode(seq_id, kv_tokens, total)
+        wait_s = cfg.prefill_timeout_s if patient else 0.0
+        decode = slot[1] = await self._reserve_decode(seq_id, kv_tokens, total, wait_s)
         prefill = slot[0] = await self._pick_prefill(seq_id, prompt + list(cont.output_token_ids), tried)
         m.stage.labels("queue").observe(time.monotonic() - t0)
         t1 = time.monotonic()
@@ -342,29 +347,36 @@ class PDClient:
                              prompt=request.prompt, prompt_logprobs=out.prompt_logprobs if first_leg else None,
                              metrics=dataclasses.replace(metrics))
 
-    async def _reserve_decode(self, seq_id: str, num_kv_tokens: int, num_total_tokens: int) -> Worker:
-        candidates = self.registry.healthy("decode")
-        if not candidates:
-            self.metrics.failures.labels("no_decode_worker").inc()
-            raise EngineError("no decode worker is in rotation")
-        refused = False
-        for load in self.policy.decode_order(w.load for w in candidates):
-            w = next(c for c in candidates if c.name == load.name)
-            try:
-                ok = await self.registry.call(w, w.handle.reserve.remote(seq_id, num_kv_tokens, num_total_tokens),
-                                              self.config.reserve_timeout_s)
-            except WorkerLost as e:
-                self.registry.mark_down(w, str(e))
-                continue
-            if ok:
-                w.load.num_running += 1  # until the next health probe replaces the estimate
-                return w
-            refused = True
-        if refused:
-            self.metrics.failures.labels("decode_full").inc()
-            raise EngineOverloaded("every decode worker's KV cache is reserved")
-        self.metrics.failures.labels("no_decode_worker").inc()
-        raise EngineError("no decode worker answered")
+    async def _reserve_decode(self, seq_id: str, num_kv_tokens: int, num_total_tokens: int,
+                              wait_s: float = 0.0) -> Worker:
+        """The decode worker that took the reservation; waits up to ``wait_s`` for one in rotation (and
+        answering)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_s
+        while True:
+            candidates = await self.registry.wait_for("decode", set(), max(deadline - loop.time(), 0.0))
+            if not candidates:
+                self.metrics.failures.labels("no_decode_worker").inc()
+                raise EngineError("no decode worker is in rotation")
+            refused = False
+            for load in self.policy.decode_order(w.load for w in candidates):
+                w = next(c for c in candidates if c.name == load.name)
+                try:
+                    ok = await self.registry.call(w, w.handle.reserve.remote(seq_id, num_kv_tokens, num_total_tokens),
+                                                  self.config.reserve_timeout_s)
+                except WorkerLost as e:
+                    self.registry.mark_down(w, str(e))
+                    continue
+                if ok:
+                    w.load.num_running += 1  # until the next health probe replaces the estimate
+                    return w
+                refused = True
+            if refused:
+                self.metrics.failures.labels("decode_full").inc()
+                raise EngineOverloaded("every decode worker's KV cache is reserved")
+            if loop.time() >= deadline:
+                self.metrics.failures.labels("no_decode_worker").inc()
+                raise EngineError("no decode worker answered")
 
     async def _pick_prefill(self, seq_id: str, tokens: list[int], tried: set[tuple[str, float]]) -> Worker:
         """The policy's prefill worker; when none is in rotation (but the ones that failed this

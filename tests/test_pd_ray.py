@@ -1,19 +1,12 @@
 """End to end through Ray: PD router + 2 prefill + 2 decode workers on the tiny checkpoint.
 
-Ray connects its processes through the machine's network interface even when told
-127.0.0.1, so these tests only run where loopback is the only interface. On a
-machine with other interfaces, ``test_suite_in_private_network_namespace`` re-runs
-this module inside a private network namespace (``unshare -n``, then ``ip link set
-lo up``) and the in-place copies are skipped; where no namespace can be made, it
-skips with the reason. Everything the module starts (Ray, actors, the router) is
-stopped at its end.
+Loopback only: see ``tests/netns.py``. Everything the module starts (Ray, actors, the
+router) is stopped at its end.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -21,33 +14,12 @@ import time
 import httpx
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from netns import ROOT, free_port, in_netns, ray_pools, rerun_in_private_netns
 
 
-def _loopback_only() -> bool:
-    return {name for _, name in socket.if_nameindex()} <= {"lo"}
 
-
-LOOPBACK_ONLY = _loopback_only()
-in_netns = pytest.mark.skipif(not LOOPBACK_ONLY, reason="Ray would use a non-loopback interface; "
-                                                         "run by test_suite_in_private_network_namespace")
-
-
-@pytest.mark.skipif(LOOPBACK_ONLY, reason="already loopback-only: the tests below run in place")
 def test_suite_in_private_network_namespace():
-    unshare = shutil.which("unshare")
-    if unshare is None or shutil.which("ip") is None:
-        pytest.skip("needs unshare and ip to make a loopback-only network namespace")
-    flags = ["-n"] if os.geteuid() == 0 else ["-rn"]
-    probe = subprocess.run([unshare, *flags, "true"], capture_output=True)
-    if probe.returncode != 0:
-        pytest.skip(f"cannot create a network namespace: {probe.stderr.decode().strip()}")
-    cmd = [unshare, *flags, "sh", "-c",
-           f"ip link set lo up && exec {sys.executable} -m pytest -q -x -p no:cacheprovider {__file__}"]
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=420)
-    print(proc.stdout[-6000:], proc.stderr[-3000:])
-    assert proc.returncode == 0, proc.stdout[-6000:]
+    rerun_in_private_netns(__file__, timeout_s=420)
 
 
 # ---- the suite (inside the namespace) ---------------------------------------------------
@@ -56,29 +28,13 @@ PROMPTS = ["The quick brown fox", "Prefill and decode run on", "Hello world! How
 
 @pytest.fixture(scope="module")
 def cluster(tiny_checkpoint):
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    import ray
-
-    from deploy.config import parse_config
-    from deploy.pool import Pool
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
-             object_store_memory=100 * 1024 * 1024, log_to_driver=False, namespace="pdserve")
     engine = {"dtype": "float32", "num_kv_blocks": 128, "block_size": 16, "max_num_seqs": 16}
     # the prefill pool streams the rows layer by layer, chunk by chunk (test_pdserve_up_status_down: whole)
     prefill_engine = {"kv_transfer": "layerwise", "max_num_batched_tokens": 32}
-    cfg = parse_config({"model": tiny_checkpoint, "engine": engine,
-                        "pools": {"prefill": {"instances": 2, "max_restarts": 2, "engine": prefill_engine},
-                                  "decode": {"instances": 2, "max_restarts": 2}}})
-    pools = {role: Pool.from_deploy(cfg, role) for role in ("prefill", "decode")}
-    try:
-        for pool in pools.values():
-            pool.start()
+    with ray_pools({"model": tiny_checkpoint, "engine": engine,
+                    "pools": {"prefill": {"instances": 2, "max_restarts": 2, "engine": prefill_engine},
+                              "decode": {"instances": 2, "max_restarts": 2}}}) as pools:
         yield pools
-    finally:
-        for pool in pools.values():
-            pool.stop()
-        ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +119,7 @@ def _idle():
 @in_netns
 def test_pdserve_up_status_down(tiny_checkpoint, tmp_path):
     """The CLI end to end (runs first, before this module starts its own Ray)."""
-    port = _free_port()
+    port = free_port()
     config = tmp_path / "pools.yaml"
     config.write_text(f"model: {tiny_checkpoint}\nengine: {{dtype: float32, num_kv_blocks: 64, block_size: 16}}\n"
                       f"ray: {{num_cpus: 2, object_store_memory_mb: 100}}\nrouter: {{host: 127.0.0.1, port: {port}}}\n"
@@ -192,12 +148,6 @@ def test_pdserve_up_status_down(tiny_checkpoint, tmp_path):
         if up.poll() is None:
             up.kill()
             up.wait()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @in_netns

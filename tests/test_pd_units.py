@@ -145,12 +145,13 @@ def test_worker_implements_the_contract():
 # ---- the deployment file --------------------------------------------------------------------
 def test_examples_parse():
     local = load_deploy_config(os.path.join(ROOT, "deploy/examples/local-cpu.yaml"))
-    assert local.pools["prefill"].instances == 1 and local.pools["decode"].instances == 2
+    lp, ld = local.pools["prefill"].parallel, local.pools["decode"].parallel
+    assert (lp.tp, lp.sp, lp.ep) == (2, True, 2) and (ld.dp, ld.ep, ld.num_redundant_experts) == (2, 2, 2)
     assert local.engine_args("decode")["role"] == "decode"
     v3 = load_deploy_config(os.path.join(ROOT, "deploy/examples/deepseek-v3.yaml"))
     pre, dec = v3.pools["prefill"].parallel, v3.pools["decode"].parallel
-    assert (pre.tp, pre.sp, pre.dp, pre.ep, pre.num_redundant_experts, pre.ranks) == (4, True, 8, 32, 32, 32)
-    assert (dec.tp, dec.dp, dec.ep, dec.ranks) == (4, 80, 320, 320)
+    assert (pre.tp, pre.sp, pre.dp, pre.ep, pre.num_redundant_experts, pre.world) == (4, True, 8, 32, 32, 32)
+    assert (dec.tp, dec.dp, dec.ep, dec.world) == (4, 80, 320, 320)
 
 
 def _cfg(**pool_changes):
@@ -185,20 +186,17 @@ def test_expert_divisibility_checked_against_the_model(tiny_checkpoint):
                       "pools": {"prefill": {"parallel": {**ok, "num_redundant_experts": 3}}, "decode": {}}})
 
 
-def test_multi_rank_pool_is_refused_clearly():
+def test_pool_refuses_a_layout_the_model_cannot_take(tiny_checkpoint, tmp_path, capsys):
     from deploy.pool import Pool
-
-    cfg = parse_config(_cfg(decode={"parallel": {"tp": 2, "dp": 2, "ep": 4}}))
-    with pytest.raises(NotImplementedError, match="4 ranks .* not supported yet"):
-        Pool.from_deploy(cfg, "decode").start()
-
-
-def test_up_refuses_multi_rank_pools_before_starting_anything(capsys):
     from serving.cli import main
 
-    assert main(["up", "--config", os.path.join(ROOT, "deploy/examples/deepseek-v3.yaml")]) == 2
-    err = capsys.readouterr().err
-    assert "pools.prefill: an instance of 32 ranks" in err and "not supported yet" in err
+    raw = {"model": tiny_checkpoint, "pools": {"prefill": {}, "decode": {"parallel": {"tp": 8}}}}
+    with pytest.raises(ValueError, match="num_attention_heads .4. is not divisible by tp=8"):
+        Pool.from_deploy(parse_config(raw), "decode").check_model()
+    config = tmp_path / "pools.yaml"
+    config.write_text(f"model: {tiny_checkpoint}\npools:\n  prefill: {{}}\n  decode: {{parallel: {{tp: 8}}}}\n")
+    assert main(["up", "--config", str(config), "--state-file", str(tmp_path / "up.json")]) == 2  # before Ray starts
+    assert "pools.decode.parallel: num_attention_heads (4) is not divisible by tp=8" in capsys.readouterr().err
 
 
 def test_status_and_down_without_a_deployment(tmp_path, capsys):

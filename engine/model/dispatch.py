@@ -46,6 +46,7 @@ class DispatchHandle:
 class MoEDispatcher:
     def __init__(self, ep: ParallelGroup):
         self.ep = ep
+        self.bytes_sent = 0  # EP: bytes of rows this rank sent to other ranks (dispatch + combine), cumulative
 
     def dispatch(self, x: torch.Tensor, phys: torch.Tensor, weights: torch.Tensor,
                  num_slots: int) -> tuple[torch.Tensor, list[int], DispatchHandle]:
@@ -67,7 +68,11 @@ class MoEDispatcher:
         local_slot = torch.arange(per_rank, device=x.device).repeat(ep)  # [ep * per_rank]
         slot_of_row = torch.repeat_interleave(local_slot, recv_slot_counts.flatten())  # [M]
         handle.regroup = slot_of_row.argsort(stable=True)
+        self.bytes_sent += self._remote_rows(handle.send_counts) * rows.shape[1] * rows.element_size()
         return received[handle.regroup], recv_slot_counts.sum(0).tolist(), handle
+
+    def _remote_rows(self, counts: list[int]) -> int:
+        return sum(counts) - counts[self.ep.rank]
 
     def combine(self, y: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
         """y [M, D] expert outputs in dispatch order -> [N, D] weighted sum per token."""
@@ -75,6 +80,7 @@ class MoEDispatcher:
             back = torch.empty_like(y)
             back[handle.regroup] = y  # [M, D] in arrival order
             y = self.ep.all_to_all(back, handle.recv_counts, handle.send_counts)  # [N*k, D] in sorted order
+            self.bytes_sent += self._remote_rows(handle.recv_counts) * back.shape[1] * back.element_size()
         out = torch.zeros(handle.num_tokens, y.shape[-1], dtype=torch.float32, device=y.device)
         out.index_add_(0, handle.order // handle.k, y.float() * handle.weights[:, None])
         return out.to(y.dtype)

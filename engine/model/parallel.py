@@ -23,8 +23,8 @@ CUDA, ``backend_for(device)``). Instance rank ``r`` is
 ``init_parallel(layout)`` is called by every rank after
 ``torch.distributed.init_process_group`` (the default group = this instance) and
 returns the rank's ``ParallelContext``; the model is built from it. The
-same dataclass fields as ``deploy.config.ParallelConfig`` (tp, sp, dp, ep,
-num_redundant_experts), validated by the same rules.
+layout is what the pools YAML states per pool (``deploy.config``: tp, sp, dp, ep,
+num_redundant_experts), validated here.
 """
 
 from __future__ import annotations
@@ -49,14 +49,14 @@ class ParallelLayout:
 
     def __post_init__(self):
         if self.tp < 1 or self.dp < 1:
-            raise ValueError(f"tp ({self.tp}) and dp ({self.dp}) must be >= 1")
+            raise ValueError(f"tp: tp ({self.tp}) and dp ({self.dp}) must be >= 1")
         if self.sp and self.tp == 1:
             raise ValueError("sp: sequence parallelism splits a TP group; it needs tp > 1")
         if self.ep not in (1, self.world):
             raise ValueError(f"ep: experts are spread over every rank of an instance, so ep must be 1 or "
                              f"tp × dp = {self.world}, got {self.ep}")
         if self.num_redundant_experts < 0:
-            raise ValueError(f"num_redundant_experts must be >= 0, got {self.num_redundant_experts}")
+            raise ValueError(f"num_redundant_experts: must be >= 0, got {self.num_redundant_experts}")
         if self.num_redundant_experts and self.ep == 1:
             raise ValueError("num_redundant_experts: redundant experts need expert parallelism (ep > 1)")
 

@@ -76,13 +76,13 @@ def run_up(ns: argparse.Namespace) -> int:
     except DeployConfigError as e:
         raise CLIError(f"{ns.config}: {e}") from e
     pools = {role: Pool.from_deploy(cfg, role) for role in ("prefill", "decode")}
-    for pool in pools.values():
-        try:
-            pool.check_supported()
-        except NotImplementedError as e:
-            raise CLIError(str(e)) from e
     if not os.path.isdir(cfg.model):
         raise CLIError(f"model directory {cfg.model!r} does not exist")
+    for role, pool in pools.items():
+        try:
+            pool.check_model()
+        except ValueError as e:
+            raise CLIError(f"pools.{role}.parallel: {e}") from e
     state_file = ns.state_file or default_state_file()
     if _alive(_read_state(state_file, missing_ok=True)):
         raise CLIError(f"a deployment is already up (state file {state_file}); run `pdserve down` first")
@@ -93,8 +93,12 @@ def run_up(ns: argparse.Namespace) -> int:
         with _ray(ns.address or cfg.ray.get("address"), cfg, host) as address:
             try:
                 for pool in pools.values():
-                    print(f"pdserve: starting {pool.role} pool ({pool.config.instances} worker(s))", flush=True)
+                    par = pool.config.parallel
+                    print(f"pdserve: starting {pool.role} pool ({pool.config.instances} instance(s) of {par.world} "
+                          f"rank(s): tp={par.tp} sp={par.sp} dp={par.dp} ep={par.ep} "
+                          f"redundant experts={par.num_redundant_experts})", flush=True)
                     pool.start()
+                    pool.start_watchdog()
                 return asyncio.run(_serve_router(cfg, pools, tokenizer, sock, state_file, address, ns))
             except Exception as e:
                 if isinstance(e, CLIError):
@@ -147,7 +151,8 @@ async def _serve_router(cfg: Any, pools: dict, tokenizer: Any, sock: Any, state_
     client = PDClient(pools["prefill"].names, pools["decode"].names, RouterConfig.from_dict(cfg.router))
     await client.start()
     app = build_router_app(client, tokenizer, api_key=cfg.router.get("api_key") or os.environ.get("PDSERVE_API_KEY"),
-                           max_body_bytes=int(cfg.router.get("max_body_bytes", DEFAULT_MAX_BODY_BYTES)))
+                           max_body_bytes=int(cfg.router.get("max_body_bytes", DEFAULT_MAX_BODY_BYTES)),
+                           ranks=lambda: {role: pool.rank_status() for role, pool in pools.items()})
 
     class Server(uvicorn.Server):
         @contextlib.contextmanager
@@ -241,6 +246,14 @@ def run_status(ns: argparse.Namespace) -> int:
             print(f"{w['name']:<12} {'up' if w['healthy'] else 'DOWN':<8} {load['queued_prompt_tokens']:>10} "
                   f"{load['num_running']:>8} {load['num_waiting']:>8} "
                   f"{str(load['kv_blocks_used']) + '/' + str(load['kv_blocks_total']):>14}  {w['last_error'] or ''}")
+    ranks = pools.get("ranks", {})
+    if any(ranks.values()):
+        print(f"\n{'rank':<12} {'part':<9} {'state':<6} {'weights MiB':>11} {'share MiB':>10}  note")
+        for role in ("prefill", "decode"):
+            for r in ranks.get(role, []):
+                print(f"{r['name']:<12} {'leader' if r['leader'] else 'follower':<9} {'up' if r['alive'] else 'DOWN':<6} "
+                      f"{r['weight_bytes'] / 2**20:>11.1f} {r['expected_weight_bytes'] / 2**20:>10.1f}  "
+                      f"{r['error'] or ''}")
     return 0
 
 

@@ -1,0 +1,229 @@
+"""Multi-rank instances: one process per rank, every rank of a TP group running the same step.
+
+The layout and the model's groups are ``engine.model.parallel``. Ranks play one of two parts:
+
+* a **leader** — TP rank 0 of each DP replica (instance ranks ``0, tp, 2·tp, …``) — owns an
+  ``LLMEngine``: scheduler, KV block manager, KV connector. Its executor is a
+  ``MultiRankExecutor``: each message (a ``StepInput``, a dummy step, a KV write, a ping,
+  stop) goes to the replica's other ranks first, over a gloo *control group*
+  (``broadcast_object_list``), then the leader runs it itself;
+* a **follower** runs ``follow()``: receive, run, repeat. Its ``ModelRunner`` keeps its
+  state from the same messages, so it computes exactly what its leader computes (logits
+  are gathered to every TP rank; sampling is seeded alike), and only the leader's
+  results are used.
+
+**Lock-step across DP replicas.** With ``dp > 1`` and ``ep > 1`` the replicas meet in
+every MoE layer's all-to-all, so every leader takes part in every iteration: before each
+step it all-reduces "I have work" over the leaders' control group; when any leader has
+work, the idle ones run a *dummy step* (a main pass and the MTP passes with zero tokens,
+``ModelRunner.dummy_step``) as DeepSeek's and SGLang's DP attention do; when none has,
+all wait one tick. Every step then makes the same passes on every rank
+(``fixed_passes``). With ``ep == 1`` replicas never talk and each leader steps alone.
+
+**Timeouts.** The process group is created with ``timeout_s``: a rank that dies or hangs
+makes its peers' next collective fail with an error instead of blocking for ever; the
+leader's engine thread then fails, its worker reports itself not alive, and the instance
+is re-created as a whole (``deploy.pool``). Idle leaders ping their followers every
+``PING_S`` so a quiet follower's wait never reaches the timeout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import logging
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from engine.args import EngineArgs
+from engine.kv_connector import KVOutbox, KVPiece
+from engine.model.config import ModelConfig
+from engine.model.parallel import ParallelContext, ParallelLayout, backend_for, init_parallel
+from engine.step import StepInput, StepOutput
+
+log = logging.getLogger("pdserve.engine")
+
+PING_S = 1.0  # an idle leader's followers hear from it at least this often
+LOCKSTEP_TICK_S = 0.002  # lock-step leaders with nothing to do anywhere check again after this
+
+
+@dataclasses.dataclass(frozen=True)
+class RankSpec:
+    """Where a rank sits: its instance's layout, its rank, and how the ranks find each other."""
+
+    layout: ParallelLayout
+    rank: int
+    init_method: str  # e.g. "tcp://127.0.0.1:29500" (rank 0's host)
+    timeout_s: float = 120.0  # a collective that does not complete in this time fails
+
+    @property
+    def leader(self) -> int:
+        """The instance rank of this rank's DP replica leader."""
+        return self.rank - self.rank % self.layout.tp
+
+    @property
+    def is_leader(self) -> bool:
+        return self.rank == self.leader
+
+    @property
+    def lockstep(self) -> bool:
+        return self.layout.dp > 1 and self.layout.ep > 1
+
+
+@dataclasses.dataclass
+class RankGroups:
+    spec: RankSpec
+    ctx: ParallelContext
+    control: Any  # gloo group of this rank's DP replica (None when tp == 1)
+    leaders: Any  # gloo group of every replica's leader (None unless lock-step)
+
+
+def init_rank(spec: RankSpec, device: torch.device | str) -> RankGroups:
+    """Join the instance's process group and build this rank's groups; every rank calls it."""
+    layout = spec.layout
+    dist.init_process_group(backend_for(torch.device(device)), init_method=spec.init_method, rank=spec.rank,
+                            world_size=layout.world, timeout=datetime.timedelta(seconds=spec.timeout_s))
+    ctx = init_parallel(layout)
+    control = leaders = None
+    for d in range(layout.dp):  # every rank creates every group, in the same order
+        ranks = list(range(d * layout.tp, (d + 1) * layout.tp))
+        if layout.tp > 1:
+            group = dist.new_group(ranks, backend="gloo")
+            if spec.rank in ranks:
+                control = group
+    if spec.lockstep:
+        leaders = dist.new_group([d * layout.tp for d in range(layout.dp)], backend="gloo")
+    return RankGroups(spec, ctx, control, leaders)
+
+
+def agree_min(groups: RankGroups, device: torch.device | str):
+    """``agree_blocks`` for ``ModelRunner``: the instance's minimum of every rank's value."""
+
+    def agree(n: int) -> int:
+        t = torch.tensor([n], dtype=torch.int64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return int(t.item())
+
+    return agree
+
+
+# ---- control messages (leader → followers) -------------------------------------------------
+@dataclasses.dataclass
+class RunStep:
+    step: StepInput
+
+
+@dataclasses.dataclass
+class DummyStep:
+    pass
+
+
+@dataclasses.dataclass
+class WriteKV:
+    block_table: list[int]
+    piece: KVPiece
+
+
+@dataclasses.dataclass
+class Ping:
+    pass
+
+
+@dataclasses.dataclass
+class Stop:
+    pass
+
+
+def _runner(args: EngineArgs, cfg: ModelConfig, groups: RankGroups, outbox: KVOutbox | None):
+    from engine.model_runner import ModelRunner, resolve_device
+
+    device = resolve_device(args.device)
+    return ModelRunner(args, cfg, outbox, parallel=groups.ctx, agree_blocks=agree_min(groups, device),
+                       fixed_passes=groups.spec.lockstep)
+
+
+class MultiRankExecutor:
+    """A leader's executor (see the module docstring). ``needs_ticks``: the engine loop must call
+    ``step()`` (hence ``idle()``) even without work, for lock-step and pings."""
+
+    needs_ticks = True
+
+    def __init__(self, args: EngineArgs, cfg: ModelConfig, outbox: KVOutbox | None, groups: RankGroups):
+        if not groups.spec.is_leader:
+            raise ValueError(f"rank {groups.spec.rank} is not a leader; followers run follow()")
+        self.groups = groups
+        self.runner = _runner(args, cfg, groups, outbox)
+        self.num_blocks = self.runner.num_blocks
+        self.num_cache_layers = self.runner.model.num_cache_layers
+        self.num_computed_layers = self.runner.num_computed_layers
+        self.tick_s = LOCKSTEP_TICK_S if groups.spec.lockstep else PING_S / 2
+        self.busy_elsewhere = False  # lock-step: another replica had work in the last iteration
+        self._last_sent = time.monotonic()
+
+    def _send(self, message: Any) -> None:
+        if self.groups.control is not None:
+            dist.broadcast_object_list([message], src=self.groups.spec.leader, group=self.groups.control)
+            self._last_sent = time.monotonic()
+
+    def _anyone_busy(self, busy: bool) -> bool:
+        if self.groups.leaders is None:
+            return busy
+        t = torch.tensor([int(busy)], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.groups.leaders)
+        return bool(t.item())
+
+    def execute(self, step: StepInput) -> StepOutput:
+        self._anyone_busy(True)
+        self.busy_elsewhere = False
+        self._send(RunStep(step))
+        return self.runner.execute(step)
+
+    def idle(self) -> None:
+        """Nothing scheduled here: in lock-step, a dummy step if another replica works; else a ping when due."""
+        if self.groups.spec.lockstep:
+            self.busy_elsewhere = self._anyone_busy(False)
+            if self.busy_elsewhere:
+                self._send(DummyStep())
+                self.runner.dummy_step()
+                return
+        if time.monotonic() - self._last_sent >= PING_S:
+            self._send(Ping())
+
+    def read_kv(self, seq_id: str, block_table: list[int], num_tokens: int) -> KVPiece:
+        return self.runner.kv_worker.read(seq_id, block_table, 0, num_tokens)
+
+    def write_kv(self, block_table: list[int], piece: KVPiece) -> None:
+        self._send(WriteKV(block_table, piece))
+        self.runner.kv_worker.write(block_table, piece)
+
+    def shutdown(self) -> None:
+        self._send(Stop())
+        self.runner.sequences.clear()
+
+
+def follow(args: EngineArgs, cfg: ModelConfig, groups: RankGroups, on_ready=None) -> None:
+    """A follower rank, until its leader says stop (or a collective fails: the exception propagates)."""
+    if groups.spec.is_leader:
+        raise ValueError(f"rank {groups.spec.rank} leads its replica; it runs an engine, not follow()")
+    runner = _runner(args, cfg, groups, outbox=None)
+    if on_ready is not None:
+        on_ready(runner)
+    src = groups.spec.leader
+    while True:
+        box = [None]
+        dist.broadcast_object_list(box, src=src, group=groups.control)
+        message = box[0]
+        if isinstance(message, RunStep):
+            runner.execute(message.step)
+        elif isinstance(message, DummyStep):
+            runner.dummy_step()
+        elif isinstance(message, WriteKV):
+            runner.kv_worker.write(message.block_table, message.piece)
+        elif isinstance(message, Stop):
+            return
+        elif not isinstance(message, Ping):
+            raise TypeError(f"follower {groups.spec.rank}: unexpected control message {type(message).__name__}")
+
