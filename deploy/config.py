@@ -35,6 +35,7 @@ import yaml
 from deploy.contract import ROLES
 from engine.args import EngineArgs
 from engine.model.parallel import ParallelLayout
+from router.experts import EPLBConfig
 
 
 
@@ -74,7 +75,7 @@ class DeployConfig:
 _ROUTER_KEYS = {"host", "port", "api_key", "max_body_bytes", "poll_wait_s", "prefill_timeout_s", "reserve_timeout_s",
                 "collective_timeout_s",
                 "transfer_timeout_s", "stall_timeout_s", "health_interval_s", "health_timeout_s",
-                "max_prefill_retries", "max_resumes", "affinity_slack_tokens", "affinity_entries"}
+                "max_prefill_retries", "max_resumes", "affinity_slack_tokens", "affinity_entries", "eplb"}
 _RAY_KEYS = {"address", "num_cpus", "object_store_memory_mb"}
 _POOL_KEYS = {"instances", "parallel", "engine", "resources", "max_restarts"}
 _PARALLEL_KEYS = {f.name for f in dataclasses.fields(ParallelLayout)}
@@ -107,6 +108,10 @@ def parse_config(raw: Any, source: str = "<dict>", base_dir: str | None = None) 
     _known(engine, _ENGINE_KEYS, "engine.")
     router = _mapping(raw.get("router", {}), "router")
     _known(router, _ROUTER_KEYS, "router.")
+    try:
+        EPLBConfig.from_dict(_mapping(router.get("eplb", {}), "router.eplb"))
+    except (TypeError, ValueError) as e:
+        raise DeployConfigError(f"router.eplb: {e}") from None
     ray_cfg = _mapping(raw.get("ray", {}), "ray")
     _known(ray_cfg, _RAY_KEYS, "ray.")
     pools_raw = _mapping(raw.get("pools"), "pools")

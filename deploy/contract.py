@@ -12,7 +12,10 @@ a test checks it), in the order a request uses them:
   rows from the prefill worker named ``source`` while it computes, then joins the
   engine), ``poll(seq_id, wait_s) -> RequestOutput | None`` until finished;
 * both: ``info() -> WorkerInfo``, ``load() -> WorkerLoad`` (health probe and the
-  policies' input), ``abort(seq_id)``.
+  policies' input; it carries the replica's cumulative expert-load counts), ``abort(seq_id)``;
+* live expert rebalancing (``router.experts``), to every DP replica leader of an instance:
+  ``stage_experts(version, phy2log)``, ``rollout_status() -> RolloutState`` until staged,
+  ``switch_experts(version)``, ``rollout_status()`` until installed; ``abort_rollout()``.
 """
 
 from __future__ import annotations
@@ -20,11 +23,22 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Protocol
 
+from engine.expert_load import ExpertCounts, ExpertShape, RolloutState
 from engine.outputs import KVControl, RequestOutput
 from engine.sampling_params import Continuation, SamplingParams
 
 NAMESPACE = "pdserve"  # the Ray namespace of a deployment's named actors
 ROLES = ("prefill", "decode")  # the pools of a disaggregated deployment
+
+
+def worker_name(role: str, index: int, rank: int | None = None) -> str:
+    """The actor name of instance ``index`` of a pool (one rank), or of one rank of it."""
+    return f"{role}-{index}" if rank is None else f"{role}-{index}.{rank}"
+
+
+def instance_of(name: str) -> str:
+    """The instance a worker (rank) name belongs to: ``decode-0.2`` -> ``decode-0``."""
+    return name.split(".", 1)[0]
 
 
 @dataclasses.dataclass
@@ -40,6 +54,8 @@ class WorkerInfo:
     block_size: int
     kv_blocks_total: int
     pid: int
+    instance: str = ""  # its instance (``instance_of(name)``): the DP replica leaders of one share it
+    experts: ExpertShape | None = None  # its MoE layers (None: no MoE layer)
 
 
 @dataclasses.dataclass
@@ -76,6 +92,7 @@ class WorkerLoad:
     transfers_done: int = 0
     transfers_failed: int = 0
     outbox_bytes: int = 0  # prefill: latent rows waiting for their decode worker
+    experts: ExpertCounts | None = None  # its DP replica's expert-load counts, cumulative
 
     @property
     def kv_fraction(self) -> float:
@@ -135,6 +152,14 @@ class WorkerAPI(Protocol):
     async def poll(self, seq_id: str, wait_s: float) -> RequestOutput | None: ...
 
     def abort(self, seq_id: str) -> None: ...
+
+    async def stage_experts(self, version: int, phy2log: list[list[int]]) -> None: ...
+
+    async def rollout_status(self) -> RolloutState: ...
+
+    async def switch_experts(self, version: int) -> None: ...
+
+    async def abort_rollout(self) -> None: ...
 
 
 WORKER_METHODS = tuple(name for name in vars(WorkerAPI) if not name.startswith("_"))

@@ -25,14 +25,10 @@ import threading
 from typing import Any
 
 from deploy.config import DeployConfig, PoolConfig
-from deploy.contract import NAMESPACE, RankInfo
+from deploy.contract import NAMESPACE, RankInfo, worker_name
 from deploy.worker import actor_classes
 
 log = logging.getLogger("pdserve.deploy")
-
-
-def worker_name(role: str, index: int, rank: int | None = None) -> str:
-    return f"{role}-{index}" if rank is None else f"{role}-{index}.{rank}"
 
 
 @dataclasses.dataclass

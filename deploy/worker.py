@@ -36,9 +36,12 @@ import threading
 import time
 from typing import Any
 
-from deploy.contract import NAMESPACE, KVPull, PrefillResult, RankInfo, TransferReport, WorkerInfo, WorkerLoad
+from deploy.contract import (NAMESPACE, KVPull, PrefillResult, RankInfo, TransferReport, WorkerInfo, WorkerLoad,
+                             instance_of)
 from deploy.kv_transfer import ActorSource, Transfer, TransferFailed
-from engine.engine_loop import ABORTED, EngineLoop, Expire, LoadKV, ReserveKV
+from engine.engine_loop import (ABORTED, AbortRollout, EngineLoop, Expire, LoadKV, ReadExpertCounts, ReserveKV,
+                                RolloutStatus, StageExperts, SwitchExperts)
+from engine.expert_load import RolloutState
 from engine.outputs import RequestOutput
 from engine.sampling_params import Continuation, SamplingParams
 
@@ -169,12 +172,15 @@ class EngineWorker:
     def info(self) -> WorkerInfo:
         e = self.engine
         return WorkerInfo(self.name, self.role, self.args.model_name, self.args.model, e.max_model_len,
-                          list(e.eos_token_ids), self.args.block_size, e.kv.num_blocks, os.getpid())
+                          list(e.eos_token_ids), self.args.block_size, e.kv.num_blocks, os.getpid(),
+                          instance_of(self.name), e.executor.runner.experts.shape())
 
     async def load(self) -> WorkerLoad:
         self.loop.ensure_started()
+        experts = None
         if self.loop.alive:
             await self.loop.call(Expire())
+            experts = await self.loop.call(ReadExpertCounts())
         s = self.engine.stats()
         return WorkerLoad(
             name=self.name, role=self.role, alive=self.loop.alive, started_at=self.started_at,
@@ -183,7 +189,7 @@ class EngineWorker:
             kv_blocks_total=s.kv_blocks_total, prefix_cache_queries=s.prefix_cache_queries,
             prefix_cache_hits=s.prefix_cache_hits, num_preemptions=s.num_preemptions,
             transfers_done=self.transfers_done, transfers_failed=self.transfers_failed,
-            outbox_bytes=self.engine.connector.outbox.nbytes)
+            outbox_bytes=self.engine.connector.outbox.nbytes, experts=experts)
 
     # ---- prefill role -------------------------------------------------------------------
     async def prefill(self, seq_id: str, prompt: list[int], params: SamplingParams,
@@ -349,6 +355,22 @@ class EngineWorker:
         if transfer is not None:
             transfer.cancel()
         self.loop.abort(seq_id)
+
+    # ---- live expert rebalancing (router.experts) -------------------------------------------
+    async def stage_experts(self, version: int, phy2log: list[list[int]]) -> None:
+        """Start reading placement ``version``'s expert weights on every rank of this DP replica."""
+        await self.loop.call(StageExperts(version, phy2log))
+
+    async def rollout_status(self) -> RolloutState:
+        return await self.loop.call(RolloutStatus())
+
+    async def switch_experts(self, version: int) -> None:
+        """Switch the staged placement in, one MoE layer per step boundary (agreed with the instance's
+        other replicas)."""
+        await self.loop.call(SwitchExperts(version))
+
+    async def abort_rollout(self) -> None:
+        await self.loop.call(AbortRollout())
 
     def _require(self, role: str) -> None:
         if self.role != role:

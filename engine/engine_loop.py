@@ -89,6 +89,47 @@ class Expire(Command):
 
 
 @dataclasses.dataclass
+class ReadExpertCounts(Command):
+    """The replica's cumulative expert-load counts (``ExpertCounts``, None without MoE layers)."""
+
+    def apply(self, engine: Any) -> Any:
+        return engine.executor.expert_counts()
+
+
+@dataclasses.dataclass
+class StageExperts(Command):
+    """Start reading a new placement's expert weights on every rank (``engine.rebalance``)."""
+
+    version: int
+    phy2log: list[list[int]]
+
+    def apply(self, engine: Any) -> None:
+        engine.executor.stage_experts(self.version, self.phy2log)
+
+
+@dataclasses.dataclass
+class RolloutStatus(Command):
+    def apply(self, engine: Any) -> Any:
+        return engine.executor.rollout_state()
+
+
+@dataclasses.dataclass
+class SwitchExperts(Command):
+    """Switch the staged placement in, one MoE layer per step from the next step on."""
+
+    version: int
+
+    def apply(self, engine: Any) -> None:
+        engine.executor.switch_experts(self.version)
+
+
+@dataclasses.dataclass
+class AbortRollout(Command):
+    def apply(self, engine: Any) -> None:
+        engine.executor.abort_rollout()
+
+
+@dataclasses.dataclass
 class Stop(Command):
     """Abort everything in flight and end the thread."""
 

@@ -23,14 +23,57 @@ Views (closed intervals only):
 * ``balancedness() [L]``: mean rank load / max rank load of the observed physical load
   (1.0 = perfect; 1 / num_ranks = everything on one rank).
 
+The messages of live rebalancing (``engine.rebalance``, ``deploy.contract``, ``router.experts``)
+are here too: ``ExpertShape`` (what an instance's MoE layers look like), ``ExpertCounts``
+(a DP replica's cumulative counts, in its worker's load report) and ``RolloutState``.
+
 Torch-free (numpy); counts may be numpy arrays, torch CPU tensors or nested lists.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertShape:
+    """An instance's MoE layers as the balancer sees them."""
+
+    num_layers: int  # MoE layers, main then MTP (``DeepseekV3ForCausalLM.moe_layers`` order)
+    num_logical: int  # routed experts E
+    num_slots: int  # physical slots S = E + redundant, S / ep per EP rank
+    num_ranks: int  # EP ranks the slots are spread over
+    num_groups: int  # expert groups (V3: n_group)
+
+    def default_phy2log(self) -> np.ndarray:
+        """[L, S] the start-up placement (``ExpertPlacement.default``: slot s holds expert s % E)."""
+        return np.tile(np.arange(self.num_slots, dtype=np.int64) % self.num_logical, (self.num_layers, 1))
+
+
+@dataclasses.dataclass
+class ExpertCounts:
+    """Token copies a DP replica routed (its ranks summed), cumulative over the worker's life."""
+
+    version: int  # placement version installed on every layer (0: start-up); -1 while switching
+    logical: np.ndarray  # [L, E] int64 per logical expert, since start
+    physical: np.ndarray  # [L, S] int64 per slot, since ``version`` was installed (meaningless at -1)
+
+
+@dataclasses.dataclass
+class RolloutState:
+    """Where a rollout stands on one DP replica (every rank of it)."""
+
+    version: int  # the rollout's version (-1: none staged or switching)
+    installed_version: int  # the placement in force on every layer (-1 mid-switch)
+    staged: bool = False  # every rank has read the new weights
+    error: str | None = None  # staging failed on some rank (the old placement keeps serving)
+    staged_bytes: int = 0  # expert weights read, summed over the replica's ranks
+    layers_switched: int = 0
+    num_layers: int = 0
+    pauses_s: list[float] = dataclasses.field(default_factory=list)  # per layer switched: the copy's time
 
 
 def balancedness(rank_load) -> np.ndarray:
@@ -108,11 +151,19 @@ class ExpertLoadWindow:
 
     # -- input
 
-    def add(self, counts, slots=None, *, version: int | None = None, now: float | None = None) -> bool:
+    def add(self, counts, slots=None, *, version: int | None = None, now: float | None = None,
+            logical=None) -> bool:
         """Add ``counts [L, n]`` tokens for physical ``slots [n]`` (None: all P slots) to the open
-        interval. False (and dropped) if made under another placement ``version``."""
+        interval. False (and dropped) if made under another placement ``version``; with ``logical
+        [L, E]`` (the same tokens per logical expert, as the ranks counted them) those are kept even
+        then, since they do not depend on the placement."""
         if self.interval_s is not None:
             self.advance_to(now)
+        if logical is not None:
+            lg = np.asarray(logical, dtype=np.int64)
+            if lg.shape != (self.num_layers, self.num_logical):
+                raise ValueError(f"logical counts have shape {lg.shape}, expected {(self.num_layers, self.num_logical)}")
+            self._open_log += lg
         if version is not None and version != self.version:
             self.dropped_reports += 1
             return False
@@ -130,6 +181,8 @@ class ExpertLoadWindow:
                 raise ValueError("slot id out of range")
             self._open_phys[:, s] += c
             flat = self._flat[:, s]
+        if logical is not None:
+            return True
         per_expert = np.bincount(flat.ravel(), weights=c.ravel(), minlength=self.num_layers * self.num_logical)
         self._open_log += np.rint(per_expert).astype(np.int64).reshape(self.num_layers, self.num_logical)
         return True

@@ -28,6 +28,7 @@ from engine.model.fp8 import is_fp8_checkpoint
 from engine.kv_connector import KVConnectorWorker, KVOutbox
 from engine.model.kv_cache_fp8 import fp8_row_bytes
 from engine.model.parallel import ParallelContext
+from engine.rebalance import RankExperts
 from engine.sampler import (Sampler, SamplingMetadata, SamplingRow, compute_logprobs_topk,
                             position_generator)
 from engine.sampling_params import SamplingParams
@@ -100,13 +101,14 @@ class ModelRunner:
         if args.speculative == "mtp":
             self.proposer = MTPProposer(self.model, args.num_speculative_tokens, self.block_size, fixed_passes)
         self.kv_worker.sent_layers = range(self.num_computed_layers)
+        self.experts = RankExperts(self.model, args.model, self.dtype, self._keep_fp8(args))
 
     # ---- setup ------------------------------------------------------------------------
     def _load(self, args: EngineArgs) -> DeepseekV3ForCausalLM:
         with torch.device(self.device):
             # positions past the context: speculative rows of the MTP layer may run up to lookahead ahead
             max_positions = self.cfg.max_position_embeddings + args.lookahead
-            fp8 = is_fp8_checkpoint(self.cfg) and args.weights == "auto"  # keep FP8 weights FP8
+            fp8 = self._keep_fp8(args)
             mtp = mtp_layers_to_load(read_index(args.model), self.cfg, required=args.speculative == "mtp")
             model = DeepseekV3ForCausalLM(self.cfg, dtype=self.dtype, max_positions=max_positions,
                                           parallel=self.parallel, with_mtp=mtp, fp8=fp8)
@@ -114,6 +116,9 @@ class ModelRunner:
         model.load_weights(iter_checkpoint_tensors(args.model, self.cfg, self.dtype, include_mtp=mtp, keep_fp8=fp8,
                                                    strict=args.strict_load, select=select))
         return model.eval()
+
+    def _keep_fp8(self, args: EngineArgs) -> bool:
+        return is_fp8_checkpoint(self.cfg) and args.weights == "auto"  # keep FP8 weights FP8
 
     @property
     def cache_bytes_per_token(self) -> int:

@@ -20,6 +20,15 @@ work, the idle ones run a *dummy step* (a main pass and the MTP passes with zero
 all wait one tick. Every step then makes the same passes on every rank
 (``fixed_passes``). With ``ep == 1`` replicas never talk and each leader steps alone.
 
+**Expert rollouts** (``engine.rebalance``). The leader relays them: ``Stage`` starts every
+rank's background read of the new placement's weights; ``ReadCounts`` and ``QueryStage``
+sum the replica's counts and staging results over the control group; a layer switch is
+``InstallLayer`` sent before the step it precedes, so a replica's ranks switch at the same
+step boundary. Across lock-step replicas (which exchange tokens in every MoE layer) the
+leaders agree on the boundary in the same all-reduce that says "I have work": each offers
+"(version, next layer)" once it is told to switch, and a layer switches only when every
+leader offers the same one. Until then each keeps serving with the old placement.
+
 **Timeouts.** The process group is created with ``timeout_s``: a rank that dies or hangs
 makes its peers' next collective fail with an error instead of blocking for ever; the
 leader's engine thread then fails, its worker reports itself not alive, and the instance
@@ -39,6 +48,8 @@ import torch
 import torch.distributed as dist
 
 from engine.args import EngineArgs
+from engine.executor import rollout_state
+from engine.expert_load import ExpertCounts, RolloutState
 from engine.kv_connector import KVOutbox, KVPiece
 from engine.model.config import ModelConfig
 from engine.model.parallel import ParallelContext, ParallelLayout, backend_for, init_parallel
@@ -133,6 +144,32 @@ class Ping:
 
 
 @dataclasses.dataclass
+class ReadCounts:
+    pass
+
+
+@dataclasses.dataclass
+class Stage:
+    version: int
+    phy2log: list[list[int]]
+
+
+@dataclasses.dataclass
+class QueryStage:
+    version: int
+
+
+@dataclasses.dataclass
+class InstallLayer:
+    pass
+
+
+@dataclasses.dataclass
+class DropStage:
+    pass
+
+
+@dataclasses.dataclass
 class Stop:
     pass
 
@@ -168,24 +205,34 @@ class MultiRankExecutor:
             dist.broadcast_object_list([message], src=self.groups.spec.leader, group=self.groups.control)
             self._last_sent = time.monotonic()
 
-    def _anyone_busy(self, busy: bool) -> bool:
+    def _sync(self, busy: bool) -> bool:
+        """Before a step: whether any replica has work, and the expert layer switch, if one is due
+        (see the module docstring)."""
+        experts = self.runner.experts
+        code = experts.switch_code()
         if self.groups.leaders is None:
-            return busy
-        t = torch.tensor([int(busy)], dtype=torch.int64)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.groups.leaders)
-        return bool(t.item())
+            agreed = code > 0
+        else:
+            t = torch.tensor([int(busy), code, -code], dtype=torch.int64)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.groups.leaders)
+            busy = bool(t[0])
+            agreed = code > 0 and int(t[1]) == code and -int(t[2]) == code  # max == min: all offer the same
+        if agreed:
+            self._send(InstallLayer())
+            experts.install_next()
+        return busy
 
     def execute(self, step: StepInput) -> StepOutput:
-        self._anyone_busy(True)
+        self._sync(True)
         self.busy_elsewhere = False
         self._send(RunStep(step))
         return self.runner.execute(step)
 
     def idle(self) -> None:
         """Nothing scheduled here: in lock-step, a dummy step if another replica works; else a ping when due."""
-        if self.groups.spec.lockstep:
-            self.busy_elsewhere = self._anyone_busy(False)
-            if self.busy_elsewhere:
+        if self.groups.spec.lockstep or self.runner.experts.switching:
+            self.busy_elsewhere = self._sync(False)
+            if self.groups.spec.lockstep and self.busy_elsewhere:
                 self._send(DummyStep())
                 self.runner.dummy_step()
                 return
@@ -199,9 +246,52 @@ class MultiRankExecutor:
         self._send(WriteKV(block_table, piece))
         self.runner.kv_worker.write(block_table, piece)
 
+    # ---- experts (engine.rebalance) ---------------------------------------------------------
+    def expert_counts(self) -> ExpertCounts | None:
+        experts = self.runner.experts
+        if not experts.num_layers:
+            return None
+        self._send(ReadCounts())
+        total = _replica_sum(experts.counts(), self.groups)
+        return ExpertCounts(experts.installed_version, *experts.counts_split(total))
+
+    def stage_experts(self, version: int, phy2log: list[list[int]]) -> None:
+        self.runner.experts.stage(version, phy2log)  # checks the placement before the others hear of it
+        self._send(Stage(version, phy2log))
+
+    def rollout_state(self) -> RolloutState:
+        experts = self.runner.experts
+        self._send(QueryStage(experts.version))
+        staged, failed, nbytes = _replica_staging(experts, experts.version, self.groups)
+        error = experts.error or ("staging failed on another rank of this replica (see its log)" if failed else None)
+        return rollout_state(experts, staged, error, nbytes)
+
+    def switch_experts(self, version: int) -> None:
+        self.runner.experts.begin_switch(version)  # the layers switch in _sync, one per step boundary
+
+    def abort_rollout(self) -> None:
+        self._send(DropStage())
+        self.runner.experts.drop()
+
     def shutdown(self) -> None:
         self._send(Stop())
         self.runner.sequences.clear()
+
+
+def _replica_sum(t: torch.Tensor, groups: RankGroups) -> torch.Tensor:
+    if groups.control is not None:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=groups.control)
+    return t
+
+
+def _replica_staging(experts, version: int, groups: RankGroups) -> tuple[bool, bool, int]:
+    """(every rank staged ``version``, some rank failed, bytes staged over the replica)."""
+    flags = torch.tensor([-int(experts.is_staged(version)), int(experts.error is not None)], dtype=torch.int64)
+    nbytes = torch.tensor([experts.staged_bytes], dtype=torch.int64)
+    if groups.control is not None:
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=groups.control)
+        dist.all_reduce(nbytes, op=dist.ReduceOp.SUM, group=groups.control)
+    return flags[0].item() == -1, bool(flags[1].item()), int(nbytes.item())
 
 
 def follow(args: EngineArgs, cfg: ModelConfig, groups: RankGroups, on_ready=None) -> None:
@@ -222,6 +312,19 @@ def follow(args: EngineArgs, cfg: ModelConfig, groups: RankGroups, on_ready=None
             runner.dummy_step()
         elif isinstance(message, WriteKV):
             runner.kv_worker.write(message.block_table, message.piece)
+        elif isinstance(message, InstallLayer):
+            runner.experts.install_next()
+        elif isinstance(message, ReadCounts):
+            _replica_sum(runner.experts.counts(), groups)
+        elif isinstance(message, Stage):
+            try:
+                runner.experts.stage(message.version, message.phy2log)
+            except (RuntimeError, ValueError) as e:  # reported to the leader by the next QueryStage
+                runner.experts.error = f"{type(e).__name__}: {e}"
+        elif isinstance(message, QueryStage):
+            _replica_staging(runner.experts, message.version, groups)
+        elif isinstance(message, DropStage):
+            runner.experts.drop()
         elif isinstance(message, Stop):
             return
         elif not isinstance(message, Ping):

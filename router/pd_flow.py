@@ -50,6 +50,7 @@ from typing import Any, AsyncIterator
 from deploy.contract import NAMESPACE, PrefillResult, TransferReport
 from engine.outputs import EngineError, EngineOverloaded, EngineStats, GenerateRequest, RequestMetrics, RequestOutput
 from engine.sampling_params import Continuation, SamplingParams, max_new_tokens
+from router.experts import EPLBConfig, ExpertBalancer
 from router.metrics import RouterMetrics
 from router.policy import Policy, PrefixAffinity
 from router.workers import Worker, WorkerLost, WorkerRegistry
@@ -70,6 +71,7 @@ class RouterConfig:
     max_resumes: int = 2
     affinity_slack_tokens: int = 2048
     affinity_entries: int = 100_000
+    eplb: dict[str, Any] = dataclasses.field(default_factory=dict)  # router.experts.EPLBConfig fields
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RouterConfig":
@@ -96,6 +98,7 @@ class PDClient:
                                        self.config.health_interval_s, self.config.health_timeout_s)
         self.workers = self.registry.workers
         self.metrics = RouterMetrics(self.registry.pool_health)
+        self.experts = ExpertBalancer(self.registry, EPLBConfig.from_dict(self.config.eplb))
         self.policy: Policy | None = None
         self.model_name = ""
         self.max_model_len = 0
@@ -123,9 +126,12 @@ class PDClient:
         self.policy = Policy(PrefixAffinity(block_size, self.config.affinity_entries),
                              self.config.affinity_slack_tokens)
         self.registry.on_restart = lambda w: self.policy.affinity.forget(w.name)
+        self.registry.on_load = self.experts.observe
         self.registry.start()
+        self.experts.start()
 
     async def shutdown(self) -> None:
+        await self.experts.stop()
         await self.registry.stop()
         for seqs in list(self._active.values()):
             for seq_id, slot in seqs.items():
@@ -361,15 +367,19 @@ class PDClient:
             refused = False
             for load in self.policy.decode_order(w.load for w in candidates):
                 w = next(c for c in candidates if c.name == load.name)
+                # counted before the call, so a burst of requests spreads over the DP ranks instead of all
+                # ranking on the same stale load; the next health probe replaces the estimate
+                w.load.num_running += 1
                 try:
                     ok = await self.registry.call(w, w.handle.reserve.remote(seq_id, num_kv_tokens, num_total_tokens),
                                                   self.config.reserve_timeout_s)
                 except WorkerLost as e:
+                    w.load.num_running -= 1
                     self.registry.mark_down(w, str(e))
                     continue
                 if ok:
-                    w.load.num_running += 1  # until the next health probe replaces the estimate
                     return w
+                w.load.num_running -= 1
                 refused = True
             if refused:
                 self.metrics.failures.labels("decode_full").inc()

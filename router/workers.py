@@ -61,6 +61,7 @@ class WorkerRegistry:
         self.health_interval_s = health_interval_s
         self.health_timeout_s = health_timeout_s
         self.on_restart: Callable[[Worker], None] = lambda w: None
+        self.on_load: Callable[[Worker, WorkerLoad], None] = lambda w, load: None  # every answered probe
         self._task: asyncio.Task | None = None
 
     def all(self) -> list[Worker]:
@@ -140,6 +141,10 @@ class WorkerRegistry:
         if not w.healthy:
             log.info("%s is back in rotation", w.name)
         w.load, w.healthy, w.last_error = load, True, None
+        try:
+            self.on_load(w, load)
+        except Exception:  # statistics must never take a worker out of rotation
+            log.exception("load report of %s not taken", w.name)
 
     def mark_down(self, w: Worker, why: str) -> None:
         if w.healthy:

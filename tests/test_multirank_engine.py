@@ -5,11 +5,13 @@ Each layout runs the same requests through real engines: every DP replica's lead
 followers run ``engine.multirank.follow``. Greedy tokens (fp32) must equal one process's,
 with MTP speculative decoding on (so the MTP passes, dummy steps included, stay in
 lock-step), chunked prefill, and prompts of different lengths so replicas finish at
-different times and idle replicas run dummy steps.
+different times and idle replicas run dummy steps. Two layouts also switch to a new expert
+placement while they decode (``engine.rebalance``): the tokens must not change.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import tempfile
@@ -29,7 +31,8 @@ def _prompts(vocab: int) -> list[list[int]]:
     return [[rng.randrange(vocab) for _ in range(n)] for n in (5, 31, 12, 47, 3, 20)]
 
 
-def _rank_main(rank: int, layout_kw: dict, model: str, init: str, prompts, out_dir: str) -> None:
+def _rank_main(rank: int, layout_kw: dict, model: str, init: str, prompts, out_dir: str,
+               rollout: list[list[int]] | None = None) -> None:
     import json
 
     from engine.args import EngineArgs
@@ -52,18 +55,30 @@ def _rank_main(rank: int, layout_kw: dict, model: str, init: str, prompts, out_d
         engine.add_request(rid, p, GREEDY)
     got: dict[str, list[int]] = {}
     idle_steps = 0
-    while True:  # leave only at an iteration where every replica was idle (the lock-step rule)
+    ex = engine.executor
+    switched = False
+    for i in itertools.count():  # leave only at an iteration where every replica was idle (the lock-step rule)
+        if rollout is not None:  # stage at step 2, switch once every rank of this replica has the weights
+            if i == 2:
+                ex.stage_experts(1, rollout)
+            if i >= 2 and not switched and ex.rollout_state().staged:
+                ex.switch_experts(1)
+                switched = True
         idle = not engine.has_unfinished()
         for out in engine.step():
             got.setdefault(out.request_id, []).extend(out.outputs[0].token_ids)
-        if idle:
-            if not engine.executor.busy_elsewhere:
+        if idle and (rollout is None or ex.runner.experts.installed_version == 1):
+            if not ex.busy_elsewhere:
                 break
             idle_steps += 1
-    engine.executor.shutdown()
+    counts = ex.expert_counts()
+    state = ex.rollout_state()
+    ex.shutdown()
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump({"tokens": got, "idle_steps": idle_steps, "num_blocks": engine.executor.num_blocks,
-                   "blocks_used": engine.kv.num_used_blocks}, f)
+        json.dump({"tokens": got, "idle_steps": idle_steps, "num_blocks": ex.num_blocks,
+                   "blocks_used": engine.kv.num_used_blocks, "version": counts.version,
+                   "routed": int(counts.logical.sum()), "phy2log": ex.runner.experts.phy2log().tolist(),
+                   "layers_switched": state.layers_switched}, f)
 
 
 @pytest.fixture(scope="module")
@@ -73,20 +88,13 @@ def reference(tiny_checkpoint):
     return prompts, {f"r{i}": o.outputs[0].token_ids for i, o in enumerate(llm.generate(prompts, GREEDY))}
 
 
-@pytest.mark.parametrize("layout", [
-    dict(tp=2),
-    dict(tp=2, sp=True),
-    dict(dp=2, ep=2, num_redundant_experts=2),
-    dict(tp=2, sp=True, dp=2, ep=4, num_redundant_experts=4),
-], ids=["TP2", "TP2+SP", "DP2+EP2+2red", "TP2xDP2+SP+EP4+4red"])
-def test_multirank_engine_greedy_equals_one_process(tiny_checkpoint, reference, layout):
+def _run_layout(model: str, layout: dict, prompts, rollout=None) -> dict[int, dict]:
     import json
 
-    prompts, want = reference
     world = layout.get("tp", 1) * layout.get("dp", 1)
     with tempfile.TemporaryDirectory() as out:
         init = "file://" + os.path.join(out, "rendezvous")
-        mp.start_processes(_rank_main, args=(layout, tiny_checkpoint, init, prompts, out), nprocs=world,
+        mp.start_processes(_rank_main, args=(layout, model, init, prompts, out, rollout), nprocs=world,
                            start_method="spawn", join=True)
         results = {}
         for name in os.listdir(out):
@@ -94,11 +102,51 @@ def test_multirank_engine_greedy_equals_one_process(tiny_checkpoint, reference, 
                 with open(os.path.join(out, name)) as f:
                     results[int(name[4:-5])] = json.load(f)
     tp = layout.get("tp", 1)
-    leaders = sorted(r for r in range(world) if r % tp == 0)
-    assert sorted(results) == leaders
+    assert sorted(results) == [r for r in range(world) if r % tp == 0]  # the leaders
+    return results
+
+
+def _moved_placement(model: str, layout: dict) -> list[list[int]]:
+    """A balanced placement for a skewed load that moves experts on every MoE layer (MTP's too)."""
+    import numpy as np
+
+    from engine.eplb import plan_placement
+    from engine.model.config import ModelConfig
+
+    cfg = ModelConfig.from_dir(model)
+    num_layers = cfg.num_hidden_layers - cfg.first_k_dense_replace + cfg.num_nextn_predict_layers
+    ep = layout.get("ep", 1)
+    slots = cfg.n_routed_experts + layout.get("num_redundant_experts", 0)
+    rng = np.random.default_rng(1)
+    new = plan_placement(rng.gamma(0.3, size=(num_layers, cfg.n_routed_experts)), slots, cfg.n_group, 1, ep).phy2log
+    if ep == 1:  # one rank holds every slot: any order is as balanced, so shuffle them
+        new = np.stack([rng.permutation(row) for row in new])
+    assert (new != np.arange(slots) % cfg.n_routed_experts).any(axis=1).all()
+    return new.tolist()
+
+
+@pytest.mark.parametrize("layout,rollout", [
+    (dict(tp=2), False),
+    (dict(tp=2, sp=True), True),
+    (dict(dp=2, ep=2, num_redundant_experts=2), True),
+    (dict(tp=2, sp=True, dp=2, ep=4, num_redundant_experts=4), False),
+], ids=["TP2", "TP2+SP+rollout", "DP2+EP2+2red+rollout", "TP2xDP2+SP+EP4+4red"])
+def test_multirank_engine_greedy_equals_one_process(tiny_checkpoint, reference, layout, rollout):
+    """With ``rollout``, a new expert placement is staged at step 2 and switched in layer by layer while
+    the requests decode (every rank, at the same steps; in lock-step across DP replicas)."""
+    prompts, want = reference
+    new = _moved_placement(tiny_checkpoint, layout) if rollout else None
+    results = _run_layout(tiny_checkpoint, layout, prompts, new)
+    leaders = sorted(results)
     got = {rid: toks for r in leaders for rid, toks in results[r]["tokens"].items()}
     assert got == want
     assert all(results[r]["blocks_used"] == 0 for r in leaders)
     assert len({results[r]["num_blocks"] for r in leaders}) == 1
     if layout.get("dp", 1) > 1:  # replicas finish at different times: the early one ran dummy steps
         assert sum(results[r]["idle_steps"] for r in leaders) > 0
+    for r in leaders:
+        assert results[r]["routed"] > 0
+        if new is not None:
+            assert results[r]["version"] == 1 and results[r]["phy2log"] == new
+            assert results[r]["layers_switched"] == len(new)
+

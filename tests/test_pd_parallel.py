@@ -47,7 +47,8 @@ def router(cluster, tiny_checkpoint):
 
     client = PDClient(cluster["prefill"].names, cluster["decode"].names,
                       RouterConfig(health_interval_s=0.5, health_timeout_s=2.0, poll_wait_s=0.2, stall_timeout_s=5.0,
-                                   prefill_timeout_s=90.0))
+                                   prefill_timeout_s=90.0,
+                                   eplb={"auto": False, "interval_s": 0.5, "window": 1200}))
     app = build_router_app(client, load_tokenizer(tiny_checkpoint),
                            ranks=lambda: {role: pool.rank_status() for role, pool in cluster.items()})
     with serve_asgi(app, client) as url:
@@ -145,6 +146,42 @@ def test_every_rank_holds_its_share_of_the_weights(cluster, router):
             print(f"{r['name']}: {r['weight_bytes']} B resident, share {r['expected_weight_bytes']} B, "
                   f"whole model {r['full_weight_bytes']} B")
             assert r["alive"] and r["weight_bytes"] == r["expected_weight_bytes"] < r["full_weight_bytes"]
+
+
+@in_netns
+def test_router_rebalances_experts_of_both_pools_while_streams_decode(router, want_text):
+    url, client = router
+
+    def pools():
+        return httpx.get(url + "/expert_load", timeout=30).json()["pools"]
+
+    _wait(lambda: all(p["balancedness"] is not None for p in pools().values()), what="expert statistics of both pools")
+    for bad in ({"pool": "nope"}, {"force": "yes"}, {"pools": "decode"}, [1]):
+        r = httpx.post(url + "/admin/rebalance", json=bad, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error", r.text
+    want = want_text(80)
+    with concurrent.futures.ThreadPoolExecutor(len(PROMPTS)) as pool:
+        futures = [pool.submit(_text, url, client.model_name, p, 80, True) for p in PROMPTS]
+        _wait(lambda: sum(_loads(client)[n].num_running for n in ("decode-0.0", "decode-0.1")) > 0,
+              what="streams decoding")
+        r = httpx.post(url + "/admin/rebalance", json={"force": True}, timeout=300)
+        got = [f.result(timeout=300) for f in futures]
+    assert r.status_code == 200, r.text
+    for role, res in r.json()["pools"].items():
+        print(role, res)
+        assert res["outcome"] == "finished", (role, res)
+        (inst,) = res["instances"].values()
+        assert inst["version"] == 1 and inst["slots_moved"] > 0 and inst["moved_bytes"] > 0
+    assert got == want  # in-flight streams went on, token for token
+    assert _texts_via_router(url, client, PROMPTS[:2], 16, stream=False) == want_text(16)[:2]
+    _wait(lambda: all(i["version"] == 1 for p in pools().values() for i in p["instances"].values()),
+          what="the new placement in the statistics")
+    metrics = httpx.get(url + "/metrics", timeout=30).text
+    for pool_name in ("prefill", "decode"):
+        assert f'pdserve_eplb_rebalances_total{{outcome="finished",pool="{pool_name}"}} 1.0' in metrics
+        assert f'pdserve_expert_balancedness{{layer="0",pool="{pool_name}"}}' in metrics
+    assert "pdserve_eplb_layer_pause_seconds_count" in metrics
+    _wait(lambda: _idle(client), what="every rank idle")
 
 
 @in_netns

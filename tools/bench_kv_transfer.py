@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import random
 import statistics
 import sys
@@ -32,6 +31,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from machine import cpu_description  # noqa: E402  (tools/machine.py)
 
 
 def _checkpoint(out_dir: str, max_positions: int) -> str:
@@ -48,16 +49,6 @@ def _checkpoint(out_dir: str, max_positions: int) -> str:
     return path
 
 
-def _cpu() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            info = f.read()
-        model = next(line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name"))
-        flags = next(line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags"))
-        isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-        return f"{model} ({os.cpu_count()} cores; {', '.join(isa)})"
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
 
 
 async def _ttft(client, prompt: list[int], max_tokens: int) -> float:
@@ -152,7 +143,7 @@ def main() -> int:
     finally:
         ray.shutdown()
     print(f"KV hand-off, bench preset ({args.dtype}), 1 prefill + 1 decode worker, Ray object store, "
-          f"prefill chunk {args.chunk}; medians of {args.repeats}; CPU: {_cpu()}")
+          f"prefill chunk {args.chunk}; medians of {args.repeats}; CPU: {cpu_description()}")
     print(f"{'prompt':>7} {'mode':<10} {'TTFT ms':>9} {'hand-off ms':>12} {'MB moved':>9}   "
           f"{'TTFT layerwise/whole':>20} {'hand-off layerwise/whole':>25}")
     for length, per in results.items():
@@ -165,7 +156,7 @@ def main() -> int:
                   f"{r['bytes'] / 2**20:>9.1f}   {ratio}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"cpu": _cpu(), "args": vars(args), "results": results}, f, indent=2)
+            json.dump({"cpu": cpu_description(), "args": vars(args), "results": results}, f, indent=2)
     return 0
 
 

@@ -23,14 +23,9 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from machine import cpu_description  # noqa: E402  (tools/machine.py)
 
-def _cpu() -> str:
-    with open("/proc/cpuinfo") as f:
-        info = f.read().splitlines()
-    model = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), "unknown CPU")
-    flags = next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), [])
-    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-    return f"{model} ({os.cpu_count()} cores; {', '.join(isa)})"
+
 
 
 def _engine_args(model: str, args) -> dict:
@@ -124,7 +119,7 @@ def main() -> int:
     two = {"tokens": sum(r["tokens"] for r in ranks), "seconds": max(r["seconds"] for r in ranks),
            "steps": max(r["steps"] for r in ranks), "a2a_bytes": sum(r["a2a_bytes"] for r in ranks)}
     print(f"decode instance, {args.preset} preset (fp32, random weights), {args.requests} requests x "
-          f"{args.input_len} in / {args.output_len} out, greedy; CPU: {_cpu()}")
+          f"{args.input_len} in / {args.output_len} out, greedy; CPU: {cpu_description()}")
     print(f"{'layout':<22} {'decode tok/s':>12} {'steps':>6} {'all_to_all bytes/step/rank':>27}")
     for name, r, world in (("DP1/EP1 (1 process)", one, 1), ("DP2+EP2 (2 processes)", two, 2)):
         tps = r["tokens"] / r["seconds"] if r["seconds"] else float("nan")

@@ -1,21 +1,23 @@
 """``pdserve up | down | status``: a disaggregated deployment on Ray.
 
     pdserve up --config FILE [--address ADDR] [--state-file PATH] [--log-level info]
-    pdserve status [--state-file PATH] [--json]
+    pdserve status [--state-file PATH] [--json] [--api-key KEY]
     pdserve down [--state-file PATH] [--timeout 60]
 
-``up``, in order: parse and validate the deployment file (``deploy.config``; a
-multi-rank pool is refused here with "not supported yet"), load the tokenizer,
+``up``, in order: parse and validate the deployment file (``deploy.config``), load the tokenizer,
 bind the router's port, start a local Ray instance or join ``--address`` (or the
 file's ``ray.address``), start the prefill pool then the decode pool
 (``deploy.pool.Pool``: named actors ``prefill-<i>``/``decode-<i>`` in namespace
-``pdserve``, each loads the model), start the router (``router.app`` over
+``pdserve``, or ``<role>-<i>.<rank>`` per rank of a parallel instance; each rank loads its
+share of the model), start the router (``router.app`` over
 ``router.pd_flow.PDClient``), write the state file (pid, router URL, Ray address,
 worker names) and print ``pdserve: router at URL (...)``. It stays in the
 foreground; SIGINT/SIGTERM (or ``pdserve down``) stop the router, then the pools,
 then Ray if ``up`` started it, and remove the state file.
 
-``status`` asks the router's ``GET /pools`` (health, last error, load per worker);
+``status`` asks the router's ``GET /pools`` (health, last error, load per worker, every
+rank with its weights) and ``GET /expert_load`` (per pool: expert balancedness over the
+load window, placement version, last rebalance);
 ``down`` sends SIGTERM to the ``up`` process named in the state file and waits for it
 to exit. The state file defaults to ``$PDSERVE_STATE_DIR/up.json`` (else
 ``~/.cache/pdserve/up.json``).
@@ -56,7 +58,9 @@ def register(subparsers: Any) -> None:
     up.set_defaults(func=run_up)
     status = subparsers.add_parser("status", help="pools, health and load of a running deployment")
     status.add_argument("--state-file", default=None)
-    status.add_argument("--json", action="store_true", help="print the router's /pools answer as JSON")
+    status.add_argument("--json", action="store_true", help="print the router's /pools and /expert_load as JSON")
+    status.add_argument("--api-key", default=os.environ.get("PDSERVE_API_KEY"),
+                        help="the router's API key, if it has one (default: $PDSERVE_API_KEY)")
     status.set_defaults(func=run_status)
     down = subparsers.add_parser("down", help="stop the deployment `pdserve up` started")
     down.add_argument("--state-file", default=None)
@@ -230,13 +234,10 @@ def run_status(ns: argparse.Namespace) -> int:
     state = _read_state(path)
     if not _alive(state):
         raise CLIError(f"the deployment in {path} is not running (pid {state.get('pid')} is gone)")
-    try:
-        with urllib.request.urlopen(state["url"] + "/pools", timeout=10) as r:
-            pools = json.load(r)
-    except (urllib.error.URLError, OSError, ValueError) as e:
-        raise CLIError(f"the router at {state['url']} does not answer: {e}") from e
+    pools = _get(state["url"] + "/pools", ns.api_key)
+    experts = _get(state["url"] + "/expert_load", ns.api_key)
     if ns.json:
-        print(json.dumps(pools, indent=2))
+        print(json.dumps({**pools, "expert_load": experts}, indent=2))
         return 0
     print(f"router {state['url']}  model {state.get('model')}  Ray {state.get('ray_address')}  pid {state['pid']}")
     print(f"{'worker':<12} {'health':<8} {'queued tok':>10} {'running':>8} {'waiting':>8} {'kv used/total':>14}  note")
@@ -254,7 +255,37 @@ def run_status(ns: argparse.Namespace) -> int:
                 print(f"{r['name']:<12} {'leader' if r['leader'] else 'follower':<9} {'up' if r['alive'] else 'DOWN':<6} "
                       f"{r['weight_bytes'] / 2**20:>11.1f} {r['expected_weight_bytes'] / 2**20:>10.1f}  "
                       f"{r['error'] or ''}")
+    _print_experts(experts)
     return 0
+
+
+def _get(url: str, api_key: str | None) -> dict:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10) as r:
+            return json.load(r)
+    except urllib.error.HTTPError as e:
+        hint = " (pass --api-key or set PDSERVE_API_KEY)" if e.code == 401 else ""
+        raise CLIError(f"the router answered {url} with {e.code}{hint}") from e
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        raise CLIError(f"the router at {url.rsplit('/', 1)[0]} does not answer: {e}") from e
+
+
+def _print_experts(view: dict) -> None:
+    """Per pool: balancedness over the load window (mean and worst layer), placement, last rebalance."""
+    auto = f"auto below {view['threshold']}" if view.get("auto") else "auto off"
+    print(f"\nexperts ({auto}, window {view.get('window_s', 0):g} s)")
+    print(f"{'pool':<8} {'balance':>8} {'worst':>6} {'placement':>10}  last rebalance")
+    for role, p in view.get("pools", {}).items():
+        b = p.get("balancedness")
+        versions = sorted({i["version"] for i in p.get("instances", {}).values()})
+        last = p.get("last_rebalance")
+        note = "none"
+        if last:
+            ago = time.time() - last.get("at", time.time())
+            note = f"{last['outcome']} {ago:.0f} s ago ({last.get('reason', '')})"
+        print(f"{role:<8} {'-' if b is None else format(p['balancedness_mean'], '.3f'):>8} "
+              f"{'-' if b is None else format(min(b), '.3f'):>6} {','.join(map(str, versions)) or '-':>10}  {note}")
 
 
 def run_down(ns: argparse.Namespace) -> int:

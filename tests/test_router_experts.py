@@ -1,0 +1,150 @@
+"""The router's expert-load bookkeeping (router/experts.py) without Ray: cumulative reports become
+window deltas (baseline, restarts, placement versions, mid-switch reports), pool views, the
+automatic decision, and the eplb config. The rollout itself runs end to end in
+tests/test_pd_parallel.py."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from deploy.contract import WorkerInfo, WorkerLoad
+from engine.expert_load import ExpertCounts, ExpertShape
+from router.experts import EPLBConfig, ExpertBalancer
+from router.workers import Worker
+
+SHAPE = ExpertShape(num_layers=2, num_logical=4, num_slots=6, num_ranks=2, num_groups=1)
+
+
+class _Registry:
+    def __init__(self, workers):
+        self.workers = {"prefill": [], "decode": workers}
+
+    async def pool_info(self, role):
+        return [w.info for w in self.workers[role]]
+
+
+def _worker(name: str) -> Worker:
+    w = Worker(name, "decode", healthy=True)
+    w.info = WorkerInfo(name, "decode", "m", "m", 64, [0], 16, 10, 1, instance=name.split(".")[0], experts=SHAPE)
+    return w
+
+
+def _counts(version: int, logical, physical) -> ExpertCounts:
+    return ExpertCounts(version, np.array(logical, dtype=np.int64), np.array(physical, dtype=np.int64))
+
+
+def _load(name: str, started: float, counts: ExpertCounts) -> WorkerLoad:
+    return WorkerLoad(name, "decode", started_at=started, experts=counts)
+
+
+def _physical(per_slot: list[int]) -> list[list[int]]:
+    return [per_slot, per_slot]
+
+
+def _logical(per_slot: list[int]) -> list[list[int]]:
+    """Per logical expert under the default placement (slot s holds expert s % 4)."""
+    out = np.zeros(4, dtype=np.int64)
+    np.add.at(out, np.arange(6) % 4, per_slot)
+    return [out.tolist(), out.tolist()]
+
+
+def test_reports_become_window_deltas():
+    a, b = _worker("decode-0.0"), _worker("decode-0.1")
+    bal = ExpertBalancer(_Registry([a, b]), EPLBConfig(interval_s=1000.0, window=4))
+    slots0 = [100, 100, 100, 100, 100, 100]
+    bal.observe(a, _load(a.name, 1.0, _counts(0, _logical(slots0), _physical(slots0))))  # baseline only
+    inst = bal.instances["decode-0"]
+    assert inst.window._open_log.sum() == 0
+    slots1 = [130, 100, 100, 100, 100, 100]  # 30 more tokens to slot 0 (expert 0)
+    bal.observe(a, _load(a.name, 1.0, _counts(0, _logical(slots1), _physical(slots1))))
+    assert inst.window._open_phys[0].tolist() == [30, 0, 0, 0, 0, 0]
+    assert inst.window._open_log[0].tolist() == [30, 0, 0, 0]
+    # the other replica of the same instance adds to the same window
+    bal.observe(b, _load(b.name, 5.0, _counts(0, _logical([0] * 6), _physical([0] * 6))))
+    bal.observe(b, _load(b.name, 5.0, _counts(0, _logical([0, 0, 0, 0, 10, 0]), _physical([0, 0, 0, 0, 10, 0]))))
+    assert inst.window._open_phys[0].tolist() == [30, 0, 0, 0, 10, 0]
+    # a restarted replica (new started_at) counts from zero: its whole report is new
+    bal.observe(b, _load(b.name, 9.0, _counts(0, _logical([0, 3, 0, 0, 0, 0]), _physical([0, 3, 0, 0, 0, 0]))))
+    assert inst.window._open_phys[0].tolist() == [30, 3, 0, 0, 10, 0]
+    inst.window.advance()
+    assert inst.window.rank_load()[0].tolist() == [33, 10]
+    np.testing.assert_allclose(bal.pool_balancedness("decode"), [21.5 / 33] * 2)
+    assert bal.pool_balancedness_mean("decode") == pytest.approx(21.5 / 33)
+    view = bal.view()["pools"]["decode"]
+    assert view["instances"]["decode-0"]["routed_tokens"] == 2 * 43
+    assert view["balancedness_mean"] == pytest.approx(21.5 / 33, abs=1e-4)
+
+
+def test_placement_versions_and_mid_switch_reports():
+    a = _worker("decode-0.0")
+    bal = ExpertBalancer(_Registry([a]), EPLBConfig(interval_s=1000.0))
+    zero = [0] * 6
+    bal.observe(a, _load(a.name, 1.0, _counts(0, _logical(zero), _physical(zero))))
+    inst = bal.instances["decode-0"]
+    new = np.array([[1, 0, 2, 3, 0, 1]] * 2)
+    inst.placements[1] = new
+    # mid-switch: per-slot counts mean nothing, the logical ones are kept
+    bal.observe(a, _load(a.name, 1.0, _counts(-1, [[5, 0, 0, 0]] * 2, [[99] * 6] * 2)))
+    assert inst.window._open_phys.sum() == 0 and inst.window._open_log[0].tolist() == [5, 0, 0, 0]
+    assert inst.window.version == 0
+    # switched: the window moves to placement 1; its per-slot counts started with it
+    bal.observe(a, _load(a.name, 1.0, _counts(1, [[5, 7, 0, 0]] * 2, [[0, 0, 0, 0, 0, 7]] * 2)))
+    assert inst.window.version == 1 and (inst.phy2log == new).all()
+    assert inst.window._open_phys[0].tolist() == [0, 0, 0, 0, 0, 7]
+    bal.observe(a, _load(a.name, 1.0, _counts(1, [[5, 9, 0, 0]] * 2, [[0, 0, 0, 0, 0, 9]] * 2)))
+    assert inst.window._open_phys[0].tolist() == [0, 0, 0, 0, 0, 9]
+    assert inst.window._open_log[0].tolist() == [5, 9, 0, 0]
+    # a worker without MoE layers, or without info yet, is ignored
+    c = _worker("decode-1")
+    c.info = None
+    bal.observe(c, _load(c.name, 1.0, _counts(0, _logical(zero), _physical(zero))))
+    assert "decode-1" not in bal.instances
+
+
+def test_automatic_decision_needs_imbalance_tokens_and_gap():
+    a = _worker("decode-0.0")
+    bal = ExpertBalancer(_Registry([a]), EPLBConfig(interval_s=1000.0, threshold=0.9, min_tokens=50, min_gap_s=0))
+    calls = []
+
+    async def fake_rebalance(role, *, force=False, reason=""):
+        calls.append((role, reason))
+        return {"outcome": "finished"}
+
+    bal.rebalance = fake_rebalance
+    zero = [0] * 6
+    bal.observe(a, _load(a.name, 1.0, _counts(0, _logical(zero), _physical(zero))))
+    inst = bal.instances["decode-0"]
+    even = [20, 20, 20, 20, 20, 20]
+    bal.observe(a, _load(a.name, 1.0, _counts(0, _logical(even), _physical(even))))
+    inst.window.advance()
+    assert asyncio.run(bal.check("decode")) is None  # balanced
+    skew = [120, 20, 20, 20, 20, 20]
+    bal.observe(a, _load(a.name, 1.0, _counts(0, _logical(skew), _physical(skew))))
+    inst.window.advance()
+    assert asyncio.run(bal.check("decode")) == {"outcome": "finished"}
+    assert calls and calls[0][0] == "decode" and calls[0][1].startswith("auto: balancedness")
+    bal.config.min_gap_s = 3600
+    assert asyncio.run(bal.check("decode")) is None  # too soon after the last one
+
+
+@pytest.mark.parametrize("bad,match", [
+    ({"threshold": 0}, "threshold"), ({"threshold": 1.5}, "threshold"), ({"window": 0}, "window"),
+    ({"nodes": {"decode": 0}}, "nodes"), ({"nodes": {"mixed": 2}}, "nodes"), ({"auto_": True}, "unknown"),
+])
+def test_eplb_config_errors(bad, match):
+    with pytest.raises(ValueError, match=match):
+        EPLBConfig.from_dict(bad)
+
+
+def test_deploy_config_checks_router_eplb(tmp_path):
+    from deploy.config import DeployConfigError, parse_config
+
+    base = {"model": str(tmp_path), "pools": {"prefill": {}, "decode": {}}}
+    assert parse_config({**base, "router": {"eplb": {"threshold": 0.7, "auto": False}}})
+    with pytest.raises(DeployConfigError, match="router.eplb: threshold"):
+        parse_config({**base, "router": {"eplb": {"threshold": "low"}}})
+    with pytest.raises(DeployConfigError, match="router.eplb: must be a mapping"):
+        parse_config({**base, "router": {"eplb": [1]}})
