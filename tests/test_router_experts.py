@@ -148,3 +148,104 @@ def test_deploy_config_checks_router_eplb(tmp_path):
         parse_config({**base, "router": {"eplb": {"threshold": "low"}}})
     with pytest.raises(DeployConfigError, match="router.eplb: must be a mapping"):
         parse_config({**base, "router": {"eplb": [1]}})
+
+
+def test_metrics_pass_promtool_and_stay_bounded():
+    import shutil
+    import subprocess
+
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.fail("promtool is not on PATH (Debian package `prometheus`)")
+    a = _worker("decode-0.0")
+    bal = ExpertBalancer(_Registry([a]), EPLBConfig(interval_s=1000.0))
+    registry = CollectorRegistry()
+    bal.attach(registry)
+    zero, skew = [0] * 6, [120, 20, 20, 20, 20, 20]
+    bal.observe(a, _load(a.name, 1.0, _counts(0, _logical(zero), _physical(zero))))
+    bal.observe(a, _load(a.name, 1.0, _counts(0, _logical(skew), _physical(skew))))
+    bal.instances["decode-0"].window.advance()
+    bal.rebalances.labels("decode", "started").inc()
+    bal.layer_pause.labels("decode").observe(0.002)
+    text = generate_latest(registry).decode()
+    r = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stdout + r.stderr
+    series = [line for line in text.splitlines() if line.startswith(("pdserve_expert_balancedness{",
+                                                                      "pdserve_expert_tokens_total{"))]
+    assert len(series) == 2 * SHAPE.num_layers  # per pool and layer: not per expert or slot
+    assert 'pdserve_expert_balancedness{layer="0",pool="decode"} 0.6875' in text  # ranks 160 and 60 tokens
+
+
+class _Method:
+    def __init__(self, fn):
+        self.fn = fn
+
+    def remote(self, *args):
+        async def call():
+            return self.fn(*args)
+
+        return call()
+
+
+class _Leader:
+    """The rollout methods of a replica leader, by the contract's rules, with a failure to inject."""
+
+    def __init__(self, fail_staging: bool = False):
+        from engine.expert_load import RolloutState
+
+        self.state = RolloutState(version=-1, installed_version=0, num_layers=SHAPE.num_layers)
+        self.fail_staging = fail_staging
+        self.calls: list[str] = []
+        self.stage_experts = _Method(self._stage)
+        self.rollout_status = _Method(lambda: self.state)
+        self.switch_experts = _Method(self._switch)
+        self.abort_rollout = _Method(self._abort)
+
+    def _stage(self, version, phy2log):
+        self.calls.append("stage")
+        self.phy2log = phy2log
+        self.state.version, self.state.staged = version, not self.fail_staging
+        self.state.error = "OSError: checkpoint unreadable" if self.fail_staging else None
+        self.state.staged_bytes = 1000
+
+    def _switch(self, version):
+        self.calls.append("switch")
+        self.state.installed_version, self.state.version = version, -1
+        self.state.pauses_s = [0.001] * SHAPE.num_layers
+
+    def _abort(self):
+        self.calls.append("abort")
+
+
+@pytest.mark.parametrize("fail", [False, True], ids=["finished", "staging-fails"])
+def test_rollout_over_every_replica_leader(fail):
+    a, b = _worker("decode-0.0"), _worker("decode-0.1")
+    a.handle, b.handle = _Leader(), _Leader(fail_staging=fail)
+    bal = ExpertBalancer(_Registry([a, b]), EPLBConfig(interval_s=1000.0, min_tokens=10))
+    zero, skew = [0] * 6, [20, 20, 120, 20, 20, 20]  # expert 2 (one copy, on rank 0) is hot
+    for w in (a, b):
+        bal.observe(w, _load(w.name, 1.0, _counts(0, _logical(zero), _physical(zero))))
+        bal.observe(w, _load(w.name, 1.0, _counts(0, _logical(skew), _physical(skew))))
+    bal.instances["decode-0"].window.advance()
+    summary = asyncio.run(bal.rebalance("decode"))
+    inst = summary["instances"]["decode-0"]
+    assert inst["predicted_balancedness_after"] > inst["predicted_balancedness_before"]
+    if not fail:
+        assert summary["outcome"] == inst["outcome"] == "finished" and inst["version"] == 1
+        assert a.handle.calls == b.handle.calls == ["stage", "switch"]
+        assert a.handle.phy2log == b.handle.phy2log == bal.instances["decode-0"].placements[1].tolist()
+        assert inst["moved_bytes"] == 2000
+        # the leaders' next reports carry version 1: the window follows
+        for w in (a, b):
+            bal.observe(w, _load(w.name, 1.0, _counts(1, _logical(skew), _physical(zero))))
+        assert bal.instances["decode-0"].window.version == 1
+    else:
+        assert summary["outcome"] == inst["outcome"] == "failed" and "checkpoint unreadable" in inst["error"]
+        assert "switch" not in a.handle.calls + b.handle.calls  # nothing switched anywhere
+        assert a.handle.calls[-1] == b.handle.calls[-1] == "abort"
+        assert bal.instances["decode-0"].window.version == 0
+    outcome = "failed" if fail else "finished"
+    assert bal.rebalances.labels("decode", outcome)._value.get() == 1
+    assert bal.last_rebalance["decode"]["outcome"] == outcome

@@ -138,22 +138,44 @@ def _url(sock: socket.socket) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-async def _announce_when_ready(server: Any, model_name: str, url: str) -> None:
-    while not server.started:
-        await asyncio.sleep(0.05)
-    print(f"pdserve: serving {model_name} at {url} (OpenAI API under /v1)", flush=True)
-
-
-async def _serve(engine: Any, tokenizer: Any, sock: socket.socket, ns: argparse.Namespace, model_dir: str) -> int:
+async def run_uvicorn(app: Any, sock: socket.socket, log_level: str, graceful_s: float, ready_line: str) -> None:
+    """Serve ``app`` on the bound ``sock`` until SIGINT/SIGTERM (a second one forces the exit), printing
+    ``ready_line`` once uvicorn accepts connections. The signals are handled here, not by uvicorn, so
+    the caller's cleanup (engine, pools) runs after the server has stopped, never killed with it."""
     import uvicorn
-
-    from serving.metrics import ServingMetrics
-    from serving.openai_api import DEFAULT_MAX_BODY_BYTES, build_app
 
     class Server(uvicorn.Server):
         @contextlib.contextmanager
         def capture_signals(self) -> Iterator[None]:
-            yield  # signals are handled below, so the engine shuts down after uvicorn instead of being killed
+            yield
+
+    server = Server(uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="off",
+                                   timeout_graceful_shutdown=graceful_s))
+    loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        server.force_exit = server.should_exit
+        server.should_exit = True
+
+    async def announce() -> None:
+        while not server.started:
+            await asyncio.sleep(0.05)
+        print(ready_line, flush=True)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal)
+    task = asyncio.ensure_future(announce())
+    try:
+        await server.serve(sockets=[sock])
+    finally:
+        task.cancel()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+async def _serve(engine: Any, tokenizer: Any, sock: socket.socket, ns: argparse.Namespace, model_dir: str) -> int:
+    from serving.metrics import ServingMetrics
+    from serving.openai_api import DEFAULT_MAX_BODY_BYTES, build_app
 
     try:
         with _engine_failures(model_dir):
@@ -163,25 +185,10 @@ async def _serve(engine: Any, tokenizer: Any, sock: socket.socket, ns: argparse.
                         max_body_bytes=ns.max_body_bytes or DEFAULT_MAX_BODY_BYTES, metrics=metrics)
         grpc_server = None if ns.grpc_port is None else await _start_grpc(engine, tokenizer, metrics, ns.host,
                                                                           ns.grpc_port)
-        config = uvicorn.Config(app, log_level=ns.log_level, access_log=False, lifespan="off",
-                                timeout_graceful_shutdown=ns.graceful_shutdown_timeout)
-        server = Server(config)
-        loop = asyncio.get_running_loop()
-
-        def on_signal() -> None:
-            if server.should_exit:
-                server.force_exit = True
-            server.should_exit = True
-
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, on_signal)
-        announce = asyncio.ensure_future(_announce_when_ready(server, engine.model_name, _url(sock)))
         try:
-            await server.serve(sockets=[sock])
+            await run_uvicorn(app, sock, ns.log_level, ns.graceful_shutdown_timeout,
+                              f"pdserve: serving {engine.model_name} at {_url(sock)} (OpenAI API under /v1)")
         finally:
-            announce.cancel()
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.remove_signal_handler(sig)
             if grpc_server is not None:
                 await grpc_server.stop(ns.graceful_shutdown_timeout)
     finally:

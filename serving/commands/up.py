@@ -145,11 +145,9 @@ def _ray(address: str | None, cfg: Any, host: str) -> Iterator[str]:
 
 async def _serve_router(cfg: Any, pools: dict, tokenizer: Any, sock: Any, state_file: str, address: str,
                         ns: argparse.Namespace) -> int:
-    import uvicorn
-
     from router.app import build_router_app
     from router.pd_flow import PDClient, RouterConfig
-    from serving.commands.serve import _url
+    from serving.commands.serve import _url, run_uvicorn
     from serving.openai_api import DEFAULT_MAX_BODY_BYTES
 
     client = PDClient(pools["prefill"].names, pools["decode"].names, RouterConfig.from_dict(cfg.router))
@@ -157,41 +155,17 @@ async def _serve_router(cfg: Any, pools: dict, tokenizer: Any, sock: Any, state_
     app = build_router_app(client, tokenizer, api_key=cfg.router.get("api_key") or os.environ.get("PDSERVE_API_KEY"),
                            max_body_bytes=int(cfg.router.get("max_body_bytes", DEFAULT_MAX_BODY_BYTES)),
                            ranks=lambda: {role: pool.rank_status() for role, pool in pools.items()})
-
-    class Server(uvicorn.Server):
-        @contextlib.contextmanager
-        def capture_signals(self) -> Iterator[None]:
-            yield  # handled below: the pools stop after the router
-
-    server = Server(uvicorn.Config(app, log_level=ns.log_level, access_log=False, lifespan="off",
-                                   timeout_graceful_shutdown=10))
-    loop = asyncio.get_running_loop()
-
-    def on_signal() -> None:
-        server.force_exit = server.should_exit
-        server.should_exit = True
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, on_signal)
     url = _url(sock)
     state = {"pid": os.getpid(), "url": url, "ray_address": address, "config": os.path.abspath(ns.config),
              "workers": {role: pool.names for role, pool in pools.items()}, "model": client.model_name}
     os.makedirs(os.path.dirname(os.path.abspath(state_file)), exist_ok=True)
     with open(state_file, "w", encoding="utf-8") as f:
         json.dump(state, f)
-
-    async def announce() -> None:
-        while not server.started:
-            await asyncio.sleep(0.05)
-        print(f"pdserve: router at {url} serving {client.model_name} (OpenAI API under /v1; prefill: "
-              f"{len(pools['prefill'].names)}, decode: {len(pools['decode'].names)} worker(s); Ray at {address})",
-              flush=True)
-
-    task = asyncio.ensure_future(announce())
+    ready = (f"pdserve: router at {url} serving {client.model_name} (OpenAI API under /v1; prefill: "
+             f"{len(pools['prefill'].names)}, decode: {len(pools['decode'].names)} worker(s); Ray at {address})")
     try:
-        await server.serve(sockets=[sock])
+        await run_uvicorn(app, sock, ns.log_level, 10.0, ready)  # the pools stop after the router
     finally:
-        task.cancel()
         await client.shutdown()
         with contextlib.suppress(OSError):
             if _read_state(state_file, missing_ok=True).get("pid") == os.getpid():
