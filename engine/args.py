@@ -32,7 +32,7 @@ class EngineArgs:
     served_model_name: str | None = None
     role: str = "colocated"
     device: str = "auto"  # auto = cuda when present, else cpu
-    dtype: str = "auto"  # auto = bfloat16 (fast on CPUs with AVX512-BF16 and on GPUs)
+    dtype: str = "auto"  # auto = by the hardware: bfloat16 on CUDA and bf16-capable CPUs, else float32 (engine.dtype_choice)
     # auto = an FP8 checkpoint's projections stay FP8 in memory; dequantize = load them as ``dtype``
     weights: str = "auto"
     # stored tensors the model does not use: False = one warning listing them, True = refuse to load

@@ -44,6 +44,11 @@ class AsyncEngine:
         return self.args.model
 
     @property
+    def dtype_choice(self):
+        """The compute dtype and why (``engine.dtype_choice``); None before ``start``."""
+        return None if self.engine is None else self.engine.runner.dtype_choice
+
+    @property
     def max_model_len(self) -> int:
         return self.engine.max_model_len
 

@@ -19,6 +19,7 @@ from typing import Callable
 
 import torch
 
+from engine import dtype_choice
 from engine.args import EngineArgs
 from engine.checkpoint.loader import iter_checkpoint_tensors, mtp_layers_to_load, read_index
 from engine.model.attention import AttentionMetadata
@@ -42,10 +43,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def resolve_dtype(name: str) -> torch.dtype:
-    return {"auto": torch.bfloat16, "bfloat16": torch.bfloat16, "float32": torch.float32}[name]
 
 
 @dataclasses.dataclass
@@ -86,7 +83,8 @@ class ModelRunner:
         self.cfg = cfg
         self.role = args.role
         self.device = resolve_device(args.device)
-        self.dtype = resolve_dtype(args.dtype)
+        self.dtype_choice = dtype_choice.resolve(args.dtype, self.device.type)  # auto: by the hardware
+        self.dtype = getattr(torch, self.dtype_choice.dtype)
         self.block_size = args.block_size
         self.mla_prefill = args.mla_prefill
         self.parallel = parallel or ParallelContext.single()

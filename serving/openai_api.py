@@ -10,7 +10,8 @@ and never starts or stops it. Endpoints:
 * ``GET /v1/models``, ``GET /v1/models/{id}`` — the one served model (``client.model_name``).
 * ``GET /health`` — 200 ``{}`` when ``client.health()`` is true, else 503.
 * ``GET /metrics`` — Prometheus text format (``serving.metrics``).
-* ``GET /version`` — ``{"version": ...}`` of the installed pdserve.
+* ``GET /version`` — ``{"version": ...}`` of the installed pdserve (the dev server adds the
+  engine's compute ``dtype`` and ``dtype_reason``: what ``--dtype auto`` chose on this machine).
 
 Authentication: with ``api_key`` set, every path needs ``Authorization: Bearer <api_key>``
 (401 otherwise; compared with ``hmac.compare_digest``) except the read-only ``OPEN_PATHS``
@@ -255,6 +256,8 @@ def build_app(client: EngineClient, tokenizer: Tokenizer, *, api_key: str | None
 
     @app.get("/version")
     async def version() -> dict:
-        return {"version": pdserve_version()}
+        choice = getattr(client, "dtype_choice", None)  # the dev server's engine: its compute dtype and why
+        extra = {} if choice is None else {"dtype": choice.dtype, "dtype_reason": choice.reason}
+        return {"version": pdserve_version(), **extra}
 
     return app

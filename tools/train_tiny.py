@@ -10,7 +10,8 @@ Steps, all on CPU:
 2. Tokenizer: a byte-level BPE (``train_bpe_tokenizer``: DeepSeek special tokens, chat
    template, bos 0, eos 1) trained on the training files only.
 3. Model: pdserve's own ``DeepseekV3ForCausalLM`` with one MTP layer, parameters made
-   trainable, fp32 master weights and bf16 autocast. Loss per DeepSeek-V3:
+   trainable, fp32 master weights and bf16 autocast where the CPU runs bf16 fast (the
+   ``dtype=auto`` rule of ``engine.dtype_choice``; fp32 elsewhere). Loss per DeepSeek-V3:
    ``CE(next token) + lambda * CE(MTP: token t+2 from main hidden at t and emb(t+1))``;
    in training the MTP module shares the main embedding and output head (as in the
    report), the checkpoint stores copies in the official layout.
@@ -249,6 +250,9 @@ def main() -> None:
     args = ap.parse_args()
 
     t_start = time.time()
+    from engine.dtype_choice import auto_dtype
+
+    bf16 = auto_dtype("cpu").dtype == "bfloat16"  # bf16 autocast only where the CPU runs bf16 fast
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     out = args.out
@@ -322,7 +326,7 @@ def main() -> None:
             order = torch.randperm(train_w.shape[0], generator=torch.Generator().manual_seed(args.seed + 1 + epoch))
         batch = train_w[order[cursor:cursor + args.batch]]
         cursor += args.batch
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             main, mtp, _, _ = forward_losses(model, batch, args.seq_len)
             loss = main + args.mtp_lambda * mtp
         opt.zero_grad(set_to_none=True)
@@ -351,7 +355,7 @@ def main() -> None:
     del tensors, model, opt
     stats = dict(
         seed=args.seed, steps=step, tokens_seen=seen, train_minutes=round(train_s / 60, 2),
-        tokens_per_s=round(seen / train_s), train_tokens=train_stream.numel(), heldout_tokens_total=held_stream.numel(),
+        tokens_per_s=round(seen / train_s), autocast="bf16" if bf16 else "none (fp32)", train_tokens=train_stream.numel(), heldout_tokens_total=held_stream.numel(),
         final_train_loss_ema=ema_main, final_mtp_loss_ema=ema_mtp, args=vars(args),
         machine=f"{platform.machine()} CPU, {args.threads} torch thread(s), torch {torch.__version__}",
         pre_eval_wall_minutes=round((time.time() - t_start) / 60, 2),
@@ -472,7 +476,7 @@ print(llm.generate(["def fibonacci(n):"], SamplingParams(temperature=0, max_toke
   embedding of t+1); the MTP module shares embedding and output head with the main model in
   training (stored as copies). Aux-loss-free balancing: `e_score_correction_bias += {args.bias_gamma:g} · sign(mean_load − load)` per step.
 * AdamW (β 0.9/0.95, wd {args.weight_decay}), lr {args.lr:g}, {args.warmup} warmup steps, cosine to
-  {args.min_lr_ratio:g}× over the time budget; grad clip 1.0; fp32 master weights, bf16 autocast;
+  {args.min_lr_ratio:g}× over the time budget; grad clip 1.0; fp32 master weights, autocast {s.get('autocast', 'bf16')};
   batch {args.batch} × {args.seq_len} tokens; seed {args.seed}.
 * Steps: {s['steps']}, tokens seen: {s['tokens_seen']:,} ({s['tokens_per_s']} tok/s), training time
   {s['train_minutes']} min, whole run {s['wall_minutes']} min wall on a 2-core CPU ({s['machine']}).

@@ -81,6 +81,20 @@ def _gb(n: int) -> str:
     return f"{n / 1e9:.3f} GB"
 
 
+def _auto_dtype() -> str:
+    """What ``--dtype auto`` computes in here, and why (``engine.dtype_choice``)."""
+    from engine.dtype_choice import auto_dtype
+
+    try:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    except ImportError:
+        device = "cpu"
+    choice = auto_dtype(device)
+    return f"{choice.dtype} ({choice.reason})"
+
+
 def _inspect(args: argparse.Namespace) -> int:
     from engine.checkpoint.loader import CheckpointError, check_checkpoint, load_config, mtp_layers_to_load, read_index
 
@@ -109,6 +123,7 @@ def _inspect(args: argparse.Namespace) -> int:
         f"MTP             {'present' if has_mtp else 'absent'} "
         f"({cfg.num_nextn_predict_layers} layer(s) in config.json)",
         f"KV cache        {kv_bytes} bytes/token in bf16 ((kv_lora_rank + qk_rope_head_dim) x layers x 2)",
+        f"dtype auto      {_auto_dtype()} on this machine",
     ]
     print("\n".join(lines))
     return 0
