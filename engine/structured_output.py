@@ -6,7 +6,8 @@ Library: llguidance (the grammar engine vLLM's ``guidance`` backend uses). Two h
   request's constraint into llguidance's serialized grammar and checks it (an invalid
   schema, regex or grammar is a ``SamplingParamError``, i.e. a 400). The scheduler puts that
   string in ``NewSequence.grammar``: plain text, so it crosses process boundaries (ranks,
-  prefill → decode) where a live matcher could not.
+  prefill → decode) where a live matcher could not. ``check_grammar`` (the engine's admission)
+  also checks it against the model's tokenizer.
 * runner side: ``GrammarBook`` builds the llguidance tokenizer from the model directory's
   ``tokenizer.json`` once, and a ``SequenceGrammar`` per sequence from the grammar string,
   replaying the tokens the sequence already has (a resume, a KV hand-off, a recompute after
@@ -56,7 +57,7 @@ def compile_grammar(spec: StructuredOutputsParams) -> str:
             grammar = llguidance.grammar_from("choice", list(spec.choice))
         else:
             grammar = llguidance.grammar_from("grammar", spec.grammar)
-    except ValueError as e:
+    except Exception as e:  # the library's compilers raise ValueError, its GBNF converter anything
         raise SamplingParamError(PARAM, f"invalid {kind}: {e}") from None
     error = llguidance.LLMatcher.validate_grammar(grammar)
     if error:
@@ -66,6 +67,31 @@ def compile_grammar(spec: StructuredOutputsParams) -> str:
 
 def grammar_of(spec: StructuredOutputsParams | None) -> str | None:
     return None if spec is None else compile_grammar(spec)
+
+
+@functools.lru_cache(maxsize=4)
+def grammar_tokenizer(model_dir: str, eos_token_ids: tuple[int, ...]) -> llguidance.LLTokenizer:
+    """llguidance's view of the model directory's ``tokenizer.json`` (one per process and model)."""
+    with open(os.path.join(model_dir, "tokenizer.json"), encoding="utf-8") as f:
+        return llguidance.LLTokenizer(f.read(), eos_token=list(eos_token_ids) or None)
+
+
+def check_grammar(spec: StructuredOutputsParams, model_dir: str, eos_token_ids: Sequence[int]) -> None:
+    """Engine-side admission: the constraint compiles and fits this model's tokenizer (special-token
+    references included), so a runner never meets a grammar it cannot build."""
+    error = _error_with_tokenizer(compile_grammar(spec), model_dir, tuple(eos_token_ids))
+    if error:
+        raise SamplingParamError(PARAM, error if error.startswith("structured output") else
+                                 f"invalid {spec.kind}: {error}")
+
+
+@functools.lru_cache(maxsize=256)
+def _error_with_tokenizer(grammar: str, model_dir: str, eos_token_ids: tuple[int, ...]) -> str:
+    try:
+        tokenizer = grammar_tokenizer(model_dir, eos_token_ids)
+    except Exception as e:  # a tokenizer.json llguidance cannot read
+        return f"structured output is not available for this model's tokenizer: {e}"
+    return llguidance.LLMatcher.validate_grammar(grammar, tokenizer).strip()
 
 
 class SequenceGrammar:
@@ -122,11 +148,7 @@ class GrammarBook:
 
     def tokenizer_for(self, eos_token_ids: Sequence[int]) -> llguidance.LLTokenizer:
         if self._tokenizer is None:
-            path = os.path.join(self.model_dir, "tokenizer.json")
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
-            eos = list(eos_token_ids) or None
-            self._tokenizer = llguidance.LLTokenizer(text, eos_token=eos)
+            self._tokenizer = grammar_tokenizer(self.model_dir, tuple(eos_token_ids))
             self.eos_only = np.zeros(self.vocab_size, dtype=bool)
             self.eos_only[[t for t in eos_token_ids if t < self.vocab_size]] = True
         return self._tokenizer

@@ -26,6 +26,7 @@ from engine.structured_output import GrammarBook, compile_grammar
 from engine.tokenizer import load_tokenizer
 from fake_engine import FakeEngine, make_model_dir, running_server
 from handoff import prefill_then_decode
+from serving.tool_calls import call_grammar
 
 BUNDLED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "pdserve-mini")
 SCHEMA = {
@@ -220,6 +221,19 @@ def test_grpc_request_maps_guided_fields():
     assert req.guided_choice == ["a", "b"]
     req = completion_request(pb.GenerateRequest(text="x", sampling_params=pb.SamplingParams(guided_json_object=True)))
     assert req.response_format.type == "json_object"
+
+
+def test_required_tool_choice_grammar_takes_any_tool_and_parallel_calls(tiny_checkpoint):
+    tok = load_tokenizer(tiny_checkpoint)
+    args = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    grammar = compile_grammar(StructuredOutputsParams(grammar=call_grammar({"weather": args, "noop": None}, None, True)))
+    two = ('weather\n```json\n{"city": "Paris"}\n```<｜tool▁call▁end｜>\n<｜tool▁call▁begin｜>function<｜tool▁sep｜>'
+           'noop\n```json\n{}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>')
+    book = GrammarBook(tiny_checkpoint, 512)
+    for text, ok in [(two, True), (two.replace('"city"', '"town"'), False), (two.replace("noop", "nope"), False)]:
+        seq = book.sequence(grammar, [], [tok.eos_token_id])
+        ids = tok.encode(text, add_special_tokens=False)
+        assert (seq.matcher.try_consume_tokens(ids) == len(ids) and seq.matcher.is_accepting()) == ok, text
 
 
 def test_bitmask_unpacking_matches_llguidance_order(tiny_checkpoint):
