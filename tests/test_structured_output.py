@@ -201,6 +201,10 @@ def test_http_response_format_guided_fields_and_forced_tool(tiny_checkpoint):
             jsonschema.validate(json.loads(c["message"]["content"]), SCHEMA)
         comp = post("/v1/completions", prompt="x", guided_choice=CHOICES, n=2)
         assert all(c["text"] in CHOICES for c in comp["choices"])
+        with httpx.stream("POST", srv.url + "/v1/completions", timeout=300,
+                          json={"prompt": "x", "guided_choice": CHOICES, "max_tokens": 20, "stream": True}) as r:
+            events = [line[6:] for line in r.iter_lines() if line.startswith("data: ") and line != "data: [DONE]"]
+        assert "".join(json.loads(e)["choices"][0]["text"] for e in events) in CHOICES
         comp = post("/v1/completions", prompt="x", structured_outputs={"regex": REGEX})  # vLLM's newer object
         assert re.fullmatch(REGEX, comp["choices"][0]["text"])
         args = {"type": "object", "properties": {"q": {"enum": ["a", "b"]}}, "required": ["q"], "additionalProperties": False}
