@@ -4,10 +4,10 @@
 torch-free users of this package (the API layer) never pay for it.
 """
 
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import GuidedDecodingParams, SamplingParams, StructuredOutputsParams
 from engine.outputs import CompletionOutput, RequestOutput
 
-__all__ = ["LLM", "AsyncEngine", "SamplingParams", "RequestOutput", "CompletionOutput"]
+__all__ = ["LLM", "AsyncEngine", "SamplingParams", "StructuredOutputsParams", "GuidedDecodingParams", "RequestOutput", "CompletionOutput"]
 
 
 def __getattr__(name: str):

@@ -41,6 +41,7 @@ from engine.sampling_params import (Continuation, SamplingParamError, SamplingPa
                                     sequence_seed)
 from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from engine.step import StepOutput
+from engine.structured_output import check_grammar
 from engine.tokenizer import Tokenizer
 
 log = logging.getLogger("pdserve.engine")
@@ -185,6 +186,11 @@ class LLMEngine:
                               f"the context length ({self.max_model_len})")
         if params.stop and self.tokenizer is None:
             raise SamplingParamError("stop", "stop strings need a tokenizer; this model directory has none")
+        if params.structured_outputs is not None:
+            if self.tokenizer is None:
+                raise SamplingParamError("structured_outputs", "structured output needs a tokenizer; this model "
+                                                               "directory has none")
+            check_grammar(params.structured_outputs, self.args.model, self.eos_token_ids)  # invalid: a 400
 
     def _sequence(self, req: Request, num_reported: int) -> _Sequence:
         """The engine's side of a sequence; its first ``num_reported`` output tokens were reported

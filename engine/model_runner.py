@@ -3,8 +3,10 @@
 Owns the model and the paged latent cache: per cache layer (main layers, then
 MTP layers) one tensor ``[num_blocks, block_size, kv_lora_rank +
 qk_rope_head_dim]``, sized from a memory budget. Keeps its own state per sequence
-(``_Sequence``: tokens, sampling parameters, block table), kept current by the
-step messages; it never sees the scheduler's objects. Its ``KVConnectorWorker``
+(``_Sequence``: tokens, sampling parameters, block table, structured output's grammar
+matcher), kept current by the step messages; it never sees the scheduler's objects.
+A sequence with a grammar samples under its mask; its drafts are cut at the first token
+the grammar rejects and verified under the mask of each verify row. Its ``KVConnectorWorker``
 moves a sequence's latent rows out of / into the cache for the prefill → decode
 hand-off.
 """
@@ -31,10 +33,11 @@ from engine.model.kv_cache_fp8 import fp8_row_bytes
 from engine.model.parallel import ParallelContext
 from engine.rebalance import RankExperts
 from engine.sampler import (Sampler, SamplingMetadata, SamplingRow, compute_logprobs_topk,
-                            position_generator)
+                            masked_logits_of_rows, position_generator)
 from engine.sampling_params import SamplingParams
 from engine.spec_decode import MTPJob, MTPProposer, VerifyGroup, verify
 from engine.step import NewSequence, StepInput, StepOutput
+from engine.structured_output import GrammarBook, SequenceGrammar
 
 log = logging.getLogger("pdserve.engine")
 
@@ -55,22 +58,29 @@ class _Sequence:
     eos_token_ids: list[int]
     seed: int | None
     block_table: list[int]
+    grammar: SequenceGrammar | None = None  # follows the generated tokens as far as the scheduler told us
 
     @classmethod
-    def from_new(cls, new: NewSequence) -> "_Sequence":
+    def from_new(cls, new: NewSequence, grammars: GrammarBook) -> "_Sequence":
+        grammar = None
+        if new.grammar is not None:  # replays the tokens generated before (resume, hand-off, preemption)
+            grammar = grammars.sequence(new.grammar, new.output_token_ids, new.eos_token_ids)
         return cls(list(new.prompt_token_ids), new.prompt_token_ids + new.output_token_ids, new.params,
-                   new.eos_token_ids, new.seed, list(new.block_ids))
+                   new.eos_token_ids, new.seed, list(new.block_ids), grammar)
 
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
 
-    def row(self, device: torch.device, extra: list[int] | None = None) -> SamplingRow:
-        """The sampler's view; ``extra`` = drafts counted in its history (verification)."""
+    def row(self, device: torch.device, extra: list[int] | None = None, allowed=None) -> SamplingRow:
+        """The sampler's view; ``extra`` = drafts counted in its history (verification), ``allowed`` = the
+        grammar's mask after them (default: after the known tokens)."""
         output = self.token_ids[self.num_prompt_tokens:] + (extra or [])
         position = len(self.token_ids) + len(extra or [])
+        if allowed is None and self.grammar is not None:
+            allowed = self.grammar.allowed()
         return SamplingRow(self.params, self.prompt_token_ids, output, self.eos_token_ids,
-                           position_generator(self.seed, position, device))
+                           position_generator(self.seed, position, device), allowed)
 
 
 class ModelRunner:
@@ -94,6 +104,7 @@ class ModelRunner:
         self.kv_caches = self._allocate_cache(args, agree_blocks)
         self.kv_worker = KVConnectorWorker(self.kv_caches, self.block_size, cfg.kv_lora_rank, outbox)
         self.sequences: dict[str, _Sequence] = {}
+        self.grammars = GrammarBook(args.model, cfg.vocab_size)
         self.sampler = Sampler(torch.Generator(device=self.device).manual_seed(args.seed))
         self.proposer = None
         if args.speculative == "mtp":
@@ -165,11 +176,13 @@ class ModelRunner:
             self.sequences.pop(seq_id, None)
         for s in step.sequences:
             if s.new is not None:
-                self.sequences[s.seq_id] = _Sequence.from_new(s.new)
+                self.sequences[s.seq_id] = _Sequence.from_new(s.new, self.grammars)
             else:
                 seq = self.sequences[s.seq_id]
                 seq.token_ids.extend(s.new_token_ids)
                 seq.block_table.extend(s.new_block_ids)
+                if seq.grammar is not None:
+                    seq.grammar.accept(s.new_token_ids)
 
     @torch.inference_mode()
     def execute(self, step: StepInput) -> StepOutput:
@@ -223,10 +236,12 @@ class ModelRunner:
             k = len(drafts)
             groups.append(VerifyGroup(len(rows), list(drafts),
                                       position_generator(seq.seed, len(seq.token_ids), self.device)))
+            masks = seq.grammar.masks_along(drafts) if seq.grammar is not None else [None] * (k + 1)
             for i in range(k + 1):  # row i: the distribution of the token after drafts[:i]
                 rows.append(end - k - 1 + i)
-                sampling_rows.append(seq.row(self.device, extra=drafts[:i]))
+                sampling_rows.append(seq.row(self.device, extra=drafts[:i], allowed=masks[i]))
         logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])  # [R, V]
+        logits = masked_logits_of_rows(logits, sampling_rows)  # the logprobs see the grammar's mask
         accepted = verify(logits, sampling_rows, groups, self.sampler.generator)
         k_max = max((seq.params.logprobs or 0) for _, seq, _ in drafted)
         for (s, seq, _), g, tokens in zip(drafted, groups, accepted):
@@ -252,7 +267,9 @@ class ModelRunner:
             job_tables.append(seq.block_table)
         layer_done = self.kv_worker.after_layer if self.kv_worker.streaming else None
         drafts = self.proposer.run(hidden, jobs, job_tables, self.kv_caches, self.device, layer_done)
-        for s, d in zip(step.sequences, drafts):
+        for s, seq, d in zip(step.sequences, seqs, drafts):
+            if d and seq.grammar is not None:  # drafts the grammar rejects cannot be accepted: not worth verifying
+                d = seq.grammar.valid_drafts(result.sampled.get(s.seq_id, []), d)
             if s.sample and d:
                 result.drafts[s.seq_id] = d
 

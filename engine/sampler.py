@@ -8,6 +8,9 @@ the only Python loop over rows is the per-row generator draw for seeded rows.
 
 Processing order (as in vLLM):
 
+0. structured output: tokens outside a row's ``allowed`` mask (its grammar's next-token set,
+   ``engine.structured_output``) become ``-inf`` in the logits themselves, so the logprobs
+   see the mask too, as in vLLM (which masks the logits before its sampler).
 1. min_tokens: while ``len(output) < min_tokens`` the row's eos ids and
    ``stop_token_ids`` are masked to ``-inf``. ``ignore_eos`` masks nothing: as
    in vLLM, eos may be sampled and simply does not end the sequence.
@@ -87,6 +90,7 @@ class SamplingRow:
     output_token_ids: Sequence[int]
     eos_token_ids: Sequence[int] = ()
     generator: torch.Generator | None = None  # seeded sequences: ``position_generator``
+    allowed: np.ndarray | None = None  # [V] bool: structured output's mask; None = every token
 
 
 @dataclasses.dataclass
@@ -124,6 +128,8 @@ class SamplingMetadata:
     seeded_rows: list[tuple[int, torch.Generator]]  # sampled rows with their own generator
     num_logprobs: list[int | None]  # per row, params.logprobs
     max_num_logprobs: int  # top-k width of SamplerOutput.topk_* (0: none computed)
+    allowed_rows: torch.Tensor | None = None  # [G] int64: rows with a structured-output mask
+    allowed: torch.Tensor | None = None  # [G, V] bool: their allowed tokens
 
     @classmethod
     def build(cls, rows: Sequence[SamplingRow], device: torch.device | str = "cpu") -> "SamplingMetadata":
@@ -141,6 +147,7 @@ class SamplingMetadata:
         unseeded: list[int] = []
         seeded: list[tuple[int, torch.Generator]] = []
         num_logprobs: list[int | None] = []
+        masked: list[int] = []
         for i, row in enumerate(rows):
             p = row.params
             is_greedy = p.temperature < GREEDY_EPS
@@ -160,6 +167,9 @@ class SamplingMetadata:
                 else:
                     seeded.append((i, row.generator))
             banned = _banned_tokens(row)
+            if row.allowed is not None:
+                masked.append(i)
+                banned = _keep_some_allowed(banned, row.allowed)
             if banned:
                 banned_rows.extend([i] * len(banned))
                 banned_tokens.extend(banned)
@@ -193,6 +203,9 @@ class SamplingMetadata:
             seeded_rows=seeded,
             num_logprobs=num_logprobs,
             max_num_logprobs=max_logprobs,
+            allowed_rows=torch.tensor(masked, dtype=torch.int64, device=device) if masked else None,
+            allowed=(torch.from_numpy(np.stack([rows[i].allowed for i in masked])).to(device)
+                     if masked else None),
         )
 
 
@@ -202,6 +215,41 @@ def _banned_tokens(row: SamplingRow) -> list[int]:
     if len(row.output_token_ids) < p.min_tokens:
         return [*row.eos_token_ids, *p.stop_token_ids]
     return []
+
+
+def _keep_some_allowed(banned: list[int], allowed: np.ndarray) -> list[int]:
+    """min_tokens yields to the grammar: when it would ban every token the grammar allows (a complete
+    grammar allows only end-of-sequence), nothing is banned."""
+    in_vocab = [t for t in banned if t < len(allowed)]
+    if banned and allowed.sum() <= allowed[in_vocab].sum():
+        return []
+    return banned
+
+
+def masked_logits(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+    """Step 0: ``logits`` with each masked row's disallowed tokens at ``-inf`` (a copy; ``logits``
+    itself when no row has a mask). ``meta.allowed`` may be narrower than the logits (a vocabulary
+    padded past the tokenizer's): the extra columns are disallowed."""
+    if meta.allowed_rows is None:
+        return logits
+    return _apply_allowed(logits, meta.allowed_rows, meta.allowed)
+
+
+def masked_logits_of_rows(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    """``masked_logits`` from the rows themselves (no full ``SamplingMetadata``)."""
+    masked = [i for i, row in enumerate(rows) if row.allowed is not None]
+    if not masked:
+        return logits
+    return _apply_allowed(logits, torch.tensor(masked, device=logits.device),
+                          torch.from_numpy(np.stack([rows[i].allowed for i in masked])).to(logits.device))
+
+
+def _apply_allowed(logits: torch.Tensor, rows: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    if allowed.shape[1] < logits.shape[1]:
+        allowed = torch.nn.functional.pad(allowed, (0, logits.shape[1] - allowed.shape[1]), value=False)
+    x = logits.clone()
+    x[rows] = x[rows].masked_fill(~allowed[:, :logits.shape[1]], float("-inf"))
+    return x
 
 
 def _column(values: list[float], neutral: float, device: torch.device | str) -> torch.Tensor | None:
@@ -352,6 +400,7 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
         """``logits``: ``[B, V]`` fp32 or bf16 (not modified). Returns ``[B]`` tokens and raw logprobs."""
         assert logits.dim() == 2 and logits.shape[0] == meta.num_rows, (tuple(logits.shape), meta.num_rows)
+        logits = masked_logits(logits, meta)
         x = penalized_logits(logits, meta)  # [B, V] fp32
         greedy_tokens = x.argmax(dim=-1) if meta.greedy is not None else None  # [B]
         if meta.all_greedy:

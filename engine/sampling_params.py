@@ -10,11 +10,18 @@ somewhere else — travels beside it as a ``Continuation`` (the PD router resume
 sequence on another worker with one). Two rules live here and nowhere else:
 ``sequence_seed`` (the seed of completion ``i`` of a seeded request) and
 ``max_new_tokens`` (``max_tokens=None`` means the rest of the context).
+
+``StructuredOutputsParams`` (vLLM's name; ``GuidedDecodingParams`` is its older one)
+constrains the output to a JSON schema, any JSON object, a regex, one of a list of
+strings, or a Lark/GBNF grammar. It is plain data (a schema is kept as canonical JSON
+text) so it travels wherever ``SamplingParams`` does; ``engine.structured_output``
+compiles it and applies it as a token mask.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json as _json
 from typing import Any
 
 MAX_N = 64
@@ -57,6 +64,47 @@ class Continuation:
 
 
 @dataclasses.dataclass(frozen=True)
+class StructuredOutputsParams:
+    """Exactly one constraint on the generated text (vLLM's ``StructuredOutputsParams``).
+
+    ``json``: a JSON schema (dict or JSON text; kept as canonical JSON text); ``json_object``: any
+    JSON object; ``regex``; ``choice``: one of these strings; ``grammar``: Lark or GBNF.
+    ``disable_any_whitespace``: JSON without whitespace between tokens.
+    """
+
+    json: str | dict | None = None
+    regex: str | None = None
+    choice: tuple[str, ...] | list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.json, (dict, bool)):
+            object.__setattr__(self, "json", _json.dumps(self.json, sort_keys=True, separators=(",", ":")))
+        if isinstance(self.choice, list):
+            object.__setattr__(self, "choice", tuple(self.choice))
+        kinds = [k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None]
+        kinds += ["json_object"] if self.json_object else []
+        if len(kinds) != 1:
+            raise SamplingParamError("structured_outputs", "give exactly one of json, json_object, regex, choice, "
+                                                           f"grammar (got {', '.join(kinds) or 'none'})")
+        for name in ("json", "regex", "grammar"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise SamplingParamError("structured_outputs", f"{name} must be a string")
+        if self.choice is not None and not (self.choice and all(isinstance(c, str) and c for c in self.choice)):
+            raise SamplingParamError("structured_outputs", "choice must be a non-empty list of non-empty strings")
+
+    @property
+    def kind(self) -> str:
+        return "json_object" if self.json_object else next(
+            k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None)
+
+
+GuidedDecodingParams = StructuredOutputsParams  # vLLM's older name
+
+
+@dataclasses.dataclass(frozen=True)
 class SamplingParams:
     n: int = 1
     temperature: float = 1.0  # 0 = greedy
@@ -77,6 +125,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    structured_outputs: StructuredOutputsParams | None = None  # the output follows this constraint
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -136,6 +185,8 @@ class SamplingParams:
             v = getattr(self, name)
             check(v is None or (is_int(v) and 0 <= v <= MAX_LOGPROBS), name,
                   f"must be an integer in [0, {MAX_LOGPROBS}], got {v!r}")
+        check(self.structured_outputs is None or isinstance(self.structured_outputs, StructuredOutputsParams),
+              "structured_outputs", "must be a StructuredOutputsParams")
 
     def clone(self, **changes: Any) -> "SamplingParams":
         return dataclasses.replace(self, **changes)

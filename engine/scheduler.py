@@ -31,6 +31,7 @@ from collections import deque
 from engine.kv_cache import KVCacheManager
 from engine.request import Request, RequestStatus
 from engine.step import KVSave, NewSequence, ScheduledSequence, StepInput, StepOutput
+from engine.structured_output import grammar_of
 
 
 @dataclasses.dataclass
@@ -179,7 +180,8 @@ class Scheduler:
                                       draft_token_ids=list(req.spec_token_ids) if s.num_draft_tokens else [])
             if known is None:
                 entry.new = NewSequence(list(req.prompt_token_ids), list(req.output_token_ids), req.params,
-                                        req.eos_token_ids, req.seed, list(table))
+                                        req.eos_token_ids, req.seed, list(table),
+                                        grammar_of(req.params.structured_outputs))
             else:
                 tokens, blocks = known
                 entry.new_token_ids = req.all_token_ids[tokens:]

@@ -31,7 +31,7 @@ import dataclasses
 import torch
 
 from engine.model.attention import AttentionMetadata
-from engine.sampler import SamplingMetadata, SamplingRow, penalized_logits, sampling_probs
+from engine.sampler import SamplingMetadata, SamplingRow, masked_logits, penalized_logits, sampling_probs
 
 
 @dataclasses.dataclass
@@ -47,7 +47,7 @@ def verify(logits: torch.Tensor, rows: list[SamplingRow], groups: list[VerifyGro
            shared: torch.Generator | None) -> list[list[int]]:
     """Accepted drafts + the bonus token, per group. ``logits`` [R, V], one row per verify position."""
     meta = SamplingMetadata.build(rows, logits.device)
-    x = penalized_logits(logits, meta)  # [R, V]
+    x = penalized_logits(masked_logits(logits, meta), meta)  # [R, V]; a grammar-rejected draft has p = 0
     argmax = x.argmax(-1).tolist()
     greedy = [True] * len(rows) if meta.all_greedy else (
         meta.greedy.tolist() if meta.greedy is not None else [False] * len(rows))

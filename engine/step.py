@@ -38,6 +38,7 @@ class NewSequence:
     eos_token_ids: list[int]
     seed: int | None  # the sequence's own seed (``sequence_seed``); None = the shared generator
     block_ids: list[int]  # the whole block table
+    grammar: str | None = None  # structured output: the compiled grammar (``engine.structured_output``)
 
 
 @dataclasses.dataclass

@@ -26,7 +26,8 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from engine.outputs import CompletionOutput, EngineClient, EngineError, RequestOutput
-from engine.sampling_params import SamplingParamError, SamplingParams
+from engine.sampling_params import SamplingParamError, SamplingParams, StructuredOutputsParams
+from engine.structured_output import compile_grammar
 from serving.errors import APIError, from_engine_error, from_sampling_error, internal_error, invalid
 from serving.generation import Generation
 from serving.metrics import ServingMetrics
@@ -207,6 +208,7 @@ def sampling_params(req: SamplingFields, *, max_tokens: int | None, logprobs: in
     kwargs = {name: getattr(req, name) for name in _OPTIONAL_SAMPLING if getattr(req, name) is not None}
     if req.logit_bias:
         kwargs["logit_bias"] = _logit_bias(req.logit_bias)
+    kwargs["structured_outputs"] = structured_outputs(req)
     try:
         return SamplingParams(
             n=req.n, max_tokens=max_tokens, min_tokens=req.min_tokens, ignore_eos=req.ignore_eos,
@@ -214,6 +216,39 @@ def sampling_params(req: SamplingFields, *, max_tokens: int | None, logprobs: in
             include_stop_str_in_output=req.include_stop_str_in_output, **kwargs)
     except SamplingParamError as e:
         raise from_sampling_error(e, aliases) from e
+
+
+_GUIDED = (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
+           ("guided_grammar", "grammar"))
+
+
+def structured_outputs(req: SamplingFields) -> StructuredOutputsParams | None:
+    """The request's one output constraint: ``response_format`` (OpenAI), ``guided_*`` or
+    ``structured_outputs`` (vLLM); None for plain text. More than one, or one that does not
+    compile (an invalid schema, regex or grammar), is a 400 naming the field."""
+    given: list[tuple[str, dict[str, Any]]] = []
+    fmt = req.response_format
+    if fmt is not None and fmt.type == "json_object":
+        given.append(("response_format", {"json_object": True}))
+    elif fmt is not None and fmt.type == "json_schema":
+        if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+            raise invalid("response_format: type json_schema needs json_schema.schema", "response_format")
+        given.append(("response_format", {"json": fmt.json_schema.schema_}))
+    given += [(name, {key: getattr(req, name)}) for name, key in _GUIDED if getattr(req, name) is not None]
+    if req.structured_outputs is not None:
+        given.append(("structured_outputs", req.structured_outputs.model_dump(exclude_none=True, by_alias=True)))
+    if not given:
+        return None
+    if len(given) > 1:
+        raise invalid(f"{given[1][0]}: give one output constraint, not {' and '.join(n for n, _ in given)}",
+                      given[1][0])
+    param, fields = given[0]
+    try:
+        spec = StructuredOutputsParams(**fields)
+        compile_grammar(spec)
+    except SamplingParamError as e:
+        raise invalid(f"{param}: {str(e).removeprefix(e.param + ': ')}", param) from e
+    return spec
 
 
 def _logit_bias(bias: dict[str, float]) -> dict[int, float]:

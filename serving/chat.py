@@ -13,8 +13,8 @@ Tools (``serving.tool_calls``): with ``tools`` and ``tool_choice`` other than ``
 reply is parsed for DeepSeek-V3 tool calls into ``message.tool_calls`` (streamed as
 ``delta.tool_calls``: index, id and name first, then argument fragments), with
 ``finish_reason: "tool_calls"``. ``required`` / a named function force the reply to start
-inside a call (named: exactly one call to that function); the arguments are not yet
-checked against the function's schema. When the tokenizer marks the tool-call markers as
+inside a call (named: exactly one call to that function) and constrain the rest of it
+(``tool_calls.call_grammar``): a tool's name, arguments that fit its ``parameters`` schema. When the tokenizer marks the tool-call markers as
 special tokens they are kept in the detokenized text (``skip_special_tokens`` off) so the
 parser sees them, and the end-of-sentence text that then ends the reply is dropped.
 """
@@ -22,6 +22,7 @@ parser sees them, and the end-of-sentence text that then ends the reply is dropp
 from __future__ import annotations
 
 import dataclasses
+import json
 import uuid
 from typing import Any, AsyncIterator
 
@@ -30,13 +31,15 @@ from fastapi.responses import JSONResponse
 
 from engine.chat import ChatFormatError, render_chat
 from engine.outputs import CompletionOutput, GenerateRequest
+from engine.sampling_params import SamplingParamError, StructuredOutputsParams
+from engine.structured_output import compile_grammar
 from serving import api_common as common
 from serving.access_log import access_record
 from serving.errors import invalid
 from serving.generation import Generation
 from serving.logprobs import chat_logprobs
 from serving.protocol import ChatCompletionRequest
-from serving.tool_calls import MARKERS, Parsed, ToolCallParser, forced_prefix
+from serving.tool_calls import MARKERS, Parsed, ToolCallParser, call_grammar, forced_prefix
 from serving.usage import Usage
 from engine.tokenizer import Tokenizer
 
@@ -48,6 +51,7 @@ class _ToolMode:
     prefix: str  # forced start of every reply ("" unless tool_choice is required or named)
     max_calls: int | None  # 1 for a named function or parallel_tool_calls=false
     keep_special: bool  # the markers are special tokens: detokenize with skip_special_tokens off
+    grammar: str | None = None  # what follows the forced prefix (Lark), when there is one
 
     def parser(self) -> ToolCallParser:
         return ToolCallParser(self.max_calls)
@@ -67,19 +71,22 @@ def _tool_mode(req: ChatCompletionRequest, tok: Tokenizer) -> _ToolMode | None:
         name = choice.function.name
         if name not in {t.function.name for t in req.tools}:
             raise invalid(f"tool_choice names function {name!r}, which is not in tools", "tool_choice")
-    special = {t.content for t in tok.hf.get_added_tokens_decoder().values() if t.special}
-    return _ToolMode(prefix=forced_prefix(choice if isinstance(choice, str) else None, name),
-                     max_calls=1 if name is not None or not req.parallel_tool_calls else None,
-                     keep_special=req.skip_special_tokens and any(m in special for m in MARKERS))
+    special = {t.content: i for i, t in tok.hf.get_added_tokens_decoder().items() if t.special}
+    prefix = forced_prefix(choice if isinstance(choice, str) else None, name)
+    grammar = None
+    if prefix:
+        def literal(text: str) -> str:
+            return f"<[{special[text]}]>" if text in special else json.dumps(text)
+        grammar = call_grammar({t.function.name: t.function.parameters for t in req.tools}, name,
+                               req.parallel_tool_calls, literal)
+    return _ToolMode(prefix=prefix, max_calls=1 if name is not None or not req.parallel_tool_calls else None,
+                     keep_special=req.skip_special_tokens and any(m in special for m in MARKERS), grammar=grammar)
 
 
 _RESERVED_TEMPLATE_ARGS = ("self", "messages", "add_generation_prompt")  # apply_chat_template's own parameters
 
 
 def _prompt_ids(req: ChatCompletionRequest, tok: Tokenizer, mode: _ToolMode | None = None) -> list[int]:
-    if req.response_format is not None and req.response_format.type != "text":
-        raise invalid(f"response_format {req.response_format.type!r} is not supported (only 'text')",
-                      "response_format")
     clash = next((k for k in _RESERVED_TEMPLATE_ARGS if k in (req.chat_template_kwargs or {})), None)
     if clash is not None:
         raise invalid(f"chat_template_kwargs may not set {clash!r} (it comes from the request itself)",
@@ -105,6 +112,15 @@ def _engine_request(req: ChatCompletionRequest, prompt_ids: list[int], max_model
                                     aliases={"logprobs": "top_logprobs", "max_tokens": limit_param})
     if mode is not None and mode.keep_special:
         params = params.clone(skip_special_tokens=False)
+    if mode is not None and mode.grammar is not None:
+        if params.structured_outputs is not None:
+            raise invalid("a tool_choice that forces a call cannot be combined with another output constraint "
+                          "(response_format, guided_*, structured_outputs)", "tool_choice")
+        try:
+            params = params.clone(structured_outputs=StructuredOutputsParams(grammar=mode.grammar))
+            compile_grammar(params.structured_outputs)
+        except SamplingParamError as e:
+            raise invalid(f"tools: a function's parameters schema cannot be enforced: {e}", "tools") from e
     return GenerateRequest(f"{request_id}-0", prompt_ids, params, priority=req.priority)
 
 

@@ -153,6 +153,13 @@ def completion_request(request: pb.GenerateRequest) -> CompletionRequest:
         data["stop"] = list(sp.stop)
     if sp.stop_token_ids:
         data["stop_token_ids"] = list(sp.stop_token_ids)
+    for name in ("guided_json", "guided_regex", "guided_grammar"):
+        if sp.HasField(name):
+            data[name] = getattr(sp, name)
+    if sp.guided_choice:
+        data["guided_choice"] = list(sp.guided_choice)
+    if sp.guided_json_object:
+        data["response_format"] = {"type": "json_object"}
     if request.model:
         data["model"] = request.model
     if request.HasField("add_special_tokens"):

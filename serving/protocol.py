@@ -9,6 +9,9 @@ features) is checked here. The vLLM extensions ``top_k``, ``min_p``,
 ``repetition_penalty``, ``min_tokens``, ``stop_token_ids``, ``ignore_eos``,
 ``skip_special_tokens``, ``include_stop_str_in_output``, ``add_special_tokens``,
 ``priority`` and (chat) ``add_generation_prompt``/``chat_template_kwargs`` are accepted.
+Structured output, on both endpoints: OpenAI's ``response_format`` (``json_object``,
+``json_schema``) and vLLM's ``guided_json``/``guided_regex``/``guided_choice``/
+``guided_grammar`` and ``structured_outputs`` object (``serving.api_common.structured_outputs``).
 """
 
 from __future__ import annotations
@@ -33,6 +36,31 @@ class StreamOptions(_Strict):
     continuous_usage_stats: bool = False  # vLLM: usage on every chunk
 
 
+class JsonSchemaFormat(_Strict):
+    model_config = ConfigDict(strict=True, extra="ignore", populate_by_name=True)
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputsFields(_Strict):
+    """vLLM's ``structured_outputs`` request object (one of the constraints)."""
+
+    json_: str | dict[str, Any] | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool = False
+    model_config = ConfigDict(strict=True, extra="ignore", populate_by_name=True)
+
+
 class SamplingFields(_Strict):
     model: str | None = None
     n: int = 1
@@ -55,6 +83,12 @@ class SamplingFields(_Strict):
     logit_bias: dict[str, float] | None = None
     user: str | None = None  # accepted as OpenAI documents it; not used
     priority: int = 0
+    response_format: ResponseFormat | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    structured_outputs: StructuredOutputsFields | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -101,14 +135,10 @@ class ChatMessage(_Strict):
     tool_calls: list[ToolCall] | None = None
 
 
-class ResponseFormat(_Strict):
-    type: str
-
-
 class FunctionDefinition(_Strict):
     name: str = Field(pattern=FUNCTION_NAME)
     description: str | None = None
-    parameters: dict[str, Any] | None = None  # JSON Schema; not enforced until constrained decoding exists
+    parameters: dict[str, Any] | None = None  # JSON Schema; enforced when tool_choice forces a call
     strict: bool | None = None
 
 
@@ -132,7 +162,6 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = None  # OpenAI's newer name; wins over max_tokens
     logprobs: bool = False
     top_logprobs: int | None = None
-    response_format: ResponseFormat | None = None
     tools: list[Tool] | None = None
     # default: "auto" with tools, "none" without
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None

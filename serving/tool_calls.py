@@ -20,17 +20,21 @@ wrote them (a JSON string, not re-serialized).
 
 ``tool_choice``: ``none`` renders the tools but does not parse; ``auto`` parses; ``required`` and
 a named function force the reply to start inside a call by appending ``forced_prefix`` to the
-prompt (required: up to the function name; named: up to the arguments). Nothing constrains what
-the model writes after that prefix (which name, whether the arguments fit the schema) until
-constrained decoding (structured output) is available.
+prompt (required: up to the function name; named: up to the arguments). What follows the prefix is
+then constrained by ``call_grammar`` (structured output): one of the tools' names, arguments that
+fit the function's ``parameters`` schema, the closing markers; with ``required`` and parallel
+calls, further calls in the same form.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import uuid
-from typing import Any
+from typing import Any, Callable
+
+from engine.structured_output import JSON_WHITESPACE
 
 CALLS_BEGIN = "<｜tool▁calls▁begin｜>"
 CALLS_END = "<｜tool▁calls▁end｜>"
@@ -38,6 +42,7 @@ CALL_BEGIN = "<｜tool▁call▁begin｜>"
 CALL_END = "<｜tool▁call▁end｜>"
 SEP = "<｜tool▁sep｜>"
 FENCE_OPEN = "```json\n"  # after the name line
+CLOSE_ARGS = "\n```"  # after the arguments, before CALL_END
 MARKERS = (CALLS_BEGIN, CALLS_END, CALL_BEGIN, CALL_END, SEP)
 
 # Whitespace, up to three backticks, whitespace: a closing fence that may still be arriving.
@@ -52,6 +57,28 @@ def forced_prefix(tool_choice: str | None, function_name: str | None = None) -> 
     if tool_choice == "required":
         return f"{CALLS_BEGIN}{CALL_BEGIN}function{SEP}"
     return ""
+
+
+# Arguments: JSON with bounded whitespace; schema keywords the grammar library lacks are ignored, not an error.
+_ARGS_OPTIONS = {"whitespace_pattern": JSON_WHITESPACE, "lenient": True}
+
+
+def call_grammar(functions: dict[str, dict[str, Any] | None], function_name: str | None, parallel: bool,
+                 literal: Callable[[str], str] = json.dumps) -> str:
+    """A Lark grammar (llguidance's dialect) for the reply after ``forced_prefix``: for a named function its
+    arguments (``functions[name]`` is its JSON schema; None: any object) and the closing markers; for
+    ``required`` a name of ``functions``, its arguments, then (``parallel``) more calls, then the end marker.
+    ``literal(marker)`` spells a marker in the grammar (a special token is ``<[id]>``, text a string)."""
+    def args(name: str) -> str:
+        schema = {**(functions[name] or {"type": "object"}), "x-guidance": _ARGS_OPTIONS}
+        return f"%json {json.dumps(schema)} {literal(CLOSE_ARGS)} {literal(CALL_END)}"
+
+    if function_name is not None:
+        return f"start: {args(function_name)} {literal(CALLS_END)}\n"
+    rules = [f"call_{i}: {literal(f'{name}{chr(10)}{FENCE_OPEN}')} {args(name)}" for i, name in enumerate(functions)]
+    call = " | ".join(f"call_{i}" for i in range(len(functions)))
+    more = f"({literal(chr(10))}? {literal(CALL_BEGIN)} {literal('function')} {literal(SEP)} call)*" if parallel else ""
+    return "\n".join([f"start: call {more} {literal(CALLS_END)}", f"call: {call}", *rules]) + "\n"
 
 
 def new_call_id() -> str:
