@@ -93,6 +93,8 @@ class EngineWorker:
         self._transfers: dict[str, asyncio.Task] = {}  # decode: the start_decode call of each sequence
         self.transfers_done = 0
         self.transfers_failed = 0
+        self._counts_read = None  # the engine thread's pending read of the expert counts (load())
+        self._expert_counts = None
 
     def _build_engine(self, groups: Any) -> None:
         from engine.engine import LLMEngine
@@ -176,11 +178,17 @@ class EngineWorker:
                           instance_of(self.name), e.executor.runner.experts.shape())
 
     async def load(self) -> WorkerLoad:
+        """Answers at once, also while a long step runs (a health probe must not wait for a 4k-token
+        prefill): housekeeping is queued for the engine thread, and the expert counts are the ones
+        it read for the previous probe (cumulative, so a late read loses nothing)."""
         self.loop.ensure_started()
-        experts = None
         if self.loop.alive:
-            await self.loop.call(Expire())
-            experts = await self.loop.call(ReadExpertCounts())
+            self.loop.post(Expire())
+            read = self._counts_read
+            if read is not None and read.done() and read.exception() is None:
+                self._expert_counts = read.result()
+            if read is None or read.done():
+                self._counts_read = self.loop.post(ReadExpertCounts())
         s = self.engine.stats()
         return WorkerLoad(
             name=self.name, role=self.role, alive=self.loop.alive, started_at=self.started_at,
@@ -189,7 +197,7 @@ class EngineWorker:
             kv_blocks_total=s.kv_blocks_total, prefix_cache_queries=s.prefix_cache_queries,
             prefix_cache_hits=s.prefix_cache_hits, num_preemptions=s.num_preemptions,
             transfers_done=self.transfers_done, transfers_failed=self.transfers_failed,
-            outbox_bytes=self.engine.connector.outbox.nbytes, experts=experts)
+            outbox_bytes=self.engine.connector.outbox.nbytes, experts=self._expert_counts)
 
     # ---- prefill role -------------------------------------------------------------------
     async def prefill(self, seq_id: str, prompt: list[int], params: SamplingParams,

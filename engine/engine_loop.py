@@ -182,6 +182,14 @@ class EngineLoop:
         self._send(command, future)
         return await asyncio.wrap_future(future)
 
+    def post(self, command: Command) -> concurrent.futures.Future:
+        """Queue ``command`` without waiting for it: for callers that must answer while a long step runs
+        (a health probe). Its result or exception lands on the returned future."""
+        self.ensure_started()
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._send(command, future)
+        return future
+
     def abort(self, request_id: str) -> None:
         q = self._queues.pop(request_id, None)
         if q is not None:

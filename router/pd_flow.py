@@ -320,14 +320,14 @@ class PDClient:
                 self.registry.abort_on(decode, seq_id)
                 slot[:] = [None, None]
                 return result
-            slot[0] = None  # the prefill side holds nothing once its control message is out
-            try:
+            try:  # until the decode side has taken the control message, the prefill outbox holds the rows
                 report: TransferReport = await pulling
             except WorkerLost as e:
                 raise _Retry("decode_lost", lost=e.worker) from None
             if report.state != "done":
                 log.warning("%s: KV hand-off %s -> %s failed: %s", seq_id, prefill.name, decode.name, report.message)
                 raise _Retry(f"transfer_{report.cause}")
+            slot[0] = None  # the prefill side holds nothing once its control message is out
             m.stage.labels("handoff").observe(max(report.done_at - result.finished_at, 0.0))
             m.transfer_bytes.inc(report.nbytes)
             m.transfer_seconds.observe(report.seconds)

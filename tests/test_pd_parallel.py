@@ -83,13 +83,13 @@ def _idle(client):
                and d.outbox_bytes == 0 for d in _loads(client).values())
 
 
-def _wait(cond, timeout=60.0, what="condition"):
+def _wait(cond, timeout=60.0, what="condition", detail=lambda: ""):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if cond():
             return
         time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
+    raise AssertionError(f"timed out waiting for {what} {detail()}")
 
 
 def _texts_via_router(url, client, prompts, max_tokens, stream):
@@ -132,7 +132,7 @@ def test_parallel_pools_greedy_equal_one_process_and_spread_over_dp_ranks(router
     loads = _loads(client)
     done = {n: loads[n].transfers_done for n in ("decode-0.0", "decode-0.1")}
     assert sum(done.values()) == 2 * len(PROMPTS) and all(v > 0 for v in done.values()), done  # both DP ranks used
-    _wait(lambda: _idle(client), what="every rank idle")
+    _wait(lambda: _idle(client), what="every rank idle", detail=lambda: _loads(client))
 
 
 @in_netns
@@ -181,7 +181,7 @@ def test_router_rebalances_experts_of_both_pools_while_streams_decode(router, wa
         assert f'pdserve_eplb_rebalances_total{{outcome="finished",pool="{pool_name}"}} 1.0' in metrics
         assert f'pdserve_expert_balancedness{{layer="0",pool="{pool_name}"}}' in metrics
     assert "pdserve_eplb_layer_pause_seconds_count" in metrics
-    _wait(lambda: _idle(client), what="every rank idle")
+    _wait(lambda: _idle(client), what="every rank idle", detail=lambda: _loads(client))
 
 
 @in_netns
@@ -203,4 +203,4 @@ def test_a_dead_rank_takes_its_instance_down_it_comes_back_and_streams_resume(cl
     retries = [line for line in httpx.get(url + "/metrics").text.splitlines()
                if line.startswith('pdserve_router_retries_total{cause="decode_lost"}')]
     assert retries and float(retries[0].rsplit(" ", 1)[1]) >= 1
-    _wait(lambda: _idle(client), what="every rank idle")
+    _wait(lambda: _idle(client), what="every rank idle", detail=lambda: _loads(client))
