@@ -32,7 +32,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from planner.experts import expert_rows_max, rank_skew
+from planner.experts import eplb_policy, expert_rows_max, skews
 from planner.hardware import Device
 from planner.model_shape import BYTES, ModelShape
 from planner.workload import Load, dp_imbalance
@@ -171,25 +171,50 @@ class Simulator:
         return roofline(flops / (self.device.matmul_tflops(self.act) * 1e12 * e.attn_compute * share * use),
                         nbytes / (self.device.hbm_gbps * 1e9 * e.attn_memory), e.roofline_p)
 
-    def all_to_all(self, copies: float, tokens: float, msg_bytes: float, skew: float, dedup_nodes: bool) -> float:
+    @property
+    def eplb_policy(self) -> str:
+        """The EPLB policy DeepSeek's rule picks for this instance (planner.experts.eplb_policy)."""
+        c = self.shape.cfg
+        return eplb_policy(self.shape.experts, c.n_group or 1, self.nodes, self.feat.eplb)
+
+    def remote_nodes_per_token(self) -> float:
+        """Remote nodes one token's experts lie on (what a node-deduplicating dispatch sends over the NIC).
+
+        Global placement: the top-k experts sit on independent random nodes. Hierarchical
+        placement: they lie in ``topk_group`` of ``n_group`` groups, whole groups per node,
+        so a remote node is reached when one of its groups is among the chosen ones.
+        """
+        n, c = self.nodes, self.shape.cfg
+        if n <= 1:
+            return 0.0
+        if self.eplb_policy == "hierarchical" and c.topk_method in ("noaux_tc", "group_limited_greedy"):
+            per_node = c.n_group // n
+            return (n - 1) * (1 - math.comb(c.n_group - per_node, c.topk_group) / math.comb(c.n_group, c.topk_group))
+        return (n - 1) * (1 - (1 - 1 / n) ** self.shape.top_k)
+
+    def all_to_all(self, copies: float, tokens: float, msg_bytes: float, rank_skew: float, node_skew: float,
+                   dedup_nodes: bool) -> float:
         """One dispatch or combine on the busiest rank: ``copies`` token copies of ``msg_bytes`` each.
 
-        Low-latency kernels (decode) send every copy; normal kernels (prefill) send a token once
-        per remote node over the NIC and fan it out over NVLink there (DeepEP).
+        Low-latency kernels (decode) send every copy straight to the expert's rank, so the
+        busiest rank's NIC sets the time (rank skew). Normal kernels (prefill) send a token once
+        per remote node to the same-index GPU there and fan it out over NVLink (DeepEP): the
+        NIC traffic follows the busiest node (node skew), the NVLink leg the busiest rank.
         """
         if self.par.ep <= 1 or copies <= 0:
             return 0.0
         n = self.nodes
+        nic_skew = rank_skew
         if n <= 1:
             nic, nvl = 0.0, copies * msg_bytes * (1 - 1 / self.par.ep)
         elif dedup_nodes:
-            remote_nodes = (n - 1) * (1 - (1 - 1 / n) ** self.shape.top_k)
-            nic, nvl = tokens * remote_nodes * msg_bytes, copies * msg_bytes
+            nic, nvl = tokens * self.remote_nodes_per_token() * msg_bytes, copies * msg_bytes
+            nic_skew = node_skew
         else:
             nic, nvl = copies * msg_bytes * (n - 1) / n, copies * msg_bytes / n
-        t = max(nic / (self.device.scale_out_gbps * 1e9 * self.eff.scale_out),
-                nvl / (self.device.scale_up_gbps * 1e9 * self.eff.scale_up))
-        return self.eff.comm_latency_s + t * skew
+        t = max(nic * nic_skew / (self.device.scale_out_gbps * 1e9 * self.eff.scale_out),
+                nvl * rank_skew / (self.device.scale_up_gbps * 1e9 * self.eff.scale_up))
+        return self.eff.comm_latency_s + t
 
     # ---- one layer ----------------------------------------------------------------------
     def layer(self, rows: float, phase: str, moe: bool, attn: dict[str, float], share: float) -> LayerOps:
@@ -246,8 +271,11 @@ class Simulator:
         k = s.top_k
         slots = (s.experts + par.redundant) // par.ep if par.ep > 1 else s.experts
         copies = tokens * k
-        skew = f.skew if f.skew is not None else rank_skew(s.experts, par.redundant, par.ep, f.popularity_cv,
-                                                            f.eplb, copies)
+        if f.skew is not None:
+            skew = node_skew = f.skew
+        else:
+            skew, node_skew = skews(s.experts, par.redundant, par.ep, f.popularity_cv, f.eplb, copies, self.nodes,
+                                    c.n_group or 1)
         hot = copies * skew
         rows = hot / slots
         b = self.backend
@@ -261,8 +289,8 @@ class Simulator:
         a = BYTES[self.act]
         dispatch_msg = c.hidden_size * (1 + 4 / 128) if f.fp8_dispatch and self.w == "fp8" else c.hidden_size * a
         dedup = phase == "prefill"
-        ops.add("dispatch", "dispatch", self.all_to_all(copies, tokens, dispatch_msg, skew, dedup))
-        ops.add("combine", "combine", self.all_to_all(copies, tokens, c.hidden_size * a, skew, dedup))
+        ops.add("dispatch", "dispatch", self.all_to_all(copies, tokens, dispatch_msg, skew, node_skew, dedup))
+        ops.add("combine", "combine", self.all_to_all(copies, tokens, c.hidden_size * a, skew, node_skew, dedup))
         ops.skew = skew
 
     # ---- layer schedules ----------------------------------------------------------------
