@@ -224,17 +224,16 @@ def pools_yaml(p, shape, model: str) -> dict:
 def _write_yaml(p, shape, path: str, model: str) -> None:
     import yaml
 
-    from deploy.config import ConfigError, parse_config
+    from deploy.config import DeployConfigError, parse_config
 
     doc = pools_yaml(p, shape, model)
     try:
         parse_config(doc, source=path)
-    except ConfigError as e:  # the planner's own output must be what `pdserve up` accepts
+    except DeployConfigError as e:  # the planner's own output must be what `pdserve up` accepts
         raise CLIError(f"internal error: the planned deployment does not validate: {e}") from e
     header = (f"# pdserve plan: {p.device.name}, {p.gpus} GPUs, TTFT p99 <= {p.slo.ttft_p99_s:g} s, "
               f">= {p.slo.user_tok_s:g} tok/s per user, {p.load.request_rate:g} req/s\n"
-              "# pdserve up --config THIS_FILE (multi-rank pools are validated; running them needs multi-rank "
-              "instances)\n")
+              "# pdserve up --config THIS_FILE\n")
     with open(path, "w", encoding="utf-8") as f:
         f.write(header + yaml.safe_dump(doc, sort_keys=False))
 
