@@ -9,7 +9,8 @@ small kernels a layer launches, what a step costs outside the model).
 
 ``probe_cpu()`` + ``cpu_device()`` build a device for the machine it runs on from fp32
 GEMMs at 256, 8 and 1 rows (compute peak, small-row efficiency, read bandwidth) and the
-cost of one tiny torch op, in under 2 s.
+cost of one tiny torch op, in under 2 s; ``probe_collectives()`` adds gloo's all_to_all
+latency and rate between processes of the machine, for multi-rank CPU instances.
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ class Backend:
     kernel_floor_s: float  # the least one small kernel / op costs
     comm_sms_prefill: int  # SMs the all_to_all kernels hold while they overlap compute (prefill)
     step_overhead_s: float  # per step, outside the model: scheduling, sampling, graph launch
+    dispatch_collectives: int = 1  # collectives per dispatch (pdserve's gloo path: the per-slot counts, then the rows)
 
 
 # 24 comm SMs in prefill, 0 in decode: DeepSeek's Day 6 overlap figures (computation 108 SMs +
@@ -262,22 +264,94 @@ def probe_cpu(seconds: float = 1.0, threads: int | None = None) -> CPUProbe:
 PDSERVE_CPU_BACKEND = {"small_kernels_per_layer": 155, "outside_calls_per_step": 120}
 
 
-def cpu_device(probe: CPUProbe, small_kernels_per_layer: int, outside_calls_per_step: float) -> Device:
-    """This machine as a device: the probe's figures are what kernels reach (fractions 1, rows term measured)."""
+@dataclasses.dataclass(frozen=True)
+class CollectiveProbe:
+    """gloo between processes of this machine (one torch thread each), as pdserve's ranks talk."""
+
+    latency_s: float  # all_to_all_single of one 1,024-float row per peer
+    gbps: float  # bytes one rank sends per second beyond that latency (1 MB per peer)
+    ranks: int
+
+
+def _collective_rank(rank: int, ranks: int, init_method: str, out) -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=ranks)
+
+    def timed(rows: int) -> float:
+        x = torch.ones(ranks * rows, 1024)
+        y = torch.empty_like(x)
+        for _ in range(5):
+            dist.all_to_all_single(y, x)
+        times = []
+        for _ in range(40):
+            dist.barrier()
+            t0 = time.perf_counter()
+            dist.all_to_all_single(y, x)
+            times.append(time.perf_counter() - t0)
+        return sorted(times)[len(times) // 2]
+
+    small, large = timed(1), timed(256)
+    if rank == 0:
+        out.put((small, large))
+    dist.destroy_process_group()
+
+
+def probe_collectives(ranks: int = 2) -> CollectiveProbe:
+    """Median all_to_all_single time over gloo on 127.0.0.1 at 1 and 256 rows of 1,024 floats per peer."""
+    import multiprocessing
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_collective_rank, args=(r, ranks, f"tcp://127.0.0.1:{port}", out))
+             for r in range(ranks)]
+    saved = os.environ.get("GLOO_SOCKET_IFNAME")
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # the children inherit it: gloo on loopback, as the local deployment
+    try:
+        for p in procs:
+            p.start()
+    finally:
+        if saved is None:
+            del os.environ["GLOO_SOCKET_IFNAME"]
+        else:
+            os.environ["GLOO_SOCKET_IFNAME"] = saved
+    small, large = out.get(timeout=120)
+    for p in procs:
+        p.join(timeout=30)
+    sent = 256 * 1024 * 4 * (ranks - 1)  # bytes a rank sends to its peers in the large call
+    return CollectiveProbe(latency_s=small, gbps=sent / max(large - small, 1e-9) / 1e9, ranks=ranks)
+
+
+def cpu_device(probe: CPUProbe, small_kernels_per_layer: int, outside_calls_per_step: float,
+               comm: CollectiveProbe | None = None, step_collectives: int = 0) -> Device:
+    """This machine as a device: the probe's figures are what kernels reach (fractions 1, rows term measured).
+
+    ``comm``: ranks in processes of this machine talking over gloo (pdserve's multi-rank CPU
+    instances): every all_to_all costs its latency plus bytes at its rate; a dispatch is two of
+    them (counts, rows); ``step_collectives`` more per step (DP lock-step's "anyone busy")."""
     # M/(M + h) = small / large at the probe's row count
     rows_half = 8 * max(probe.matmul_gflops / probe.small_matmul_gflops - 1, 0.0)
     bmm_half = 4 * max(probe.matmul_gflops / probe.small_bmm_gflops - 1, 0.0)
     eff = Efficiency(gemm_compute=1.0, gemm_k_overhead=0.0, gemm_memory=1.0, roofline_p=math.inf, tile_waves=False,
                      gemm_rows_half=rows_half, bmm_rows_half=bmm_half,
-                     attn_compute=1.0, attn_memory=1.0, scale_out=1.0, scale_up=1.0, comm_latency_s=0.0,
+                     attn_compute=1.0, attn_memory=1.0, scale_out=1.0, scale_up=1.0,
+                     comm_latency_s=comm.latency_s if comm else 0.0,
                      note="measured on this machine: fp32 GEMM rates and GEMV read bandwidth are the achievable figures")
+    step_s = outside_calls_per_step * probe.op_us * 1e-6 + step_collectives * (comm.latency_s if comm else 0.0)
     backend = Backend(moe_kernel="padded", padded_max_rows=64, attn_kv_passes=4.0,
                       small_kernels_per_layer=small_kernels_per_layer, kernel_floor_s=probe.op_us * 1e-6,
-                      comm_sms_prefill=0, step_overhead_s=outside_calls_per_step * probe.op_us * 1e-6)
+                      comm_sms_prefill=0, step_overhead_s=step_s, dispatch_collectives=2)
     tflops = probe.matmul_gflops / 1e3
+    link = comm.gbps if comm else probe.read_gbps
     return Device(name="cpu", fp8_tflops=None, bf16_tflops=tflops, fp32_tflops=tflops, memory_gb=_memory_gb(),
-                  hbm_gbps=probe.read_gbps, scale_up_gbps=probe.read_gbps, scale_out_gbps=probe.read_gbps,
-                  gpus_per_node=1, sms=1, price_per_hour=0.0, efficiency=eff, backend=backend,
+                  hbm_gbps=probe.read_gbps, scale_up_gbps=link, scale_out_gbps=link,
+                  gpus_per_node=1024, sms=1, price_per_hour=0.0, efficiency=eff, backend=backend,
                   compute_dtype="float32",
                   sources={"all": f"measured by planner.hardware.probe_cpu on {probe.cpu} ({probe.threads} threads, "
                                   f"{' '.join(probe.flags)})"})

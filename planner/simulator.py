@@ -289,6 +289,8 @@ class Simulator:
         a = BYTES[self.act]
         dispatch_msg = c.hidden_size * (1 + 4 / 128) if f.fp8_dispatch and self.w == "fp8" else c.hidden_size * a
         dedup = phase == "prefill"
+        if par.ep > 1:  # collectives ahead of the rows (pdserve's gloo path exchanges per-slot counts first)
+            ops.add("dispatch", "dispatch", (b.dispatch_collectives - 1) * self.eff.comm_latency_s)
         ops.add("dispatch", "dispatch", self.all_to_all(copies, tokens, dispatch_msg, skew, node_skew, dedup))
         ops.add("combine", "combine", self.all_to_all(copies, tokens, c.hidden_size * a, skew, node_skew, dedup))
         ops.skew = skew
