@@ -43,7 +43,8 @@ import urllib.request
 import yaml
 
 from engine.args import EngineArgs
-from planner.hardware import CollectiveProbe, CPUProbe, cpu_device, cpu_flags, cpu_model_name, probe_collectives, probe_cpu
+from planner.hardware import (CollectiveProbe, CPUProbe, cpu_device, cpu_flags, cpu_model_name, probe_collectives,
+                              probe_cpu)
 from planner.model_shape import ModelShape
 from planner.simulator import Features, Parallel, Simulator
 from planner.workload import Lengths, Load
@@ -63,7 +64,6 @@ def count_ops(model_dir: str, batch: int, input_len: int, threads: int) -> OpCou
     import torch
     from torch.overrides import TorchFunctionMode
 
-    from engine.args import EngineArgs
     from engine.engine import LLMEngine
     from engine.sampling_params import SamplingParams
 
@@ -353,9 +353,10 @@ def main(argv: list[str] | None = None) -> int:
     comm = probe_collectives(local.decode.gpus) if local.decode.gpus > 1 else None
     print(f"CPU: {cpu_model_name()}, {cores} cores, flags {' '.join(cpu_flags())}; mode {args.mode}: "
           f"decode {_layout(local.decode)}, prefill {_layout(local.prefill)}, {threads} thread(s) per rank")
-    print(f"engine: {', '.join(f'C={c}: {o.in_model_per_layer:.0f} torch calls/layer + {o.outside_model:.0f} outside' for c, o in ops.items())}"
-          f"; router popularity cv {cv:.2f}"
-          + (f"; gloo all_to_all {comm.latency_s * 1e6:.0f} us + {comm.gbps:.2f} GB/s ({comm.ranks} ranks)" if comm else ""))
+    counts = ", ".join(f"C={c}: {o.in_model_per_layer:.0f} torch calls/layer + {o.outside_model:.0f} outside"
+                       for c, o in ops.items())
+    gloo = f"; gloo all_to_all {comm.latency_s * 1e6:.0f} us + {comm.gbps:.2f} GB/s ({comm.ranks} ranks)" if comm else ""
+    print(f"engine: {counts}; router popularity cv {cv:.2f}{gloo}")
     report = {"mode": args.mode, "cpu": cpu_model_name(), "flags": cpu_flags(), "cores": cores,
               "ops": {c: dataclasses.asdict(o) for c, o in ops.items()}, "popularity_cv": cv,
               "collectives": dataclasses.asdict(comm) if comm else None, "levels": []}

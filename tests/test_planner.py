@@ -1,6 +1,6 @@
 """``planner/`` and ``pdserve plan``: the GEMM model against DeepGEMM's table, the simulator
 against DeepSeek's and SGLang's published figures (+-25%), the plan's SLOs and cheapness,
-monotonicity, the YAML through ``deploy.config.parse_config``, readable CLI errors, and the
+monotonicity, the YAML through ``deploy.config.load_deploy_config``, readable CLI errors, and the
 CPU check script on the tiny preset (prediction only).
 """
 
@@ -16,7 +16,6 @@ import subprocess
 import sys
 
 import pytest
-import yaml
 
 from deploy.config import load_deploy_config
 from planner import published
@@ -248,7 +247,7 @@ def v3_dir(tmp_path_factory):
     return str(d)
 
 
-def test_cli_plan_writes_yaml_that_parse_config_accepts(v3_dir, tmp_path, capsys):
+def test_cli_plan_writes_yaml_that_pdserve_up_accepts(v3_dir, tmp_path, capsys):
     out, png, js = tmp_path / "pools.yaml", tmp_path / "plan.png", tmp_path / "plan.json"
     rc = main(["plan", "--model", v3_dir, "--gpu", "H800", "--rate", "150", "--input-len", "3000:1",
                "--output-len", "800:1", "--cache-hit", "0.5", "--ttft-p99", "6", "--user-tok-s", "20",
