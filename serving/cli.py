@@ -17,6 +17,7 @@ SUBCOMMAND_MODULES = (
     "serving.commands.checkpoint",
     "serving.commands.bench",
     "serving.commands.up",
+    "serving.commands.plan",
 )
 
 
