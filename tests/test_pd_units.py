@@ -206,3 +206,27 @@ def test_status_and_down_without_a_deployment(tmp_path, capsys):
     assert main(["status", "--state-file", state]) == 2
     assert "no deployment recorded" in capsys.readouterr().err
     assert main(["down", "--state-file", state]) == 2
+
+
+def test_deepseek_v3_example_fits_deepseek_v3(tmp_path):
+    """deploy/examples/deepseek-v3.yaml against DeepSeek-V3's own config.json (planner/data): every
+    layout divides the model (heads over TP, vocab, 256 routed + redundant experts over EP), with
+    DeepSeek's experts per GPU, on the GPU counts the file states."""
+    import shutil
+
+    import yaml
+
+    from deploy.pool import Pool
+
+    model = tmp_path / "DeepSeek-V3"
+    model.mkdir()
+    shutil.copy(os.path.join(ROOT, "planner/data/deepseek-v3/config.json"), model / "config.json")
+    with open(os.path.join(ROOT, "deploy/examples/deepseek-v3.yaml")) as f:
+        raw = yaml.safe_load(f)
+    cfg = parse_config({**raw, "model": str(model)})  # expert divisibility is checked against the model here
+    for role in ("prefill", "decode"):
+        Pool.from_deploy(cfg, role).check_model()  # heads, vocab
+    pre, dec = cfg.pools["prefill"], cfg.pools["decode"]
+    slots = {role: 256 + p.parallel.num_redundant_experts for role, p in cfg.pools.items()}
+    assert slots["prefill"] // pre.parallel.ep == 9 and slots["decode"] // dec.parallel.ep == 1  # per GPU
+    assert pre.instances * pre.parallel.world == 128 and dec.instances * dec.parallel.world == 320  # GPUs
