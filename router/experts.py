@@ -108,6 +108,7 @@ class _Instance:
     placements: dict[int, np.ndarray]  # version -> phy2log [L, S] (0: start-up; the ones rolled out here)
     last: dict[str, tuple[float, ExpertCounts]] = dataclasses.field(default_factory=dict)  # leader -> report
     routed: np.ndarray | None = None  # [L] token copies observed, all time
+    unknown: set[int] = dataclasses.field(default_factory=set)  # placement versions reported but not known here
 
     @property
     def phy2log(self) -> np.ndarray:
@@ -153,10 +154,14 @@ class ExpertBalancer:
         restarted = prev[0] != load.started_at
         before = None if restarted else prev[1]
         logical = counts.logical - (0 if before is None else before.logical)
-        if counts.version >= 0 and counts.version != inst.window.version:
-            if counts.version in inst.placements:  # every layer of this replica switched
+        # the window follows a replica onto a newer placement (every layer switched), or back to the start-up
+        # one when it restarted; a report still made under the previous one is counted logically only
+        back_to_start = restarted and counts.version == 0 != inst.window.version
+        if counts.version >= 0 and (counts.version > inst.window.version or back_to_start):
+            if counts.version in inst.placements:
                 inst.window.set_placement(inst.placements[counts.version], counts.version)
-            else:  # a placement this router did not roll out (it restarted): count logical load only
+            elif counts.version not in inst.unknown:  # rolled out by an earlier router: count logical load only
+                inst.unknown.add(counts.version)
                 log.warning("%s reports placement %d, unknown here", worker.name, counts.version)
         if counts.version >= 0 and before is not None and before.version == counts.version:
             physical = counts.physical - before.physical
