@@ -32,7 +32,7 @@ def _prompts(vocab: int) -> list[list[int]]:
 
 
 def _rank_main(rank: int, layout_kw: dict, model: str, init: str, prompts, out_dir: str,
-               rollout: list[list[int]] | None = None) -> None:
+               rollout: list[list[int]] | None = None, device: str = "cpu") -> None:
     import json
 
     from engine.args import EngineArgs
@@ -43,8 +43,13 @@ def _rank_main(rank: int, layout_kw: dict, model: str, init: str, prompts, out_d
 
     layout = ParallelLayout(**layout_kw)
     spec = RankSpec(layout, rank, init, timeout_s=120)
-    groups = init_rank(spec, "cpu")
-    args = EngineArgs(model=model, **ENGINE)
+    if device == "cuda":  # one GPU per rank; the model's collectives go over NCCL
+        import torch
+
+        torch.cuda.set_device(rank)
+        device = f"cuda:{rank}"
+    groups = init_rank(spec, device)
+    args = EngineArgs(model=model, device=device, **ENGINE)
     if not spec.is_leader:
         follow(args, ModelConfig.from_dir(model), groups)
         return
@@ -88,13 +93,13 @@ def reference(tiny_checkpoint):
     return prompts, {f"r{i}": o.outputs[0].token_ids for i, o in enumerate(llm.generate(prompts, GREEDY))}
 
 
-def _run_layout(model: str, layout: dict, prompts, rollout=None) -> dict[int, dict]:
+def _run_layout(model: str, layout: dict, prompts, rollout=None, device: str = "cpu") -> dict[int, dict]:
     import json
 
     world = layout.get("tp", 1) * layout.get("dp", 1)
     with tempfile.TemporaryDirectory() as out:
         init = "file://" + os.path.join(out, "rendezvous")
-        mp.start_processes(_rank_main, args=(layout, model, init, prompts, out, rollout), nprocs=world,
+        mp.start_processes(_rank_main, args=(layout, model, init, prompts, out, rollout, device), nprocs=world,
                            start_method="spawn", join=True)
         results = {}
         for name in os.listdir(out):
@@ -150,3 +155,25 @@ def test_multirank_engine_greedy_equals_one_process(tiny_checkpoint, reference, 
             assert results[r]["version"] == 1 and results[r]["phy2log"] == new
             assert results[r]["layers_switched"] == len(new)
 
+
+
+def _gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+@pytest.mark.skipif(_gpus() < 2, reason="needs 2 CUDA devices (one per rank; NCCL)")
+@pytest.mark.parametrize("layout", [dict(tp=2, sp=True), dict(dp=2, ep=2, num_redundant_experts=2)],
+                         ids=["TP2+SP", "DP2+EP2+2red"])
+def test_multirank_engine_on_cuda_over_nccl(tiny_checkpoint, layout):
+    """The same engines with one GPU per rank: the model's groups use NCCL (``backend_for``), the control
+    and lock-step groups stay gloo; greedy tokens equal one GPU's, with a rollout switched mid-stream."""
+    llm = LLM(tiny_checkpoint, device="cuda:0", **ENGINE)
+    prompts = _prompts(llm.engine.config.vocab_size)
+    want = {f"r{i}": o.outputs[0].token_ids for i, o in enumerate(llm.generate(prompts, GREEDY))}
+    del llm
+    new = _moved_placement(tiny_checkpoint, layout)
+    results = _run_layout(tiny_checkpoint, layout, prompts, new, device="cuda")
+    assert {rid: t for r in results.values() for rid, t in r["tokens"].items()} == want
+    assert all(r["version"] == 1 for r in results.values())
