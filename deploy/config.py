@@ -4,7 +4,8 @@
     served_model_name: pdserve-mini     # optional
     engine: {dtype: bfloat16}           # EngineArgs fields for every pool (role is set per pool)
     ray: {address: null, num_cpus: 2, object_store_memory_mb: 512}
-    router: {host: 127.0.0.1, port: 8000, api_key: null, max_resumes: 2, ...RouterConfig fields}
+    router: {host: 127.0.0.1, port: 8000, grpc_port: null, api_key: null, max_resumes: 2, eplb: {...},
+             ...RouterConfig fields}
     pools:
       prefill:
         instances: 1                    # independent engine instances (each a pool unit)
@@ -72,7 +73,7 @@ class DeployConfig:
         return fields
 
 
-_ROUTER_KEYS = {"host", "port", "api_key", "max_body_bytes", "poll_wait_s", "prefill_timeout_s", "reserve_timeout_s",
+_ROUTER_KEYS = {"host", "port", "grpc_port", "api_key", "max_body_bytes", "poll_wait_s", "prefill_timeout_s", "reserve_timeout_s",
                 "collective_timeout_s",
                 "transfer_timeout_s", "stall_timeout_s", "health_interval_s", "health_timeout_s",
                 "max_prefill_retries", "max_resumes", "affinity_slack_tokens", "affinity_entries", "eplb"}

@@ -108,6 +108,7 @@ class PrefillResult:
     output: RequestOutput | None = None
     aborted: bool = False
     num_tokens: int = 0  # prompt positions computed or taken from the prefix cache
+    num_cached_tokens: int = 0  # of which taken from the prefill worker's prefix cache
     seconds: float = 0.0  # on the worker: accepted → done
     finished_at: float = 0.0  # time.time() on the worker when the prompt was done
 

@@ -228,7 +228,8 @@ class EngineWorker:
             self.queued_prompt_tokens -= queued
             self.loop.close(seq_id)
         return PrefillResult(handed_off=merged.handed_off, output=None if merged.handed_off else merged,
-                             num_tokens=queued, seconds=time.perf_counter() - t0, finished_at=time.time())
+                             num_tokens=queued, num_cached_tokens=merged.metrics.num_cached_tokens if merged.metrics
+                             else 0, seconds=time.perf_counter() - t0, finished_at=time.time())
 
     async def pull_kv(self, seq_id: str, cursor: int, wait_s: float) -> KVPull:
         """The pieces of ``seq_id`` from ``cursor`` on, waiting up to ``wait_s`` for news; the control

@@ -46,6 +46,7 @@ def build_router_app(client: PDClient, tokenizer, *, api_key: str | None = None,
     client.metrics.attach(metrics.registry)
     client.experts.attach(metrics.registry)
     app = build_app(client, tokenizer, api_key=api_key, max_body_bytes=max_body_bytes, metrics=metrics)
+    app.state.metrics = metrics  # the gRPC server beside it records into the same registry
 
     @app.get("/pools")
     async def pools() -> dict:

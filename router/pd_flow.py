@@ -223,6 +223,8 @@ class PDClient:
                     result = await self._prefill_and_transfer(seq_id, prompt, params, cont, slot, tried,
                                                               patient=bool(sent or failures or resumes))
                     metrics.scheduled_time = metrics.scheduled_time or time.time()
+                    if not sent:  # the user's prompt on its first prefill (a resume re-reads its own rows)
+                        metrics.num_cached_tokens = max(metrics.num_cached_tokens, result.num_cached_tokens)
                     if result.output is not None:  # the first token ended it: no decode
                         out = self._fix(result.output, request, index, metrics, first_leg=not sent)
                         outcome = "finished"

@@ -82,7 +82,7 @@ def test_engine_kv_bytes_and_mtp_layers(small_ckpt):
     assert len(runner.kv_caches) == layers
     assert all(c.dtype == torch.uint8 and c.shape == (8, 16, 328) for c in runner.kv_caches)
     assert runner.cache_bytes_per_token == layers * 328
-    plain = LLM(small_ckpt, num_kv_blocks=8, block_size=16).engine.runner
+    plain = LLM(small_ckpt, dtype="bfloat16", num_kv_blocks=8, block_size=16).engine.runner
     assert plain.cache_bytes_per_token == layers * 288 * 2
     with pytest.raises(ValueError, match="kv_cache_dtype"):
         EngineArgs(kv_cache_dtype="fp16")

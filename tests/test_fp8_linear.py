@@ -157,7 +157,7 @@ def test_llm_serves_fp8_checkpoint_in_fp8_by_default(small_pair):
     served = LLM(fp8, num_kv_blocks=16, block_size=16)
     assert served.engine.runner.model.layers[0].mlp.gate_proj.weight.dtype == FP8
     dequantized = LLM(fp8, num_kv_blocks=16, block_size=16, weights="dequantize")
-    assert dequantized.engine.runner.model.layers[0].mlp.gate_proj.weight.dtype == torch.bfloat16
+    assert dequantized.engine.runner.model.layers[0].mlp.gate_proj.weight.dtype == dequantized.engine.runner.dtype
     a = [o.outputs[0].token_ids for o in served.generate(prompts, params)]
     b = [o.outputs[0].token_ids for o in dequantized.generate(prompts, params)]
     assert a == b

@@ -119,10 +119,11 @@ def _idle():
 @in_netns
 def test_pdserve_up_status_down(tiny_checkpoint, tmp_path):
     """The CLI end to end (runs first, before this module starts its own Ray)."""
-    port = free_port()
+    port, grpc_port = free_port(), free_port()
     config = tmp_path / "pools.yaml"
     config.write_text(f"model: {tiny_checkpoint}\nengine: {{dtype: float32, num_kv_blocks: 64, block_size: 16}}\n"
-                      f"ray: {{num_cpus: 2, object_store_memory_mb: 100}}\nrouter: {{host: 127.0.0.1, port: {port}}}\n"
+                      f"ray: {{num_cpus: 2, object_store_memory_mb: 100}}\n"
+                      f"router: {{host: 127.0.0.1, port: {port}, grpc_port: {grpc_port}}}\n"
                       "pools:\n  prefill: {instances: 1}\n  decode: {instances: 1}\n")
     env = {**os.environ, "PDSERVE_STATE_DIR": str(tmp_path), "RAY_AUTH_MODE": "disabled"}
     cli = [sys.executable, "-m", "serving.cli"]
@@ -140,6 +141,12 @@ def test_pdserve_up_status_down(tiny_checkpoint, tmp_path):
         r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=30,
                        json={"model": "tiny", "prompt": "hello", "max_tokens": 4, "temperature": 0})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+        # the router serves the dev server's gRPC API too: the same greedy text
+        from serving.grpc_client import GrpcClient
+
+        with GrpcClient(f"127.0.0.1:{grpc_port}", timeout=60) as g:
+            msgs = list(g.generate("hello", max_tokens=4, temperature=0))
+        assert "".join(m.text for m in msgs) == r.json()["choices"][0]["text"] and msgs[-1].finish_reason
         down = subprocess.run([*cli, "down"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=90)
         assert down.returncode == 0, down.stderr
         assert up.wait(timeout=30) == 0
@@ -170,6 +177,13 @@ def test_greedy_identical_to_dev_server_streaming_and_not(router, reference):
     many = oai.completions.create(model=client.model_name, prompt=PROMPTS[0], max_tokens=24, temperature=0, n=2,
                                   extra_body={"ignore_eos": True})
     assert sorted(c.index for c in many.choices) == [0, 1] and all(c.text == want[0] for c in many.choices)
+    # a repeated prompt is served from the prefill worker's prefix cache (prefix affinity sends it back
+    # there), and the router reports it as OpenAI does
+    long = "The prefix cache keeps whole blocks of this prompt. " * 6
+    first, again = (oai.completions.create(model=client.model_name, prompt=long, max_tokens=4, temperature=0)
+                    for _ in range(2))
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert 16 <= again.usage.prompt_tokens_details.cached_tokens < again.usage.prompt_tokens
     # max_tokens 1: the prefill worker's first token ends the request, no decode
     one = oai.completions.create(model=client.model_name, prompt=PROMPTS[1], max_tokens=1, temperature=0)
     assert want[1].startswith(one.choices[0].text)

@@ -163,9 +163,18 @@ async def _serve_router(cfg: Any, pools: dict, tokenizer: Any, sock: Any, state_
         json.dump(state, f)
     ready = (f"pdserve: router at {url} serving {client.model_name} (OpenAI API under /v1; prefill: "
              f"{len(pools['prefill'].names)}, decode: {len(pools['decode'].names)} worker(s); Ray at {address})")
+    grpc_port = cfg.router.get("grpc_port")
+    grpc_server = None
+    if grpc_port is not None:  # the dev server's gRPC API, over the router's client
+        from serving.commands.serve import _start_grpc
+
+        grpc_server = await _start_grpc(client, tokenizer, app.state.metrics, cfg.router.get("host", "127.0.0.1"),
+                                        int(grpc_port))
     try:
         await run_uvicorn(app, sock, ns.log_level, 10.0, ready)  # the pools stop after the router
     finally:
+        if grpc_server is not None:
+            await grpc_server.stop(5.0)
         await client.shutdown()
         with contextlib.suppress(OSError):
             if _read_state(state_file, missing_ok=True).get("pid") == os.getpid():
