@@ -230,6 +230,8 @@ class EngineLoop:
                 command, future = self._inbox.get_nowait()
             except queue.Empty:
                 return True
+            if future is not None and not future.set_running_or_notify_cancel():
+                continue  # its caller gave up before it ran (e.g. an aborted transfer's LoadKV): skip it
             try:
                 result = command.apply(engine)
             except Exception as e:

@@ -206,3 +206,47 @@ def test_status_and_down_without_a_deployment(tmp_path, capsys):
     assert main(["status", "--state-file", state]) == 2
     assert "no deployment recorded" in capsys.readouterr().err
     assert main(["down", "--state-file", state]) == 2
+
+
+def test_engine_thread_skips_a_command_whose_caller_gave_up():
+    """A transfer aborted while its ``LoadKV`` waits must not fail the engine thread (InvalidStateError)."""
+    import threading
+
+    from engine.engine_loop import Command, EngineLoop
+
+    class Idle:
+        executor = type("X", (), {"needs_ticks": False, "busy_elsewhere": False, "tick_s": 0.1})()
+        sequences: dict = {}
+
+        def has_unfinished(self):
+            return False
+
+    gate, ran = threading.Event(), []
+
+    class Blocking(Command):
+        def apply(self, engine):
+            gate.wait(5)
+
+    class Mark(Command):
+        def __init__(self, tag):
+            self.tag = tag
+
+        def apply(self, engine):
+            ran.append(self.tag)
+            return self.tag
+
+    async def main():
+        loop = EngineLoop(Idle())
+        first = asyncio.ensure_future(loop.call(Blocking()))
+        await asyncio.sleep(0.05)
+        gone = asyncio.ensure_future(loop.call(Mark("gone")))
+        await asyncio.sleep(0.05)
+        gone.cancel()
+        await asyncio.sleep(0.05)  # the cancel reaches the engine's future
+        gate.set()
+        await first
+        assert await asyncio.wait_for(loop.call(Mark("next")), 5) == "next" and loop.alive
+        loop.stop()
+
+    asyncio.run(main())
+    assert ran == ["next"]
