@@ -82,10 +82,14 @@ class LoadKV(Command):
 
 @dataclasses.dataclass
 class Expire(Command):
-    """Give back KV reservations nobody used in time."""
+    """Give back KV reservations nobody used in time (but those in ``keep``: transfers are filling them)
+    and drop outbox rows nobody took in time (``KVConnector.expire``, ``KVOutbox.expire``)."""
+
+    keep: frozenset[str] = frozenset()
 
     def apply(self, engine: Any) -> None:
-        engine.connector.expire()
+        engine.connector.expire(self.keep)
+        engine.connector.outbox.expire()
 
 
 @dataclasses.dataclass

@@ -208,6 +208,45 @@ def test_status_and_down_without_a_deployment(tmp_path, capsys):
     assert main(["down", "--state-file", state]) == 2
 
 
+def test_lease_per_pool_default_from_the_router_and_checked():
+    from deploy.pool import Pool, default_lease_s
+
+    assert default_lease_s({}) == pytest.approx(3 * (0.25 + 10.0))
+    cfg = parse_config({**_cfg(decode={"lease_s": 4}), "router": {"poll_wait_s": 0.5, "stall_timeout_s": 2.0}})
+    assert Pool.from_deploy(cfg, "decode").lease_s == 4.0
+    assert Pool.from_deploy(cfg, "prefill").lease_s == pytest.approx(7.5)
+    with pytest.raises(DeployConfigError, match="pools.prefill.lease_s"):
+        parse_config(_cfg(prefill={"lease_s": 0}))
+
+
+def test_outbox_drops_rows_nobody_took_within_its_ttl(monkeypatch):
+    import engine.kv_connector as kvc
+
+    now = [100.0]
+    monkeypatch.setattr(kvc.time, "monotonic", lambda: now[0])
+    outbox = kvc.KVOutbox(ttl_s=5.0)
+    for seq in ("computing", "pulled", "orphan"):
+        outbox.open(seq)
+    rows = _piece(0).rows_bytes
+    outbox.put(KVPiece("pulled", 0, 0, rows, "bfloat16"))
+    outbox.put(KVPiece("orphan", 0, 0, rows, "bfloat16"))
+    now[0] += 4.0
+    outbox.take("pulled", 0)  # a live puller keeps it
+    now[0] += 4.0
+    assert outbox.expire() == ["orphan"]
+    assert "computing" in outbox and "pulled" in outbox and outbox.nbytes == rows.numel()
+
+
+def test_reservations_expire_but_those_a_transfer_fills():
+    from engine.kv_cache import KVCacheManager
+    from engine.kv_connector import KVConnector, KVOutbox
+
+    conn = KVConnector(KVCacheManager(num_blocks=8, block_size=4), KVOutbox(), reservation_ttl_s=-1.0)
+    assert conn.reserve("a", 4, 8) is not None and conn.reserve("b", 4, 8) is not None
+    conn.expire(keep={"b"})
+    assert set(conn.reservations) == {"b"}
+
+
 def test_engine_thread_skips_a_command_whose_caller_gave_up():
     """A transfer aborted while its ``LoadKV`` waits must not fail the engine thread (InvalidStateError)."""
     import threading
