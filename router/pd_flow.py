@@ -252,7 +252,8 @@ class PDClient:
                     # decoding
                     t3 = time.monotonic()
                     while True:
-                        out = await self.registry.call(leg.decode, leg.decode.handle.poll.remote(leg.id, cfg.poll_wait_s),
+                        decode = leg.decode
+                        out = await self.registry.call(decode, decode.handle.poll.remote(leg.id, cfg.poll_wait_s),
                                                        cfg.poll_wait_s + cfg.stall_timeout_s)
                         if out is None:
                             continue
