@@ -320,6 +320,7 @@ class PDClient:
         # within the decode worker's lease
         seq_id = leg.id
         prefill = await self._pick_prefill(seq_id, prompt + list(cont.output_token_ids), tried)
+        handle = prefill.handle  # the registry may drop it while we reserve; a dead one fails the call below
         decode = leg.decode = await self._reserve_decode(seq_id, kv_tokens, total, wait_s)
         leg.prefill = prefill
         m.stage.labels("queue").observe(time.monotonic() - t0)
@@ -331,7 +332,7 @@ class PDClient:
         try:
             try:
                 result: PrefillResult = await self.registry.call(
-                    prefill, prefill.handle.prefill.remote(seq_id, prompt, params, cont), cfg.prefill_timeout_s)
+                    prefill, handle.prefill.remote(seq_id, prompt, params, cont), cfg.prefill_timeout_s)
             except WorkerLost as e:
                 raise _Retry("prefill_lost", lost=e.worker) from None
             finally:
