@@ -13,6 +13,8 @@
         engine: {max_num_batched_tokens: 4096}   # per-pool EngineArgs overrides
         resources: {num_cpus: 0, cpu_affinity: [0]}
         max_restarts: 3
+        lease_s: 30                     # free what the router stopped touching (default:
+                                        # 3 × (router.poll_wait_s + router.stall_timeout_s))
       decode: {...}
 
 One instance of a pool is ``tp × dp`` ranks (attention TP groups × data-parallel
@@ -53,6 +55,7 @@ class PoolConfig:
     num_cpus: float = 0.0
     cpu_affinity: list[int] | None = None
     max_restarts: int = 3
+    lease_s: float | None = None  # None: deploy.pool.default_lease_s
 
 
 @dataclasses.dataclass
@@ -78,7 +81,7 @@ _ROUTER_KEYS = {"host", "port", "grpc_port", "api_key", "max_body_bytes", "poll_
                 "transfer_timeout_s", "stall_timeout_s", "health_interval_s", "health_timeout_s",
                 "max_prefill_retries", "max_resumes", "affinity_slack_tokens", "affinity_entries", "eplb"}
 _RAY_KEYS = {"address", "num_cpus", "object_store_memory_mb"}
-_POOL_KEYS = {"instances", "parallel", "engine", "resources", "max_restarts"}
+_POOL_KEYS = {"instances", "parallel", "engine", "resources", "max_restarts", "lease_s"}
 _PARALLEL_KEYS = {f.name for f in dataclasses.fields(ParallelLayout)}
 _ENGINE_KEYS = {f.name for f in dataclasses.fields(EngineArgs)} - {"model", "role", "served_model_name"}
 
@@ -164,9 +167,13 @@ def _pool(role: str, raw: Any) -> PoolConfig:
     if affinity is not None and (not isinstance(affinity, list) or not affinity
                                  or not all(isinstance(c, int) and c >= 0 for c in affinity)):
         raise DeployConfigError(f"{where}.resources.cpu_affinity: must be a non-empty list of CPU ids, got {affinity!r}")
+    lease = raw.get("lease_s")
+    if lease is not None and (not isinstance(lease, (int, float)) or isinstance(lease, bool) or lease <= 0):
+        raise DeployConfigError(f"{where}.lease_s: must be a number of seconds > 0, got {lease!r}")
     return PoolConfig(role=role, instances=instances, parallel=par, engine=engine, num_cpus=float(num_cpus),
                       cpu_affinity=affinity,
-                      max_restarts=_int(raw.get("max_restarts", 3), f"{where}.max_restarts", minimum=-1))
+                      max_restarts=_int(raw.get("max_restarts", 3), f"{where}.max_restarts", minimum=-1),
+                      lease_s=None if lease is None else float(lease))
 
 
 def _check_experts(cfg: DeployConfig) -> None:

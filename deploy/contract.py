@@ -15,7 +15,8 @@ a test checks it), in the order a request uses them:
   policies' input; it carries the replica's cumulative expert-load counts), ``abort(seq_id)``;
 * live expert rebalancing (``router.experts``), to every DP replica leader of an instance:
   ``stage_experts(version, phy2log)``, ``rollout_status() -> RolloutState`` until staged,
-  ``switch_experts(version)``, ``rollout_status()`` until installed; ``abort_rollout()``.
+  ``switch_experts(version)``, ``rollout_status()`` until installed; ``abort_rollout()``;
+* tests and chaos drills: ``set_faults(FaultInjection)``.
 """
 
 from __future__ import annotations
@@ -134,6 +135,23 @@ class KVPull:
     control: KVControl | None = None
 
 
+class LeaseExpired(KeyError):
+    """``poll``: the worker freed this sequence, its router had not polled it for ``lease_s``."""
+
+
+@dataclasses.dataclass
+class FaultInjection:
+    """Deliberate faults (``WorkerAPI.set_faults``), for tests and chaos drills; none by default.
+
+    ``pull_kv`` stall: for each of the next ``pull_stall_sequences`` sequences, the first call at a
+    cursor ≥ ``pull_stall_cursor`` (0: its first call, before the decode side got anything; 1: after
+    some pieces, mid-transfer) holds for ``pull_stall_s`` and then answers "nothing new"."""
+
+    pull_stall_s: float = 0.0
+    pull_stall_cursor: int = 0
+    pull_stall_sequences: int = 0
+
+
 class WorkerAPI(Protocol):
     """The remote methods of a worker actor (see the module docstring)."""
 
@@ -161,6 +179,8 @@ class WorkerAPI(Protocol):
     async def switch_experts(self, version: int) -> None: ...
 
     async def abort_rollout(self) -> None: ...
+
+    def set_faults(self, faults: FaultInjection) -> None: ...
 
 
 WORKER_METHODS = tuple(name for name in vars(WorkerAPI) if not name.startswith("_"))

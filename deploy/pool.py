@@ -15,6 +15,9 @@ a watchdog thread (``start_watchdog``) asks every rank for its ``rank_info`` and
 when one is dead or its engine thread failed (a peer died, a collective timed out),
 kills the whole instance and creates it again under the same names; the router's
 health loop finds the new incarnation.
+
+Every worker frees what its router stopped touching after ``lease_s`` (``deploy.worker``);
+a pool's ``lease_s`` defaults to ``default_lease_s(router config)``.
 """
 
 from __future__ import annotations
@@ -31,6 +34,15 @@ from deploy.worker import actor_classes
 log = logging.getLogger("pdserve.deploy")
 
 
+def default_lease_s(router: dict[str, Any]) -> float:
+    """Three times the longest a live router goes without touching a decoding sequence
+    (``poll_wait_s + stall_timeout_s``): ~31 s with the router's defaults."""
+    from router.pd_flow import RouterConfig
+
+    cfg = RouterConfig.from_dict(router)
+    return 3 * (cfg.poll_wait_s + cfg.stall_timeout_s)
+
+
 @dataclasses.dataclass
 class Instance:
     index: int
@@ -42,7 +54,7 @@ class Instance:
 class Pool:
     def __init__(self, config: PoolConfig, engine_args: dict[str, Any], transfer_timeout_s: float = 30.0,
                  prefill_timeout_s: float = 120.0, ready_timeout_s: float = 300.0,
-                 collective_timeout_s: float = 120.0):
+                 collective_timeout_s: float = 120.0, lease_s: float | None = None):
         self.config = config
         self.role = config.role
         self.engine_args = engine_args
@@ -50,6 +62,7 @@ class Pool:
         self.prefill_timeout_s = prefill_timeout_s
         self.ready_timeout_s = ready_timeout_s
         self.collective_timeout_s = collective_timeout_s
+        self.lease_s = lease_s if lease_s is not None else default_lease_s({})
         self.instances: dict[int, Instance] = {}
         self._watchdog: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -60,7 +73,8 @@ class Pool:
         r = cfg.router
         return cls(cfg.pools[role], cfg.engine_args(role), float(r.get("transfer_timeout_s", 30.0)),
                    float(r.get("prefill_timeout_s", 120.0)),
-                   collective_timeout_s=float(r.get("collective_timeout_s", 120.0)))
+                   collective_timeout_s=float(r.get("collective_timeout_s", 120.0)),
+                   lease_s=cfg.pools[role].lease_s or default_lease_s(r))
 
     @property
     def layout(self):
@@ -137,7 +151,7 @@ class Pool:
                 placement_group=pg, placement_group_bundle_index=bundle))
         return actor_classes()[self.role].options(**options).remote(
             name, self.engine_args, self.config.cpu_affinity, self.transfer_timeout_s, self.prefill_timeout_s,
-            parallel=parallel)
+            lease_s=self.lease_s, parallel=parallel)
 
     def _kill(self, index: int) -> None:
         """Make sure no actor of instance ``index`` is alive (a dead name may linger) and drop its group."""

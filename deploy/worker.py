@@ -14,13 +14,27 @@ message comes last. When the first token already ends the sequence (``max_tokens
 1, EOS, a stop string) the result carries the output and nothing is handed off.
 
 Decode side, per sequence, in order: ``reserve(seq_id, num_kv_tokens, total)``
-(blocks for the rows, room for the rest, before the prefill starts; given back after
-``reservation_ttl_s`` if never used) → ``start_decode(seq_id, source)`` (a
+(blocks for the rows, room for the rest, before the prefill starts) →
+``start_decode(seq_id, source)`` (a
 ``deploy.kv_transfer.Transfer`` pulling from the prefill worker named ``source``,
 writing each piece into the reserved blocks; on done the sequence joins the engine)
 → ``poll(seq_id, wait_s)`` until an output with ``finished`` (long polling: the deltas
 merged since the last poll, or None after ``wait_s``). ``abort(seq_id)`` ends a
 sequence in any of these stages on either role and frees its blocks and reservation.
+
+**The lease.** A router that dies (or loses a request without aborting it) must not leave
+blocks behind, so every worker frees, ``lease_s`` after the router last touched it: a
+reservation no ``start_decode`` took; a decoding sequence nobody polled (finished or
+not); outbox rows nobody pulled (prefill side; a sequence still computing with nothing
+out yet is left alone). A transfer in progress holds its reservation; it is bounded by
+its own timeouts. A sweep every ``lease_s / 4`` (at most 1 s) applies the lease, so
+whatever it frees is gone within ``lease_s`` plus that; a later ``poll`` of a sequence
+freed this way raises ``LeaseExpired`` (the worker is fine). The router touches its
+sequences far more often (a poll every ``poll_wait_s``), so the lease is a few times its
+``poll_wait_s + stall_timeout_s`` (``deploy.pool.default_lease_s``).
+
+``set_faults(FaultInjection)`` arms deliberate faults for tests and chaos drills
+(none by default): e.g. ``pull_kv`` holding back a sequence's rows for a while.
 
 After an actor restart the new incarnation knows none of the old sequences:
 ``start_decode`` returns a failed report (``no_reservation``), ``pull_kv`` and
@@ -31,19 +45,22 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import os
 import threading
 import time
 from typing import Any
 
-from deploy.contract import (NAMESPACE, KVPull, PrefillResult, RankInfo, TransferReport, WorkerInfo, WorkerLoad,
-                             instance_of)
+from deploy.contract import (NAMESPACE, FaultInjection, KVPull, LeaseExpired, PrefillResult, RankInfo, TransferReport,
+                             WorkerInfo, WorkerLoad, instance_of)
 from deploy.kv_transfer import ActorSource, Transfer, TransferFailed
 from engine.engine_loop import (ABORTED, AbortRollout, EngineLoop, Expire, LoadKV, ReadExpertCounts, ReserveKV,
                                 RolloutStatus, StageExperts, SwitchExperts)
 from engine.expert_load import RolloutState
 from engine.outputs import RequestOutput
 from engine.sampling_params import Continuation, SamplingParams
+
+log = logging.getLogger("pdserve.deploy")
 
 
 @dataclasses.dataclass
@@ -53,15 +70,17 @@ class _Decoding:
     queue: asyncio.Queue
     pending: RequestOutput | None = None
     finished: bool = False
+    touched: float = dataclasses.field(default_factory=time.monotonic)  # the router's last poll (the lease)
 
 
 class EngineWorker:
     def __init__(self, name: str, engine_args: dict[str, Any], cpu_affinity: list[int] | None = None,
                  transfer_timeout_s: float = 30.0, prefill_timeout_s: float = 120.0,
-                 reservation_ttl_s: float = 120.0, parallel: dict[str, Any] | None = None):
-        """``parallel``: this actor is rank ``parallel["rank"]`` of a multi-rank instance of layout
-        ``parallel["layout"]`` (ParallelLayout fields); it builds its engine (leader) or follower loop in
-        ``setup(init_method)``, once every rank of the instance exists. None: one rank, built now."""
+                 lease_s: float = 120.0, parallel: dict[str, Any] | None = None):
+        """``lease_s``: see the module docstring. ``parallel``: this actor is rank ``parallel["rank"]`` of a
+        multi-rank instance of layout ``parallel["layout"]`` (ParallelLayout fields); it builds its engine
+        (leader) or follower loop in ``setup(init_method)``, once every rank of the instance exists. None:
+        one rank, built now."""
         if cpu_affinity:
             os.sched_setaffinity(0, cpu_affinity)
         import torch
@@ -77,7 +96,7 @@ class EngineWorker:
         if self.role not in ("prefill", "decode"):
             raise ValueError(f"role: a worker runs role 'prefill' or 'decode', got {self.role!r}")
         self.parallel = parallel
-        self.reservation_ttl_s = reservation_ttl_s
+        self.lease_s = lease_s
         self.engine = self.loop = None
         self._follower: threading.Thread | None = None
         self._follower_error: BaseException | None = None
@@ -95,6 +114,10 @@ class EngineWorker:
         self.transfers_failed = 0
         self._counts_read = None  # the engine thread's pending read of the expert counts (load())
         self._expert_counts = None
+        self.faults = FaultInjection()
+        self._stalled: set[str] = set()  # sequences whose pull_kv stall was served (at most the armed count)
+        self._sweeper: asyncio.Task | None = None
+        self._lapsed: dict[str, None] = {}  # the latest sequences the lease freed (poll says so: LeaseExpired)
 
     def _build_engine(self, groups: Any) -> None:
         from engine.engine import LLMEngine
@@ -105,7 +128,8 @@ class EngineWorker:
             from engine.multirank import MultiRankExecutor
 
             self.engine = LLMEngine(self.args, lambda a, cfg, outbox: MultiRankExecutor(a, cfg, outbox, groups))
-        self.engine.connector.reservation_ttl_s = self.reservation_ttl_s
+        self.engine.connector.reservation_ttl_s = self.lease_s
+        self.engine.connector.outbox.ttl_s = self.lease_s
         self.loop = EngineLoop(self.engine)
 
     # ---- a rank of a multi-rank instance --------------------------------------------------
@@ -179,11 +203,11 @@ class EngineWorker:
 
     async def load(self) -> WorkerLoad:
         """Answers at once, also while a long step runs (a health probe must not wait for a 4k-token
-        prefill): housekeeping is queued for the engine thread, and the expert counts are the ones
-        it read for the previous probe (cumulative, so a late read loses nothing)."""
+        prefill): the lease sweep runs on its own timer, and the expert counts are the ones the engine
+        thread read for the previous probe (cumulative, so a late read loses nothing)."""
         self.loop.ensure_started()
+        self._ensure_sweeper()
         if self.loop.alive:
-            self.loop.post(Expire())
             read = self._counts_read
             if read is not None and read.done() and read.exception() is None:
                 self._expert_counts = read.result()
@@ -205,6 +229,7 @@ class EngineWorker:
         """Prompt → first token; the rows leave through ``pull_kv`` (see the module docstring)."""
         self._require("prefill")
         self._watch_outbox()
+        self._ensure_sweeper()
         t0 = time.perf_counter()
         q = self.loop.open(seq_id)
         queued = len(prompt) + len(continuation.output_token_ids)
@@ -237,6 +262,8 @@ class EngineWorker:
         side's pending timeout and the router's own view of the prefill bound the wait."""
         self._require("prefill")
         self._watch_outbox()
+        if await self._stall_pull(seq_id, cursor):
+            return KVPull([], None)
         outbox = self.engine.connector.outbox
         deadline = time.monotonic() + wait_s
         while True:
@@ -256,6 +283,16 @@ class EngineWorker:
             except asyncio.TimeoutError:
                 pass
 
+    async def _stall_pull(self, seq_id: str, cursor: int) -> bool:
+        """The armed ``pull_kv`` stall (``FaultInjection``), once per sequence; True if it was served."""
+        f = self.faults
+        if f.pull_stall_sequences <= 0 or cursor < f.pull_stall_cursor or seq_id in self._stalled:
+            return False
+        f.pull_stall_sequences -= 1
+        self._stalled.add(seq_id)
+        await asyncio.sleep(f.pull_stall_s)
+        return True
+
     def _watch_outbox(self) -> None:
         """Wake ``pull_kv`` waiters from the engine thread when their sequence's outbox changes."""
         loop = asyncio.get_running_loop()
@@ -274,6 +311,7 @@ class EngineWorker:
     async def reserve(self, seq_id: str, num_kv_tokens: int, num_total_tokens: int) -> bool:
         """Blocks for the ``num_kv_tokens`` rows to come and room up to ``num_total_tokens``; False if full."""
         self._require("decode")
+        self._ensure_sweeper()
         return await self.loop.call(ReserveKV(seq_id, num_kv_tokens, num_total_tokens)) is not None
 
     async def start_decode(self, seq_id: str, source: str) -> TransferReport:
@@ -322,8 +360,10 @@ class EngineWorker:
         """The deltas merged since the last poll (None if none within ``wait_s``); KeyError if unknown."""
         state = self.decoding.get(seq_id)
         if state is None:
+            if seq_id in self._lapsed:
+                raise LeaseExpired(f"{self.name}: request {seq_id!r} was not polled for {self.lease_s:g} s")
             raise KeyError(f"{self.name}: request {seq_id!r} is not decoding here")
-        deadline = time.monotonic() + wait_s
+        state.touched = deadline = time.monotonic() + wait_s  # a poll in progress holds the lease
         while True:
             try:  # take everything already delivered without waiting
                 while True:
@@ -340,6 +380,7 @@ class EngineWorker:
             except asyncio.TimeoutError:
                 return None
         out, state.pending = state.pending, None
+        state.touched = time.monotonic()
         if state.finished:
             self.decoding.pop(seq_id, None)
             self.loop.close(seq_id)
@@ -365,6 +406,31 @@ class EngineWorker:
             transfer.cancel()
         self.loop.abort(seq_id)
 
+    # ---- the lease (see the module docstring) -----------------------------------------------
+    def _ensure_sweeper(self) -> None:
+        if self._sweeper is None or self._sweeper.done():
+            self._sweeper = asyncio.ensure_future(self._sweep_forever())
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(min(self.lease_s / 4, 1.0))
+            if self.loop is not None and self.loop.alive:
+                try:
+                    await self._sweep()
+                except Exception:  # the engine failed: load() reports it, the router takes this worker out
+                    log.exception("%s: lease sweep failed", self.name)
+
+    async def _sweep(self) -> None:
+        """Free what the lease has run out on: decoding sequences nobody polls, then (on the engine
+        thread) reservations no transfer took and outbox rows nobody pulled."""
+        now = time.monotonic()
+        for seq_id in [s for s, d in self.decoding.items() if now - d.touched > self.lease_s]:
+            self.abort(seq_id)
+            self._lapsed[seq_id] = None
+            if len(self._lapsed) > 1024:
+                del self._lapsed[next(iter(self._lapsed))]
+        await self.loop.call(Expire(frozenset(self._transfers)))
+
     # ---- live expert rebalancing (router.experts) -------------------------------------------
     async def stage_experts(self, version: int, phy2log: list[list[int]]) -> None:
         """Start reading placement ``version``'s expert weights on every rank of this DP replica."""
@@ -380,6 +446,11 @@ class EngineWorker:
 
     async def abort_rollout(self) -> None:
         await self.loop.call(AbortRollout())
+
+    # ---- fault injection (tests, chaos drills) ----------------------------------------------
+    def set_faults(self, faults: FaultInjection) -> None:
+        self.faults = faults
+        self._stalled.clear()
 
     def _require(self, role: str) -> None:
         if self.role != role:

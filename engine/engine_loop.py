@@ -82,10 +82,14 @@ class LoadKV(Command):
 
 @dataclasses.dataclass
 class Expire(Command):
-    """Give back KV reservations nobody used in time."""
+    """Give back KV reservations nobody used in time (but those in ``keep``: transfers are filling them)
+    and drop outbox rows nobody took in time (``KVConnector.expire``, ``KVOutbox.expire``)."""
+
+    keep: frozenset[str] = frozenset()
 
     def apply(self, engine: Any) -> None:
-        engine.connector.expire()
+        engine.connector.expire(self.keep)
+        engine.connector.outbox.expire()
 
 
 @dataclasses.dataclass
@@ -238,6 +242,8 @@ class EngineLoop:
                 command, future = self._inbox.get_nowait()
             except queue.Empty:
                 return True
+            if future is not None and not future.set_running_or_notify_cancel():
+                continue  # its caller gave up before it ran (e.g. an aborted transfer's LoadKV): skip it
             try:
                 result = command.apply(engine)
             except Exception as e:

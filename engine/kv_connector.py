@@ -95,7 +95,7 @@ class KVPayload:
 class _Outgoing:
     pieces: list[KVPiece] = dataclasses.field(default_factory=list)
     control: KVControl | None = None
-    created: float = dataclasses.field(default_factory=time.monotonic)
+    touched: float = dataclasses.field(default_factory=time.monotonic)  # the last put, finish or take
 
 
 class KVOutbox:
@@ -104,7 +104,9 @@ class KVOutbox:
     The engine thread puts; a transport takes (``take(seq_id, cursor)``: the pieces from
     ``cursor`` on and the control once it is there). ``notify(seq_id)`` (set by the owner,
     e.g. to wake an asyncio waiter) is called after every change. A sequence is dropped when
-    its control was taken, when it is aborted, or ``ttl_s`` after it was opened.
+    its control was taken, when it is aborted, or by ``expire()`` once it holds rows or its
+    control and nobody has put or taken anything for ``ttl_s`` (its decode side is gone: the
+    lease of ``deploy.worker``). A sequence still computing with nothing out yet never expires.
     """
 
     def __init__(self, ttl_s: float = 300.0):
@@ -115,7 +117,6 @@ class KVOutbox:
 
     def open(self, seq_id: str) -> None:
         with self._lock:
-            self._expire()
             self._seqs[seq_id] = _Outgoing()
 
     def put(self, piece: KVPiece) -> None:
@@ -124,6 +125,7 @@ class KVOutbox:
             if out is None:  # aborted meanwhile
                 return
             out.pieces.append(piece)
+            out.touched = time.monotonic()
         self.notify(piece.seq_id)
 
     def finish(self, control: KVControl) -> None:
@@ -132,6 +134,7 @@ class KVOutbox:
             if out is None:
                 return
             out.control = control
+            out.touched = time.monotonic()
         self.notify(control.seq_id)
 
     def take(self, seq_id: str, cursor: int) -> tuple[list[KVPiece], KVControl | None]:
@@ -139,6 +142,7 @@ class KVOutbox:
         sequence is dropped). KeyError when the sequence is unknown (never opened, aborted, expired)."""
         with self._lock:
             out = self._seqs[seq_id]
+            out.touched = time.monotonic()
             pieces = out.pieces[cursor:]
             if out.control is not None:
                 del self._seqs[seq_id]
@@ -158,10 +162,15 @@ class KVOutbox:
         with self._lock:
             return sum(p.nbytes for out in self._seqs.values() for p in out.pieces)
 
-    def _expire(self) -> None:
+    def expire(self) -> list[str]:
+        """Drop the sequences whose rows nobody took for ``ttl_s``; their ids."""
         now = time.monotonic()
-        for seq_id in [s for s, out in self._seqs.items() if now - out.created > self.ttl_s]:
-            del self._seqs[seq_id]
+        with self._lock:
+            gone = [s for s, out in self._seqs.items()
+                    if (out.pieces or out.control is not None) and now - out.touched > self.ttl_s]
+            for seq_id in gone:
+                del self._seqs[seq_id]
+        return gone
 
 
 # ---- decode side: what arrives ----------------------------------------------------------------
@@ -194,7 +203,6 @@ class KVConnector:
     def reserve(self, seq_id: str, num_kv_tokens: int, num_total_tokens: int) -> list[int] | None:
         """Blocks for ``num_kv_tokens`` incoming rows (their ids) and room held for the rest of
         ``num_total_tokens``; None when the cache cannot hold them now."""
-        self.expire()
         if seq_id in self.reservations or seq_id in self.kv.tables:
             raise ValueError(f"request_id: {seq_id!r} already holds KV here")
         held = self.num_reserved_blocks
@@ -224,9 +232,10 @@ class KVConnector:
         if self.reservations.pop(seq_id, None) is not None:
             self.kv.free(seq_id)
 
-    def expire(self) -> None:
+    def expire(self, keep: frozenset[str] | set[str] = frozenset()) -> None:
+        """Give back the reservations past their expiry, but those in ``keep`` (a transfer is filling them)."""
         now = time.monotonic()
-        for seq_id in [s for s, r in self.reservations.items() if r.expires < now]:
+        for seq_id in [s for s, r in self.reservations.items() if r.expires < now and s not in keep]:
             self.release(seq_id)
 
 

@@ -4,13 +4,15 @@ States of a sequence, in order (the router is the single owner)::
 
     queued → prefilling (+ transferring) → decoding → finished | aborted | failed
 
-* **queued**: pick a decode worker (``Policy.decode_order``: least KV in use + running)
-  and *reserve* its capacity first (``reserve``: blocks for the rows to come, room up
-  to prompt + max tokens), so decode never runs out of blocks for a sequence already
-  prefilled. No worker in rotation → ``EngineError`` at once (HTTP 503); every
-  reservation refused → ``EngineOverloaded`` (429).
-* **prefilling**: pick a prefill worker (``Policy.pick_prefill``: least queued prompt
-  tokens, prefix affinity) and call ``prefill``; at the same time the decode worker's
+* **queued**: pick a prefill worker (``Policy.pick_prefill``: least queued prompt
+  tokens, prefix affinity; see below when none is in rotation), then a decode worker
+  (``Policy.decode_order``: least KV in use + running) and *reserve* its capacity before
+  the prefill starts (``reserve``: blocks for the rows to come, room up to prompt + max
+  tokens), so decode never runs out of blocks for a sequence already prefilled; the
+  reservation is used at once, well within the decode worker's lease. No decode worker in
+  rotation → ``EngineError`` at once (HTTP 503); every reservation refused →
+  ``EngineOverloaded`` (429).
+* **prefilling**: call ``prefill`` on the prefill worker; at the same time the decode worker's
   ``start_decode(seq, source=<prefill worker>)`` pulls the latent rows as the prefill
   worker puts them out (``deploy.kv_transfer``: all at once, or layer by layer while
   it computes) and joins the sequence to its engine after the control message. When
@@ -24,13 +26,17 @@ States of a sequence, in order (the router is the single owner)::
   that dies or stalls (no poll answer in ``poll_wait_s + stall_timeout_s``) leaves
   rotation; the sequence *resumes* on another pair with a ``Continuation`` (the
   tokens already streamed, beside the unchanged ``SamplingParams``), up to
-  ``max_resumes``; then one clean ``EngineError``. A resume or a retry waits (up to
+  ``max_resumes``; then one clean ``EngineError``. A worker that freed the sequence
+  because its lease ran out (``LeaseExpired``: not polled for ``lease_s``) stays in rotation;
+  the sequence resumes the same way. A resume or a retry waits (up to
   ``prefill_timeout_s``) for a decode worker when none is in rotation — e.g. while the
   only decode instance, a multi-rank one that lost a rank, is being re-created. Greedy and seeded-sampled output
   is unchanged by a resume (seeded sampling depends on seed, index and position only).
 * Every exit (finished, client gone → ``abort``/``aclose``, error) sends ``abort`` to
   the workers that may still hold the sequence (blocks, reservation, outbox) and is
-  counted in ``RouterMetrics``.
+  counted in ``RouterMetrics``. Each retry or resume is a new *leg* with an id of its own
+  on the workers (``<seq>@<attempt>``), so rows or an abort of an earlier leg still in
+  flight never meet it.
 
 ``n > 1`` fans out here: n sequences ``<id>#i``, each continuing completion index i
 (so its seed is ``sequence_seed(seed, i)``, as one engine would use), merged into one
@@ -79,6 +85,21 @@ class RouterConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
+@dataclasses.dataclass
+class _Leg:
+    """One attempt of a sequence on the workers: its id there — fresh for every retry or resume, so
+    nothing an earlier attempt left in flight (rows in an outbox, an abort on its way) is taken for
+    this one's — and the workers that may hold it."""
+
+    id: str
+    prefill: Worker | None = None
+    decode: Worker | None = None
+
+    def abort(self, registry: WorkerRegistry) -> None:
+        for w in (self.prefill, self.decode):
+            registry.abort_on(w, self.id)
+
+
 class _Retry(Exception):
     """This attempt failed before decoding started; reserve and prefill again."""
 
@@ -104,7 +125,7 @@ class PDClient:
         self.max_model_len = 0
         self.pool_max_model_len: dict[str, int] = {}
         self.eos_token_ids: list[int] = []
-        self._active: dict[str, dict[str, list[Worker | None]]] = {}  # user rid -> seq rid -> [prefill, decode]
+        self._active: dict[str, dict[str, _Leg]] = {}  # user rid -> seq rid -> its current leg
 
     # ---- lifecycle -------------------------------------------------------------------
     async def start(self) -> None:
@@ -134,9 +155,8 @@ class PDClient:
         await self.experts.stop()
         await self.registry.stop()
         for seqs in list(self._active.values()):
-            for seq_id, slot in seqs.items():
-                for w in slot:
-                    self.registry.abort_on(w, seq_id)
+            for leg in seqs.values():
+                leg.abort(self.registry)
 
     # ---- EngineClient ----------------------------------------------------------------
     async def health(self) -> bool:
@@ -156,9 +176,8 @@ class PDClient:
         return s
 
     async def abort(self, request_id: str) -> None:
-        for seq_id, slot in list(self._active.get(request_id, {}).items()):
-            for w in slot:
-                self.registry.abort_on(w, seq_id)
+        for leg in list(self._active.get(request_id, {}).values()):
+            leg.abort(self.registry)
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[RequestOutput]:
         if self.policy is None:
@@ -211,16 +230,18 @@ class PDClient:
         arrival = time.monotonic()
         sent: list[int] = []
         cumulative = 0.0
-        slot: list[Worker | None] = [None, None]  # the workers that may hold this sequence: [prefill, decode]
-        self._active[request.request_id][seq_id] = slot
+        leg = _Leg(seq_id)
+        self._active[request.request_id][seq_id] = leg
         tried: set[tuple[str, float]] = set()  # prefill incarnations that failed this sequence
         failures = resumes = 0
         outcome = "aborted"
         try:
             while True:
                 cont = Continuation(index, tuple(sent), cumulative)
+                attempt = failures + resumes
+                leg.id = f"{seq_id}@{attempt}" if attempt else seq_id
                 try:
-                    result = await self._prefill_and_transfer(seq_id, prompt, params, cont, slot, tried,
+                    result = await self._prefill_and_transfer(leg, prompt, params, cont, tried,
                                                               patient=bool(sent or failures or resumes))
                     metrics.scheduled_time = metrics.scheduled_time or time.time()
                     if not sent:  # the user's prompt on its first prefill (a resume re-reads its own rows)
@@ -233,7 +254,8 @@ class PDClient:
                     # decoding
                     t3 = time.monotonic()
                     while True:
-                        out = await self.registry.call(slot[1], slot[1].handle.poll.remote(seq_id, cfg.poll_wait_s),
+                        decode = leg.decode
+                        out = await self.registry.call(decode, decode.handle.poll.remote(leg.id, cfg.poll_wait_s),
                                                        cfg.poll_wait_s + cfg.stall_timeout_s)
                         if out is None:
                             continue
@@ -244,14 +266,13 @@ class PDClient:
                         if out.finished:
                             m.stage.labels("decode").observe(time.monotonic() - t3)
                             outcome = "finished"
-                            slot[1] = None
+                            leg.decode = None
                             yield out
                             return
                         yield out
                 except _Retry as e:
-                    for w in slot:
-                        self.registry.abort_on(w, seq_id)
-                    slot[0] = slot[1] = None
+                    leg.abort(self.registry)
+                    leg.prefill = leg.decode = None
                     if e.lost is not None:
                         self.registry.mark_down(e.lost, e.cause)
                         tried.add(e.lost.incarnation)
@@ -263,31 +284,30 @@ class PDClient:
                                           f"(last: {e.cause})") from None
                     m.retries.labels(e.cause).inc()
                     log.warning("%s: %s; trying again (%d/%d)", seq_id, e, failures, cfg.max_prefill_retries)
-                except WorkerLost as e:  # the decode worker, while decoding
-                    self.registry.mark_down(e.worker, str(e))
-                    self.registry.abort_on(e.worker, seq_id)
-                    slot[1] = None
+                except WorkerLost as e:  # the decode worker, while decoding (or its lease on the sequence ran out)
+                    if not e.lease_expired:
+                        self.registry.mark_down(e.worker, str(e))
+                    self.registry.abort_on(e.worker, leg.id)
+                    leg.decode = None
                     resumes += 1
                     if resumes > cfg.max_resumes:
                         m.failures.labels("resumes_exhausted").inc()
                         outcome = "failed"
                         raise EngineError(f"{seq_id}: decode failed {resumes} times; last: {e}") from None
-                    m.retries.labels("decode_lost").inc()
+                    m.retries.labels("lease_expired" if e.lease_expired else "decode_lost").inc()
                     log.warning("%s: %s; resuming after %d tokens", seq_id, e, len(sent))
         except (EngineError, ValueError):
             outcome = "failed"
             raise
         finally:
             if outcome != "finished":
-                for w in slot:
-                    self.registry.abort_on(w, seq_id)
+                leg.abort(self.registry)
             m.requests.labels(outcome).inc()
             log.debug("%s %s in %.3f s (%d tokens, %d resumes)", seq_id, outcome, time.monotonic() - arrival,
                       len(sent), resumes)
 
-    async def _prefill_and_transfer(self, seq_id: str, prompt: list[int], params: SamplingParams,
-                                    cont: Continuation, slot: list[Worker | None],
-                                    tried: set[tuple[str, float]], patient: bool) -> PrefillResult:
+    async def _prefill_and_transfer(self, leg: _Leg, prompt: list[int], params: SamplingParams,
+                                    cont: Continuation, tried: set[tuple[str, float]], patient: bool) -> PrefillResult:
         """queued → prefilling (+ the decode worker pulling the rows) → running on the decode worker.
 
         Returns the prefill's result: ``output`` set when the first token ended the sequence.
@@ -298,8 +318,13 @@ class PDClient:
         total = len(prompt) + max_new_tokens(params.max_tokens, len(prompt), self.max_model_len)
         t0 = time.monotonic()
         wait_s = cfg.prefill_timeout_s if patient else 0.0
-        decode = slot[1] = await self._reserve_decode(seq_id, kv_tokens, total, wait_s)
-        prefill = slot[0] = await self._pick_prefill(seq_id, prompt + list(cont.output_token_ids), tried)
+        # the prefill worker first (it may take a wait): the reservation is then used at once, well
+        # within the decode worker's lease
+        seq_id = leg.id
+        prefill = await self._pick_prefill(seq_id, prompt + list(cont.output_token_ids), tried)
+        handle = prefill.handle  # the registry may drop it while we reserve; a dead one fails the call below
+        decode = leg.decode = await self._reserve_decode(seq_id, kv_tokens, total, wait_s)
+        leg.prefill = prefill
         m.stage.labels("queue").observe(time.monotonic() - t0)
         t1 = time.monotonic()
         prefill.load.queued_prompt_tokens += kv_tokens
@@ -309,7 +334,7 @@ class PDClient:
         try:
             try:
                 result: PrefillResult = await self.registry.call(
-                    prefill, prefill.handle.prefill.remote(seq_id, prompt, params, cont), cfg.prefill_timeout_s)
+                    prefill, handle.prefill.remote(seq_id, prompt, params, cont), cfg.prefill_timeout_s)
             except WorkerLost as e:
                 raise _Retry("prefill_lost", lost=e.worker) from None
             finally:
@@ -320,16 +345,17 @@ class PDClient:
             m.stage.labels("prefill").observe(time.monotonic() - t1)
             if not result.handed_off:  # finished by its first token: release the decode side
                 self.registry.abort_on(decode, seq_id)
-                slot[:] = [None, None]
+                leg.prefill = leg.decode = None
                 return result
-            try:  # until the decode side has taken the control message, the prefill outbox holds the rows
+            try:  # until the decode side took the rows, the prefill side's outbox holds them (a retry drops them)
                 report: TransferReport = await pulling
             except WorkerLost as e:
                 raise _Retry("decode_lost", lost=e.worker) from None
             if report.state != "done":
                 log.warning("%s: KV hand-off %s -> %s failed: %s", seq_id, prefill.name, decode.name, report.message)
-                raise _Retry(f"transfer_{report.cause}")
-            slot[0] = None  # the prefill side holds nothing once its control message is out
+                # "lost": the prefill worker's pull_kv failed (it died): out of rotation, like a lost prefill
+                raise _Retry(f"transfer_{report.cause}", lost=prefill if report.cause == "lost" else None)
+            leg.prefill = None  # the prefill side holds nothing once its control message is out
             m.stage.labels("handoff").observe(max(report.done_at - result.finished_at, 0.0))
             m.transfer_bytes.inc(report.nbytes)
             m.transfer_seconds.observe(report.seconds)
@@ -379,6 +405,10 @@ class PDClient:
                     w.load.num_running -= 1
                     self.registry.mark_down(w, str(e))
                     continue
+                except asyncio.CancelledError:  # the client left: the reservation may have been taken
+                    w.load.num_running -= 1
+                    self.registry.abort_on(w, seq_id)
+                    raise
                 if ok:
                     return w
                 w.load.num_running -= 1

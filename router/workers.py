@@ -21,7 +21,7 @@ import functools
 import logging
 from typing import Any, Awaitable, Callable
 
-from deploy.contract import NAMESPACE, ROLES, WorkerInfo, WorkerLoad
+from deploy.contract import NAMESPACE, ROLES, LeaseExpired, WorkerInfo, WorkerLoad
 
 log = logging.getLogger("pdserve.router")
 
@@ -46,11 +46,13 @@ class Worker:
 
 
 class WorkerLost(Exception):
-    """A worker died, restarted or stopped answering during a call."""
+    """A worker died, restarted or stopped answering during a call; or (``lease_expired``) it is fine
+    but freed the sequence, which its router had not polled for its lease."""
 
-    def __init__(self, worker: Worker, cause: str):
+    def __init__(self, worker: Worker, cause: str, lease_expired: bool = False):
         super().__init__(f"{worker.name}: {cause}")
         self.worker = worker
+        self.lease_expired = lease_expired
 
 
 class WorkerRegistry:
@@ -164,6 +166,8 @@ class WorkerRegistry:
             cause = e.cause if e.cause is not None else e
             if isinstance(cause, ValueError):  # the engine rejected the request (a 400 for the client)
                 raise cause from None
+            if isinstance(cause, LeaseExpired):
+                raise WorkerLost(w, str(cause), lease_expired=True) from None
             raise WorkerLost(w, f"{type(cause).__name__}: {cause}") from None
         except rex.RayError as e:  # actor died / unavailable, object lost
             raise WorkerLost(w, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None

@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from netns import ROOT, free_port, in_netns, ray_pools, rerun_in_private_netns
+from pd_helpers import held, make_reference, metric, openai_client, stream_text, wait, worker_loads
 
 
 
@@ -53,67 +54,14 @@ def router(cluster, tiny_checkpoint):
 
 @pytest.fixture(scope="module")
 def reference(tiny_checkpoint):
-    """What the dev server's engine produces (LLM.generate), greedy."""
-    from engine import LLM, SamplingParams
-
-    llm = LLM(tiny_checkpoint, dtype="float32", num_kv_blocks=128, block_size=16)
-
-    def run(prompts, max_tokens, **sampling):
-        params = SamplingParams(**{"temperature": 0, "max_tokens": max_tokens, "ignore_eos": True, **sampling})
-        return [o.outputs[0].text for o in llm.generate(prompts, params)]
-
-    return run
+    return make_reference(tiny_checkpoint)
 
 
-def _openai(url):
-    import openai
-
-    return openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
-
-
-def _stream_text(client, model, prompt, max_tokens, on_chunk=None, **sampling):
-    text = ""
-    temperature = sampling.pop("temperature", 0)
-    for i, chunk in enumerate(client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens,
-                                                        temperature=temperature, stream=True,
-                                                        extra_body={"ignore_eos": True, **sampling})):
-        if chunk.choices:
-            text += chunk.choices[0].text
-        if on_chunk is not None:
-            on_chunk(i)
-    return text
-
-
-def _metric(url, name):
-    total = 0.0
-    for line in httpx.get(url + "/metrics").text.splitlines():
-        if line.startswith(name) and not line.startswith("#"):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
-def _wait(cond, timeout=30.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def _worker_loads():
-    import ray
-
-    from deploy.contract import NAMESPACE
-
-    names = ["prefill-0", "prefill-1", "decode-0", "decode-1"]
-    return {n: ray.get(ray.get_actor(n, namespace=NAMESPACE).load.remote(), timeout=10) for n in names}
+WORKERS = ["prefill-0", "prefill-1", "decode-0", "decode-1"]
 
 
 def _idle():
-    loads = _worker_loads()
-    return all(d.kv_blocks_used == 0 and d.kv_blocks_reserved == 0 and d.num_running == 0 and d.num_waiting == 0
-               and d.queued_prompt_tokens == 0 and d.outbox_bytes == 0 for d in loads.values())
+    return not held(WORKERS)
 
 
 @in_netns
@@ -167,12 +115,12 @@ def test_loopback_only_sockets(cluster):
 @in_netns
 def test_greedy_identical_to_dev_server_streaming_and_not(router, reference):
     url, client = router
-    oai = _openai(url)
+    oai = openai_client(url)
     want = reference(PROMPTS, 24)
     got = [oai.completions.create(model=client.model_name, prompt=p, max_tokens=24, temperature=0,
                                   extra_body={"ignore_eos": True}).choices[0].text for p in PROMPTS]
     assert got == want
-    assert [_stream_text(oai, client.model_name, p, 24) for p in PROMPTS] == want
+    assert [stream_text(oai, client.model_name, p, 24) for p in PROMPTS] == want
     # n > 1 fans out at the router: greedy completions are all the same text
     many = oai.completions.create(model=client.model_name, prompt=PROMPTS[0], max_tokens=24, temperature=0, n=2,
                                   extra_body={"ignore_eos": True})
@@ -190,10 +138,10 @@ def test_greedy_identical_to_dev_server_streaming_and_not(router, reference):
     # the engine's own validation (token ids beyond the vocabulary) comes back through Ray as a 400
     bad = httpx.post(url + "/v1/completions", json={"model": client.model_name, "prompt": [1, 10**6], "max_tokens": 2})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "prompt", bad.text
-    assert _metric(url, "pdserve_router_kv_transfer_bytes_total") > 0
-    assert _metric(url, 'pdserve_router_stage_seconds_count{stage="handoff"}') >= 8
-    assert _metric(url, 'pdserve_router_healthy_workers{pool="decode"}') == 2
-    _wait(_idle, what="both sides idle")
+    assert metric(url, "pdserve_router_kv_transfer_bytes_total") > 0
+    assert metric(url, 'pdserve_router_stage_seconds_count{stage="handoff"}') >= 8
+    assert metric(url, 'pdserve_router_healthy_workers{pool="decode"}') == 2
+    wait(_idle, what="both sides idle")
 
 
 @in_netns
@@ -206,8 +154,8 @@ def test_client_disconnect_frees_blocks_on_both_sides(router):
         for i, _ in enumerate(r.iter_lines()):
             if i >= 6:
                 break
-    _wait(_idle, what="blocks freed on both sides after the disconnect")
-    assert _metric(url, 'pdserve_router_requests_total{outcome="aborted"}') >= 1
+    wait(_idle, what="blocks freed on both sides after the disconnect")
+    assert metric(url, 'pdserve_router_requests_total{outcome="aborted"}') >= 1
 
 
 @in_netns
@@ -217,7 +165,7 @@ def test_decode_killed_mid_stream_resumes(router, reference):
     import ray
 
     url, client = router
-    oai = _openai(url)
+    oai = openai_client(url)
     prompts = [p + " again" for p in PROMPTS]
     seeded = {"temperature": 0.9, "top_k": 20, "seed": 1234}  # sampled, seeded: must not change on a resume
     want = reference(prompts, 300) + reference(prompts[:2], 300, **seeded)
@@ -229,15 +177,15 @@ def test_decode_killed_mid_stream_resumes(router, reference):
                 started[k] = 1
             return mark
 
-        futures = [pool.submit(_stream_text, oai, client.model_name, p, 300, on_chunk(k), **sampling)
+        futures = [pool.submit(stream_text, oai, client.model_name, p, 300, on_chunk(k), **sampling)
                    for k, (p, sampling) in enumerate(jobs)]
-        _wait(lambda: all(started), what="every stream started")
+        wait(lambda: all(started), what="every stream started")
         ray.kill(ray.get_actor("decode-0", namespace="pdserve"), no_restart=False)
         got = [f.result(timeout=120) for f in futures]
     assert got == want
-    assert _metric(url, 'pdserve_router_retries_total{cause="decode_lost"}') >= 1
-    _wait(lambda: all(w.healthy for w in client.workers["decode"]), timeout=60, what="decode-0 back in rotation")
-    _wait(_idle, what="both sides idle")
+    assert metric(url, 'pdserve_router_retries_total{cause="decode_lost"}') >= 1
+    wait(lambda: all(w.healthy for w in client.workers["decode"]), timeout=60, what="decode-0 back in rotation")
+    wait(_idle, what="both sides idle")
 
 
 @in_netns
@@ -245,22 +193,22 @@ def test_prefill_killed_request_retried_then_worker_back(cluster, router, refere
     import ray
 
     url, client = router
-    oai = _openai(url)
+    oai = openai_client(url)
     ray.kill(ray.get_actor("prefill-0", namespace="pdserve"), no_restart=True)
-    before = _metric(url, 'pdserve_router_retries_total{cause="prefill_lost"}')
+    before = metric(url, 'pdserve_router_retries_total{cause="prefill_lost"}')
     prompt = "A prompt nobody sent before"
     assert oai.completions.create(model=client.model_name, prompt=prompt, max_tokens=16, temperature=0,
                                   extra_body={"ignore_eos": True}).choices[0].text == reference([prompt], 16)[0]
-    _wait(lambda: not client.workers["prefill"][0].healthy, what="prefill-0 out of rotation")
+    wait(lambda: not client.workers["prefill"][0].healthy, what="prefill-0 out of rotation")
     # the router either sent it to the dead worker and retried, or its health probe got there first
-    assert (_metric(url, 'pdserve_router_retries_total{cause="prefill_lost"}') >= before + 1
+    assert (metric(url, 'pdserve_router_retries_total{cause="prefill_lost"}') >= before + 1
             or "prefill_lost" not in (client.workers["prefill"][0].last_error or "prefill_lost"))
     cluster["prefill"].start_instance(0)
-    _wait(lambda: client.workers["prefill"][0].healthy, what="prefill-0 back")
-    hits_before = _worker_loads()["prefill-0"].prefix_cache_queries
+    wait(lambda: client.workers["prefill"][0].healthy, what="prefill-0 back")
+    hits_before = worker_loads(["prefill-0"])["prefill-0"].prefix_cache_queries
     for p in ["x " * 5 + str(i) for i in range(3)]:  # least queued + name order: traffic reaches prefill-0 again
         oai.completions.create(model=client.model_name, prompt=p, max_tokens=4, temperature=0)
-    assert _worker_loads()["prefill-0"].prefix_cache_queries > hits_before
+    assert worker_loads(["prefill-0"])["prefill-0"].prefix_cache_queries > hits_before
 
 
 @in_netns
@@ -270,16 +218,16 @@ def test_all_workers_down_503_router_alive_then_back(cluster, router, reference)
     url, client = router
     for name in cluster["decode"].names:
         ray.kill(ray.get_actor(name, namespace="pdserve"), no_restart=True)
-    _wait(lambda: not any(w.healthy for w in client.workers["decode"]), what="decode pool out of rotation")
+    wait(lambda: not any(w.healthy for w in client.workers["decode"]), what="decode pool out of rotation")
     t0 = time.monotonic()
     r = httpx.post(url + "/v1/completions", json={"model": client.model_name, "prompt": "hi", "max_tokens": 4})
     assert r.status_code == 503 and time.monotonic() - t0 < 2.0, r.text
     assert r.json()["error"]["code"] == "engine_unavailable"
     assert httpx.get(url + "/health").status_code == 503
     assert httpx.get(url + "/v1/models").status_code == 200  # the router itself is alive
-    assert _metric(url, 'pdserve_router_failures_total{cause="no_decode_worker"}') >= 1
+    assert metric(url, 'pdserve_router_failures_total{cause="no_decode_worker"}') >= 1
     cluster["decode"].start_instance(1)
-    _wait(lambda: httpx.get(url + "/health").status_code == 200, timeout=60, what="router healthy again")
-    oai = _openai(url)
+    wait(lambda: httpx.get(url + "/health").status_code == 200, timeout=60, what="router healthy again")
+    oai = openai_client(url)
     assert oai.completions.create(model=client.model_name, prompt=PROMPTS[0], max_tokens=24, temperature=0,
                                   extra_body={"ignore_eos": True}).choices[0].text == reference(PROMPTS[:1], 24)[0]

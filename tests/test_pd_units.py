@@ -208,6 +208,89 @@ def test_status_and_down_without_a_deployment(tmp_path, capsys):
     assert main(["down", "--state-file", state]) == 2
 
 
+def test_lease_per_pool_default_from_the_router_and_checked():
+    from deploy.pool import Pool, default_lease_s
+
+    assert default_lease_s({}) == pytest.approx(3 * (0.25 + 10.0))
+    cfg = parse_config({**_cfg(decode={"lease_s": 4}), "router": {"poll_wait_s": 0.5, "stall_timeout_s": 2.0}})
+    assert Pool.from_deploy(cfg, "decode").lease_s == 4.0
+    assert Pool.from_deploy(cfg, "prefill").lease_s == pytest.approx(7.5)
+    with pytest.raises(DeployConfigError, match="pools.prefill.lease_s"):
+        parse_config(_cfg(prefill={"lease_s": 0}))
+
+
+def test_outbox_drops_rows_nobody_took_within_its_ttl(monkeypatch):
+    import engine.kv_connector as kvc
+
+    now = [100.0]
+    monkeypatch.setattr(kvc.time, "monotonic", lambda: now[0])
+    outbox = kvc.KVOutbox(ttl_s=5.0)
+    for seq in ("computing", "pulled", "orphan"):
+        outbox.open(seq)
+    rows = _piece(0).rows_bytes
+    outbox.put(KVPiece("pulled", 0, 0, rows, "bfloat16"))
+    outbox.put(KVPiece("orphan", 0, 0, rows, "bfloat16"))
+    now[0] += 4.0
+    outbox.take("pulled", 0)  # a live puller keeps it
+    now[0] += 4.0
+    assert outbox.expire() == ["orphan"]
+    assert "computing" in outbox and "pulled" in outbox and outbox.nbytes == rows.numel()
+
+
+def test_reservations_expire_but_those_a_transfer_fills():
+    from engine.kv_cache import KVCacheManager
+    from engine.kv_connector import KVConnector, KVOutbox
+
+    conn = KVConnector(KVCacheManager(num_blocks=8, block_size=4), KVOutbox(), reservation_ttl_s=-1.0)
+    assert conn.reserve("a", 4, 8) is not None and conn.reserve("b", 4, 8) is not None
+    conn.expire(keep={"b"})
+    assert set(conn.reservations) == {"b"}
+
+
+def test_engine_thread_skips_a_command_whose_caller_gave_up():
+    """A transfer aborted while its ``LoadKV`` waits must not fail the engine thread (InvalidStateError)."""
+    import threading
+
+    from engine.engine_loop import Command, EngineLoop
+
+    class Idle:
+        executor = type("X", (), {"needs_ticks": False, "busy_elsewhere": False, "tick_s": 0.1})()
+        sequences: dict = {}
+
+        def has_unfinished(self):
+            return False
+
+    gate, ran = threading.Event(), []
+
+    class Blocking(Command):
+        def apply(self, engine):
+            gate.wait(5)
+
+    class Mark(Command):
+        def __init__(self, tag):
+            self.tag = tag
+
+        def apply(self, engine):
+            ran.append(self.tag)
+            return self.tag
+
+    async def main():
+        loop = EngineLoop(Idle())
+        first = asyncio.ensure_future(loop.call(Blocking()))
+        await asyncio.sleep(0.05)
+        gone = asyncio.ensure_future(loop.call(Mark("gone")))
+        await asyncio.sleep(0.05)
+        gone.cancel()
+        await asyncio.sleep(0.05)  # the cancel reaches the engine's future
+        gate.set()
+        await first
+        assert await asyncio.wait_for(loop.call(Mark("next")), 5) == "next" and loop.alive
+        loop.stop()
+
+    asyncio.run(main())
+    assert ran == ["next"]
+
+
 def test_deepseek_v3_example_fits_deepseek_v3(tmp_path):
     """deploy/examples/deepseek-v3.yaml against DeepSeek-V3's own config.json (planner/data): every
     layout divides the model (heads over TP, vocab, 256 routed + redundant experts over EP), with
