@@ -129,9 +129,14 @@ def test_parallel_pools_greedy_equal_one_process_and_spread_over_dp_ranks(router
     want = want_text(16)
     assert _texts_via_router(url, client, PROMPTS, 16, stream=False) == want
     assert _texts_via_router(url, client, PROMPTS, 16, stream=True) == want
+    # structured output on parallel instances: every rank builds the grammar from the step message
+    body = {"model": client.model_name, "prompt": PROMPTS[3], "max_tokens": 32, "temperature": 0,
+            "guided_choice": ["tensor parallel", "expert parallel", "data parallel"]}
+    r = httpx.post(url + "/v1/completions", json=body, timeout=180)
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] in body["guided_choice"], r.text
     loads = _loads(client)
     done = {n: loads[n].transfers_done for n in ("decode-0.0", "decode-0.1")}
-    assert sum(done.values()) == 2 * len(PROMPTS) and all(v > 0 for v in done.values()), done  # both DP ranks used
+    assert sum(done.values()) == 2 * len(PROMPTS) + 1 and all(v > 0 for v in done.values()), done  # both DP ranks used
     _wait(lambda: _idle(client), what="every rank idle", detail=lambda: _loads(client))
 
 
@@ -156,6 +161,9 @@ def test_router_rebalances_experts_of_both_pools_while_streams_decode(router, wa
         return httpx.get(url + "/expert_load", timeout=30).json()["pools"]
 
     _wait(lambda: all(p["balancedness"] is not None for p in pools().values()), what="expert statistics of both pools")
+    metrics = httpx.get(url + "/metrics", timeout=30).text
+    for pool_name in ("prefill", "decode"):
+        assert f'pdserve_expert_balancedness{{layer="0",pool="{pool_name}"}}' in metrics
     for bad in ({"pool": "nope"}, {"force": "yes"}, {"pools": "decode"}, [1]):
         r = httpx.post(url + "/admin/rebalance", json=bad, timeout=30)
         assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error", r.text
@@ -179,7 +187,6 @@ def test_router_rebalances_experts_of_both_pools_while_streams_decode(router, wa
     metrics = httpx.get(url + "/metrics", timeout=30).text
     for pool_name in ("prefill", "decode"):
         assert f'pdserve_eplb_rebalances_total{{outcome="finished",pool="{pool_name}"}} 1.0' in metrics
-        assert f'pdserve_expert_balancedness{{layer="0",pool="{pool_name}"}}' in metrics
     assert "pdserve_eplb_layer_pause_seconds_count" in metrics
     _wait(lambda: _idle(client), what="every rank idle", detail=lambda: _loads(client))
 

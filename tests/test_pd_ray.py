@@ -132,6 +132,20 @@ def test_greedy_identical_to_dev_server_streaming_and_not(router, reference):
                     for _ in range(2))
     assert first.usage.prompt_tokens_details.cached_tokens == 0
     assert 16 <= again.usage.prompt_tokens_details.cached_tokens < again.usage.prompt_tokens
+    # structured output across the hand-off: the decode worker rebuilds the grammar from the request and
+    # replays the prefill's first token, so every answer still matches the schema / the choices
+    import json
+
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}, "ok": {"type": "boolean"}},
+              "required": ["n", "ok"], "additionalProperties": False}
+    chat = oai.chat.completions.create(
+        model=client.model_name, messages=[{"role": "user", "content": "Give n and ok."}], max_tokens=40,
+        temperature=0, response_format={"type": "json_schema", "json_schema": {"name": "t", "schema": schema}})
+    obj = json.loads(chat.choices[0].message.content)
+    assert set(obj) == {"n", "ok"} and isinstance(obj["n"], int) and isinstance(obj["ok"], bool)
+    picked = oai.completions.create(model=client.model_name, prompt=PROMPTS[2], max_tokens=8, temperature=0.8, n=2,
+                                    seed=3, extra_body={"guided_choice": ["prefill", "decode", "router"]})
+    assert all(c.text in ("prefill", "decode", "router") for c in picked.choices)
     # max_tokens 1: the prefill worker's first token ends the request, no decode
     one = oai.completions.create(model=client.model_name, prompt=PROMPTS[1], max_tokens=1, temperature=0)
     assert want[1].startswith(one.choices[0].text)
