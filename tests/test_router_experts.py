@@ -249,3 +249,23 @@ def test_rollout_over_every_replica_leader(fail):
     outcome = "failed" if fail else "finished"
     assert bal.rebalances.labels("decode", outcome)._value.get() == 1
     assert bal.last_rebalance["decode"]["outcome"] == outcome
+
+
+def test_router_admin_and_expert_routes_need_the_api_key(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from fake_engine import make_tokenizer
+    from router.app import build_router_app
+    from router.pd_flow import PDClient
+
+    client = PDClient([], [])
+    app = build_router_app(client, make_tokenizer(str(tmp_path)), api_key="sekret")
+    with TestClient(app) as http:
+        for method, path in (("post", "/admin/rebalance"), ("get", "/expert_load"), ("get", "/pools")):
+            r = getattr(http, method)(path)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", (path, r.text)
+        auth = {"Authorization": "Bearer sekret"}
+        r = http.post("/admin/rebalance", json={"pool": "decode"}, headers=auth)
+        assert r.status_code == 200 and r.json()["pools"]["decode"]["outcome"] == "skipped", r.text
+        assert http.post("/admin/rebalance", content=b"{", headers=auth).status_code == 400
+        assert http.get("/expert_load", headers=auth).json()["pools"]["decode"]["balancedness"] is None
