@@ -79,7 +79,8 @@ class DeployConfig:
 _ROUTER_KEYS = {"host", "port", "grpc_port", "api_key", "max_body_bytes", "poll_wait_s", "prefill_timeout_s", "reserve_timeout_s",
                 "collective_timeout_s",
                 "transfer_timeout_s", "stall_timeout_s", "health_interval_s", "health_timeout_s",
-                "max_prefill_retries", "max_resumes", "affinity_slack_tokens", "affinity_entries", "eplb"}
+                "max_prefill_retries", "max_resumes", "affinity_slack_tokens", "affinity_entries", "eplb",
+                "max_in_flight"}
 _RAY_KEYS = {"address", "num_cpus", "object_store_memory_mb"}
 _POOL_KEYS = {"instances", "parallel", "engine", "resources", "max_restarts", "lease_s"}
 _PARALLEL_KEYS = {f.name for f in dataclasses.fields(ParallelLayout)}

@@ -57,6 +57,7 @@ class WorkerInfo:
     pid: int
     instance: str = ""  # its instance (``instance_of(name)``): the DP replica leaders of one share it
     experts: ExpertShape | None = None  # its MoE layers (None: no MoE layer)
+    admission_limit: int = 0  # sequences its engine admits (running + waiting)
 
 
 @dataclasses.dataclass

@@ -199,7 +199,7 @@ class EngineWorker:
         e = self.engine
         return WorkerInfo(self.name, self.role, self.args.model_name, self.args.model, e.max_model_len,
                           list(e.eos_token_ids), self.args.block_size, e.kv.num_blocks, os.getpid(),
-                          instance_of(self.name), e.executor.runner.experts.shape())
+                          instance_of(self.name), e.executor.runner.experts.shape(), self.args.admission_limit)
 
     async def load(self) -> WorkerLoad:
         """Answers at once, also while a long step runs (a health probe must not wait for a 4k-token

@@ -89,6 +89,12 @@ class EngineArgs:
             raise ValueError(f"kv_cache_memory_gb: must be positive, got {self.kv_cache_memory_gb}")
 
     @property
+    def admission_limit(self) -> int:
+        """Sequences (running + waiting) one engine admits; beyond it a request is answered 429."""
+        waiting = self.max_waiting_requests
+        return self.max_num_seqs + (self.max_num_seqs if waiting is None else waiting)
+
+    @property
     def lookahead(self) -> int:
         """Cache slots a request may need past its known tokens (speculative drafts)."""
         return self.num_speculative_tokens if self.speculative else 0

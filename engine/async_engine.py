@@ -67,8 +67,7 @@ class AsyncEngine:
     @property
     def admission_limit(self) -> int:
         """Sequences (running + waiting) beyond which ``generate`` answers ``EngineOverloaded``."""
-        waiting = self.args.max_waiting_requests
-        return self.args.max_num_seqs + (self.args.max_num_seqs if waiting is None else waiting)
+        return self.args.admission_limit
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[RequestOutput]:
         self._check_alive()

@@ -12,8 +12,9 @@ Names (prefix ``pdserve_router_``):
 * ``retries_total{cause}``: ``prefill_lost`` (prefill worker died/unresponsive,
   request sent to another), ``decode_lost`` (decode worker died mid-stream, request
   resumed), ``transfer_<cause>`` (hand-off failed, prefilled again);
-* ``failures_total{cause}``: requests ended with an error: ``no_prefill_worker``,
-  ``no_decode_worker``, ``decode_full``, ``retries_exhausted``, ``resumes_exhausted``;
+* ``failures_total{cause}``: requests ended with an error: ``overloaded`` (429: past the
+  router's admission limit), ``no_prefill_worker``, ``no_decode_worker``, ``decode_full``,
+  ``retries_exhausted``, ``resumes_exhausted``;
 * ``requests_total{outcome}``: ``finished`` | ``aborted`` | ``failed``;
 * gauges ``workers{pool}`` and ``healthy_workers{pool}``, read at scrape time.
 """

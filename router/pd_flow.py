@@ -78,6 +78,7 @@ class RouterConfig:
     affinity_slack_tokens: int = 2048
     affinity_entries: int = 100_000
     eplb: dict[str, Any] = dataclasses.field(default_factory=dict)  # router.experts.EPLBConfig fields
+    max_in_flight: int = 0  # sequences admitted at once (0: the decode workers' admission limits summed)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RouterConfig":
@@ -94,6 +95,7 @@ class _Leg:
     id: str
     prefill: Worker | None = None
     decode: Worker | None = None
+    decode_handle: Any = None  # the decode actor as reserved on: the health loop may drop ``decode.handle``
 
     def abort(self, registry: WorkerRegistry) -> None:
         for w in (self.prefill, self.decode):
@@ -126,6 +128,8 @@ class PDClient:
         self.pool_max_model_len: dict[str, int] = {}
         self.eos_token_ids: list[int] = []
         self._active: dict[str, dict[str, _Leg]] = {}  # user rid -> seq rid -> its current leg
+        self._in_flight = 0  # sequences admitted by generate() and not finished
+        self.admission_limit = 0  # learnt in start()
 
     # ---- lifecycle -------------------------------------------------------------------
     async def start(self) -> None:
@@ -143,6 +147,7 @@ class PDClient:
         info = infos["decode"][0]
         self.model_name, self.eos_token_ids = info.model_name, info.eos_token_ids
         self.max_model_len = min(self.pool_max_model_len.values())
+        self.admission_limit = self.config.max_in_flight or sum(i.admission_limit for i in infos["decode"])
         block_size = infos["prefill"][0].block_size
         self.policy = Policy(PrefixAffinity(block_size, self.config.affinity_entries),
                              self.config.affinity_slack_tokens)
@@ -180,18 +185,27 @@ class PDClient:
             leg.abort(self.registry)
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[RequestOutput]:
+        """Admission as on one engine: past ``admission_limit`` sequences in flight a request is answered
+        ``EngineOverloaded`` (429 with Retry-After) at once, so an admitted one's wait stays bounded."""
         if self.policy is None:
             raise EngineError("the router is not started")
         sp = request.sampling_params
+        if self.admission_limit and self._in_flight + sp.n > self.admission_limit:
+            self.metrics.failures.labels("overloaded").inc()
+            raise EngineOverloaded(f"{self._in_flight} sequences in flight, {sp.n} more would pass the limit of "
+                                   f"{self.admission_limit}")
+        self._in_flight += sp.n
+        admitted = sp.n
         self._active[request.request_id] = {}
         try:
-            if sp.n == 1:
-                async for out in self._sequence(request, request.request_id, sp, 0):
-                    yield out
-            else:
-                async for out in self._fan_out(request):
-                    yield out
+            outputs = (self._sequence(request, request.request_id, sp, 0) if sp.n == 1 else self._fan_out(request))
+            async for out in outputs:
+                if out.finished:  # free the slots before the caller sees the end, so its next request fits
+                    self._in_flight -= admitted
+                    admitted = 0
+                yield out
         finally:
+            self._in_flight -= admitted
             self._active.pop(request.request_id, None)
 
     async def _fan_out(self, request: GenerateRequest) -> AsyncIterator[RequestOutput]:
@@ -254,8 +268,7 @@ class PDClient:
                     # decoding
                     t3 = time.monotonic()
                     while True:
-                        decode = leg.decode
-                        out = await self.registry.call(decode, decode.handle.poll.remote(leg.id, cfg.poll_wait_s),
+                        out = await self.registry.call(leg.decode, leg.decode_handle.poll.remote(leg.id, cfg.poll_wait_s),
                                                        cfg.poll_wait_s + cfg.stall_timeout_s)
                         if out is None:
                             continue
@@ -323,13 +336,14 @@ class PDClient:
         seq_id = leg.id
         prefill = await self._pick_prefill(seq_id, prompt + list(cont.output_token_ids), tried)
         handle = prefill.handle  # the registry may drop it while we reserve; a dead one fails the call below
-        decode = leg.decode = await self._reserve_decode(seq_id, kv_tokens, total, wait_s)
+        decode, leg.decode_handle = await self._reserve_decode(seq_id, kv_tokens, total, wait_s)
+        leg.decode = decode
         leg.prefill = prefill
         m.stage.labels("queue").observe(time.monotonic() - t0)
         t1 = time.monotonic()
         prefill.load.queued_prompt_tokens += kv_tokens
         pulling = asyncio.ensure_future(self.registry.call(
-            decode, decode.handle.start_decode.remote(seq_id, prefill.name),
+            decode, leg.decode_handle.start_decode.remote(seq_id, prefill.name),
             cfg.prefill_timeout_s + cfg.transfer_timeout_s + 5))
         try:
             try:
@@ -382,9 +396,9 @@ class PDClient:
                              metrics=dataclasses.replace(metrics))
 
     async def _reserve_decode(self, seq_id: str, num_kv_tokens: int, num_total_tokens: int,
-                              wait_s: float = 0.0) -> Worker:
-        """The decode worker that took the reservation; waits up to ``wait_s`` for one in rotation (and
-        answering)."""
+                              wait_s: float = 0.0) -> tuple[Worker, Any]:
+        """The decode worker that took the reservation, and the actor handle it took it on; waits up to
+        ``wait_s`` for one in rotation (and answering)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_s
         while True:
@@ -398,8 +412,9 @@ class PDClient:
                 # counted before the call, so a burst of requests spreads over the DP ranks instead of all
                 # ranking on the same stale load; the next health probe replaces the estimate
                 w.load.num_running += 1
+                handle = w.handle  # kept: a dead one fails its calls, a slow health probe must not fail ours
                 try:
-                    ok = await self.registry.call(w, w.handle.reserve.remote(seq_id, num_kv_tokens, num_total_tokens),
+                    ok = await self.registry.call(w, handle.reserve.remote(seq_id, num_kv_tokens, num_total_tokens),
                                                   self.config.reserve_timeout_s)
                 except WorkerLost as e:
                     w.load.num_running -= 1
@@ -410,7 +425,7 @@ class PDClient:
                     self.registry.abort_on(w, seq_id)
                     raise
                 if ok:
-                    return w
+                    return w, handle
                 w.load.num_running -= 1
                 refused = True
             if refused:

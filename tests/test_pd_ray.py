@@ -34,7 +34,8 @@ def cluster(tiny_checkpoint):
     prefill_engine = {"kv_transfer": "layerwise", "max_num_batched_tokens": 32}
     with ray_pools({"model": tiny_checkpoint, "engine": engine,
                     "pools": {"prefill": {"instances": 2, "max_restarts": 2, "engine": prefill_engine},
-                              "decode": {"instances": 2, "max_restarts": 2}}}) as pools:
+                              "decode": {"instances": 2, "max_restarts": 2,
+                                         "engine": {"num_kv_blocks": 512}}}}) as pools:  # the soak's prompts fit
         yield pools
 
 
@@ -170,6 +171,34 @@ def test_client_disconnect_frees_blocks_on_both_sides(router):
                 break
     wait(_idle, what="blocks freed on both sides after the disconnect")
     assert metric(url, 'pdserve_router_requests_total{outcome="aborted"}') >= 1
+
+
+@in_netns
+def test_short_soak_through_the_router(router, tmp_path, capsys):
+    """tools/soak.py against the PD router (issue #19 item 3, the CI-sized run): mixed streaming requests
+    with n = 2, stop strings and cancellations, then a burst past the router's admission limit (set to 24
+    sequences here; the decode workers would admit 64): 0 lost, 0 errors, blocks back to 0, 429 with
+    Retry-After for the excess and a bounded TTFT for the admitted."""
+    import json
+
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import soak
+
+    url, client = router
+    limit, client.admission_limit = client.admission_limit, 24
+    out = tmp_path / "report.json"
+    try:
+        code = soak.main(["--base-url", url, "--requests", "120", "--concurrency", "6", "--warmup", "12",
+                          "--max-tokens", "4:16", "--burst", "48", "--burst-ttft-factor", "3", "--timeout", "120",
+                          "--json", str(out)])
+    finally:
+        client.admission_limit = limit
+    printed = capsys.readouterr().out
+    print(printed)
+    report = json.loads(out.read_text())
+    assert code == 0 and report["passed"] and all(report["criteria"].values()), printed
+    assert report["burst"]["status_429"] > 0 and report["burst"]["admitted"] + report["burst"]["status_429"] == 48
+    wait(_idle, what="both sides idle")
 
 
 @in_netns

@@ -260,7 +260,7 @@ def _print_experts(view: dict) -> None:
     print(f"\nexperts ({auto}, window {view.get('window_s', 0):g} s)")
     print(f"{'pool':<8} {'balance':>8} {'worst':>6} {'placement':>10}  last rebalance")
     for role, p in view.get("pools", {}).items():
-        b = p.get("balancedness")
+        b = [v for v in p.get("balancedness") or [] if v is not None] or None  # None: a layer no token went through
         versions = sorted({i["version"] for i in p.get("instances", {}).values()})
         last = p.get("last_rebalance")
         note = "none"
