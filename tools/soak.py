@@ -18,9 +18,9 @@ Phases, each a pass/fail criterion:
    ``usage.completion_tokens``, a ``length`` choice has exactly ``max_tokens`` of them, a
    ``stop`` one at most that. Criteria: 0 lost (no answer, timeout, cut stream), 0 errors.
 3. **drain**: KV blocks in use (``pdserve_kv_blocks_used``) and running/waiting requests back
-   to 0; RSS (``--server-pid`` via psutil when the server runs on this host, else
+   to 0; RSS (of each ``--server-pid`` via psutil when the server runs on this host, else
    ``process_resident_memory_bytes`` from ``/metrics``) at most ``--max-rss-growth`` above
-   the baseline.
+   the baseline, for every process watched.
 4. **burst**: ``--burst`` requests at once (default ``6 * concurrency``, above the admission
    limit). Criteria: some are answered 429, each with ``Retry-After``; none times out or
    fails otherwise; every admitted stream completes; the p99 time to first token of the
@@ -29,8 +29,8 @@ Phases, each a pass/fail criterion:
    then for its own prefill. Then the server drains again.
 
 Prints a report (and ``--json``); exits 1 if any criterion failed. Against a PD router the
-RSS read from ``/metrics`` is the router's own process (give ``--server-pid`` of a worker
-to watch one); KV and queue gauges are whatever the router's ``/metrics`` exposes.
+RSS read from ``/metrics`` is the router's own process (give ``--server-pid`` once per
+process to watch the router and each worker); KV and queue gauges are whatever the router's ``/metrics`` exposes.
 """
 
 from __future__ import annotations
@@ -215,23 +215,24 @@ def parse_metrics(text: str) -> dict[str, float]:
 
 
 class Server:
-    def __init__(self, client: httpx.AsyncClient, pid: int | None):
+    def __init__(self, client: httpx.AsyncClient, pids: list[int]):
         self.client = client
-        self.process = None
-        if pid is not None:
+        self.processes = []
+        if pids:
             import psutil
 
-            self.process = psutil.Process(pid)
+            self.processes = [psutil.Process(pid) for pid in pids]
 
     async def metrics(self) -> dict[str, float]:
         r = await self.client.get("/metrics")
         r.raise_for_status()
         return parse_metrics(r.text)
 
-    async def rss(self) -> float | None:
-        if self.process is not None:
-            return float(self.process.memory_info().rss)
-        return (await self.metrics()).get("process_resident_memory_bytes")
+    async def rss(self) -> dict[str, float | None]:
+        """RSS per watched process (``--server-pid``), else the server's own from ``/metrics``."""
+        if self.processes:
+            return {str(p.pid): float(p.memory_info().rss) for p in self.processes}
+        return {"server": (await self.metrics()).get("process_resident_memory_bytes")}
 
     async def drained(self, timeout: float) -> tuple[bool, dict[str, float]]:
         """Wait (bounded) for KV blocks in use and running/waiting requests to reach 0."""
@@ -294,12 +295,13 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
         report["after_soak"] = gauges
         criteria["soak: KV blocks and queues back to 0"] = drained
         rss_after = await server.rss()
-        growth = (rss_after / rss_base - 1.0) if rss_base and rss_after else None
+        growth = {k: (rss_after[k] / rss_base[k] - 1.0) if rss_base.get(k) and rss_after.get(k) else None
+                  for k in rss_after}
         report["rss"] = {"after_warmup_bytes": rss_base, "after_soak_bytes": rss_after,
-                         "growth": None if growth is None else round(growth, 4),
+                         "growth": {k: None if g is None else round(g, 4) for k, g in growth.items()},
                          "source": "psutil" if args.server_pid else "/metrics process_resident_memory_bytes"}
         criteria[f"soak: RSS growth <= {args.max_rss_growth:.0%} after warm-up"] = \
-            growth is not None and growth <= args.max_rss_growth
+            all(g is not None and g <= args.max_rss_growth for g in growth.values())
 
         no_cancel = argparse.Namespace(**{**vars(args), "cancel_share": 0.0})
         burst_specs = make_specs(args.burst, args.seed + 2, no_cancel, source)
@@ -358,7 +360,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="seconds (default: --burst-ttft-factor x the soak's p99 end-to-end latency)")
     p.add_argument("--burst-ttft-factor", type=float, default=2.0)
     p.add_argument("--max-rss-growth", type=float, default=0.05)
-    p.add_argument("--server-pid", type=int, default=None, help="read RSS with psutil (server on this host)")
+    p.add_argument("--server-pid", type=int, action="append", default=[],
+                   help="read RSS of this process with psutil (on this host); repeat for several, e.g. PD workers")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds one request may take in all")
     p.add_argument("--drain-timeout", type=float, default=60.0)
     p.add_argument("--seed", type=int, default=0)
