@@ -124,6 +124,10 @@ class ModelRunner:
         select = None if self.parallel.is_single else model.checkpoint_filter()  # only this rank's share
         model.load_weights(iter_checkpoint_tensors(args.model, self.cfg, self.dtype, include_mtp=mtp, keep_fp8=fp8,
                                                    strict=args.strict_load, select=select))
+        if args.prepack_weights:
+            packed = model.pack_weights()
+            if packed:
+                log.info("prepacked %.1f MiB of projection and head weights for oneDNN's CPU matmuls", packed / 2**20)
         return model.eval()
 
     def _keep_fp8(self, args: EngineArgs) -> bool:

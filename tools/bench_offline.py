@@ -11,6 +11,7 @@ sampling, bookkeeping).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import random
 import tempfile
 import time
@@ -52,8 +53,9 @@ def bench_transformers(model: str, prompts, output_len: int, dtype: str) -> floa
     return len(prompts) * output_len / elapsed
 
 
-def decode_step_split(model: str, prompts, dtype: str, steps: int) -> tuple[float, float, float]:
-    """(step ms, forward ms, share of the step outside the forward) over pure-decode steps."""
+def decode_step_split(model: str, prompts, dtype: str, steps: int, profile: int = 0) -> tuple[float, float, float]:
+    """(step ms, forward ms, share of the step outside the forward) over pure-decode steps; ``profile``:
+    also print torch.profiler's ops (self CPU time, that many rows) over those steps."""
     from engine import SamplingParams
     from engine.args import EngineArgs
     from engine.engine import LLMEngine
@@ -66,8 +68,16 @@ def decode_step_split(model: str, prompts, dtype: str, steps: int) -> tuple[floa
     eng.step()  # the whole batch's prefill
     eng.step()
     eng.timings.__init__()
-    for _ in range(steps):
-        eng.step()
+    with contextlib.ExitStack() as stack:
+        if profile:
+            from torch.profiler import ProfilerActivity
+            from torch.profiler import profile as torch_profile
+
+            prof = stack.enter_context(torch_profile(activities=[ProfilerActivity.CPU]))
+        for _ in range(steps):
+            eng.step()
+    if profile:
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=profile))
     t = eng.timings
     return 1000 * t.total_seconds / t.steps, 1000 * t.forward_seconds / t.steps, 1 - t.forward_seconds / t.total_seconds
 
@@ -78,10 +88,13 @@ def main() -> None:
     ap.add_argument("--num-prompts", type=int, default=64)
     ap.add_argument("--input-len", type=int, default=256)
     ap.add_argument("--output-len", type=int, default=128)
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                    help="auto: bf16 where this machine runs it fast, else fp32 (engine.dtype_choice)")
     ap.add_argument("--split-batch", type=int, default=32)
     ap.add_argument("--split-steps", type=int, default=30)
     ap.add_argument("--skip-transformers", action="store_true")
+    ap.add_argument("--profile", type=int, default=0, metavar="ROWS",
+                    help="print torch.profiler's top ROWS ops (self CPU time) of the decode-step split")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
@@ -97,6 +110,10 @@ def main() -> None:
 
     vocab = ModelConfig.from_dir(model).vocab_size
     prompts = _prompts(args.num_prompts, args.input_len, vocab, args.seed)
+    if args.dtype == "auto":
+        from engine import dtype_choice
+
+        args.dtype = dtype_choice.resolve("auto", "cpu").dtype
     print(f"workload: {args.num_prompts} prompts x {args.input_len} in / {args.output_len} out, {args.dtype}, "
           f"torch threads {torch.get_num_threads()}")
     ours = bench_pdserve(model, prompts, args.output_len, args.dtype)
@@ -105,7 +122,8 @@ def main() -> None:
         ref = bench_transformers(model, prompts, args.output_len, args.dtype)
         print(f"transformers generate     : {ref:8.1f} output tok/s")
         print(f"ratio pdserve/transformers: {ours / ref:8.2f}x")
-    step, fwd, other = decode_step_split(model, prompts[: args.split_batch], args.dtype, args.split_steps)
+    step, fwd, other = decode_step_split(model, prompts[: args.split_batch], args.dtype, args.split_steps,
+                                        args.profile)
     print(f"decode step at batch {args.split_batch}: {step:.1f} ms/step, model forward {fwd:.1f} ms, "
           f"everything else {100 * other:.1f}% of the step")
 

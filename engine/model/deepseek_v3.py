@@ -53,6 +53,8 @@ from engine.model.layers import (
     RMSNorm,
     RowParallelLinear,
     VocabParallelEmbedding,
+    _Linear,
+    pack_weight,
 )
 from engine.model.moe import MoE
 from engine.model.parallel import ParallelContext
@@ -254,6 +256,24 @@ class DeepseekV3ForCausalLM(nn.Module):
 
         return select
 
+    def pack_weights(self) -> int:
+        """Hold oneDNN-prepacked copies of the projections and heads that run as matmuls (CPU, fp32:
+        ``layers.pack_weight``) beside the weights; returns the bytes they take (0 where none applies).
+        ``kv_b_proj`` is left out: attention reads it as per-head matrices, never as a matmul."""
+        total = 0
+        for name, m in self.named_modules():
+            if isinstance(m, (_Linear, ParallelLMHead)) and not name.endswith("kv_b_proj") \
+                    and not getattr(m, "fp8", False):
+                m.packed = pack_weight(m.weight)
+                if m.packed is not None:
+                    total += m.weight.numel() * m.weight.element_size()
+        return total
+
+    def _unpack_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, (_Linear, ParallelLMHead)):
+                m.packed = None
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copy checkpoint tensors (by checkpoint name) into parameters; returns the names loaded.
 
@@ -262,6 +282,7 @@ class DeepseekV3ForCausalLM(nn.Module):
         that holds it; tensors this rank does not hold (other ranks' experts, MTP layers when
         built without them) are skipped.
         """
+        self._unpack_weights()  # packed copies would go stale; pack_weights() again after loading
         params = dict(self.named_parameters())
         loaded: set[str] = set()
         for name, tensor in weights:

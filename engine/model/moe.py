@@ -134,12 +134,15 @@ class Experts(nn.Module):
             p.data[slot].copy_(weights[name])
 
     # Below this many rows per expert, all experts run as one padded bmm: many tiny per-expert
-    # matmuls are far slower on CPU (measured 8x at decode batch 32 on the bench preset).
+    # matmuls are far slower on CPU (measured 8x at decode batch 32 on the bench preset) -- unless
+    # at most half the slots have rows: the bmm would still read every slot's weights, and a decode
+    # step of a few tokens is bound by reading weights (bench preset, 1-2 tokens: 4-5x faster looped).
     PADDED_MAX_ROWS = 64
 
     def forward(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """x [N, D] sorted by expert, counts[e] rows each -> [N, D]."""
-        if not self.fp8 and 0 < max(counts) <= self.PADDED_MAX_ROWS:
+        active = sum(1 for n in counts if n)
+        if not self.fp8 and 0 < max(counts) <= self.PADDED_MAX_ROWS and 2 * active > len(counts):
             return self._padded(x, counts)
         out = torch.empty_like(x)
         start = 0
