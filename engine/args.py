@@ -65,6 +65,10 @@ class EngineArgs:
     # speculative decoding: "mtp" drafts with the checkpoint's MTP layer, verified losslessly
     speculative: str | None = None
     num_speculative_tokens: int = 1
+    # stop drafting while this many sequences or more are running: verifying drafts makes every
+    # step longer, which pays only while steps are cheap (small batches). 0 = always draft.
+    # The default is where MTP k=1 stopped paying on the bundled model (docs/BENCHMARKS.md).
+    speculative_disable_by_batch_size: int = 16
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -88,6 +92,9 @@ class EngineArgs:
             raise ValueError(f"speculative: only 'mtp' is supported, got {self.speculative!r}")
         if not 1 <= self.num_speculative_tokens <= 8:
             raise ValueError(f"num_speculative_tokens: must be in [1, 8], got {self.num_speculative_tokens}")
+        if self.speculative_disable_by_batch_size < 0:
+            raise ValueError(f"speculative_disable_by_batch_size: must be >= 0 (0 = always draft), got "
+                             f"{self.speculative_disable_by_batch_size}")
         if self.kv_cache_memory_gb <= 0:
             raise ValueError(f"kv_cache_memory_gb: must be positive, got {self.kv_cache_memory_gb}")
 

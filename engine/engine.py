@@ -105,7 +105,8 @@ class LLMEngine:
         self.connector = KVConnector(self.kv, outbox, args.kv_transfer)
         self.scheduler = Scheduler(
             SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens, args.enable_chunked_prefill,
-                            args.scheduling_policy, args.lookahead), self.kv)
+                            args.scheduling_policy, args.lookahead,
+                            args.speculative_disable_by_batch_size if args.speculative else 0), self.kv)
         self.scheduler.stream_kv = self.role == "prefill" and args.kv_transfer == "layerwise"
         limit = args.max_model_len or self.config.max_position_embeddings
         capacity = self.executor.num_blocks * args.block_size - args.lookahead

@@ -218,7 +218,7 @@ class ModelRunner:
         if drafted:
             self._verify(hidden, drafted, result)
         if self.proposer is not None:
-            self._propose(hidden, step, seqs, ends, result)
+            self._propose(hidden, step, seqs, ends, result, meta)
         result.forward_seconds = time.perf_counter() - t0
         return result
 
@@ -248,15 +248,20 @@ class ModelRunner:
         logits = masked_logits_of_rows(logits, sampling_rows)  # the logprobs see the grammar's mask
         accepted = verify(logits, sampling_rows, groups, self.sampler.generator)
         k_max = max((seq.params.logprobs or 0) for _, seq, _ in drafted)
-        for (s, seq, _), g, tokens in zip(drafted, groups, accepted):
-            picked = torch.arange(g.first_row, g.first_row + len(tokens), device=self.device)
-            scored = compute_logprobs_topk(logits[picked], k_max, torch.tensor(tokens, device=self.device))
-            tops = scored.to_logprob_dicts([seq.params.logprobs] * len(tokens))
+        picked = [g.first_row + i for g, tokens in zip(groups, accepted) for i in range(len(tokens))]
+        scored = compute_logprobs_topk(logits[torch.tensor(picked, device=self.device)], k_max,
+                                       torch.tensor([t for tokens in accepted for t in tokens], device=self.device))
+        tops = scored.to_logprob_dicts([seq.params.logprobs for (_, seq, _), tokens in zip(drafted, accepted)
+                                        for _ in tokens])
+        scores = list(zip(scored.logprobs.tolist(), tops))
+        offset = 0
+        for (s, _, _), tokens in zip(drafted, accepted):  # one scoring pass for every group's tokens
             result.sampled[s.seq_id] = tokens
-            result.scores[s.seq_id] = list(zip(scored.logprobs.tolist(), tops))
+            result.scores[s.seq_id] = scores[offset:offset + len(tokens)]
+            offset += len(tokens)
 
     def _propose(self, hidden: torch.Tensor, step: StepInput, seqs: list[_Sequence], ends: list[int],
-                 result: StepOutput) -> None:
+                 result: StepOutput, meta: AttentionMetadata) -> None:
         """Run the MTP layer over every position whose next token is now known; draft for samplers
         (not in role prefill: its sequences leave after their first token)."""
         jobs, job_tables = [], []
@@ -267,10 +272,13 @@ class ModelRunner:
             tokens = seq.token_ids + new  # token t+1 for each MTP position t
             first_row = end - s.num_new_tokens
             jobs.append(MTPJob(s.start, count, tokens[s.start + 1:s.start + count + 1],
-                               list(range(first_row, first_row + count)), draft=s.sample and self.role != "prefill"))
+                               list(range(first_row, first_row + count)),
+                               draft=s.sample and self.role != "prefill" and step.propose))
             job_tables.append(seq.block_table)
         layer_done = self.kv_worker.after_layer if self.kv_worker.streaming else None
-        drafts = self.proposer.run(hidden, jobs, job_tables, self.kv_caches, self.device, layer_done)
+        same_rows = all(j.start == s.start and j.count == s.num_new_tokens for j, s in zip(jobs, step.sequences))
+        drafts = self.proposer.run(hidden, jobs, job_tables, self.kv_caches, self.device, layer_done,
+                                   meta if same_rows else None)
         for s, seq, d in zip(step.sequences, seqs, drafts):
             if d and seq.grammar is not None:  # drafts the grammar rejects cannot be accepted: not worth verifying
                 d = seq.grammar.valid_drafts(result.sampled.get(s.seq_id, []), d)

@@ -41,6 +41,8 @@ class SchedulerConfig:
     enable_chunked_prefill: bool = True
     policy: str = "fcfs"  # fcfs | priority
     lookahead: int = 0  # extra cache slots per request for speculative drafts
+    # no drafts verified or proposed in a step that starts with this many running sequences (0: no limit)
+    spec_disable_batch_size: int = 0
 
 
 @dataclasses.dataclass
@@ -137,6 +139,11 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         scheduled: list[ScheduledRequest] = []
         preempted: list[Request] = []
+        limit = self.config.spec_disable_batch_size
+        propose = not limit or len(self.running) < limit
+        if not propose:
+            for req in self.running:
+                req.spec_token_ids = []  # a batch this large decodes faster without verifying drafts
 
         i = 0
         while i < len(self.running) and budget > 0:
@@ -167,6 +174,7 @@ class Scheduler:
         out = SchedulerOutput(scheduled, preempted, self.config.max_num_batched_tokens - budget)
         if scheduled:
             out.step = self._step_input(scheduled)
+            out.step.propose = propose
         return out
 
     def _step_input(self, scheduled: list[ScheduledRequest]) -> StepInput:

@@ -95,15 +95,20 @@ class MTPProposer:
         self.fixed_passes = fixed_passes  # always k MTP passes (ranks in lock-step must make the same ones)
 
     def run(self, hidden: torch.Tensor, jobs: list[MTPJob], tables: list[list[int]], kv_caches,
-            device: torch.device, layer_done=None) -> list[list[int]]:
+            device: torch.device, layer_done=None, step_meta: AttentionMetadata | None = None) -> list[list[int]]:
         """MTP rows for every job's positions; drafts (k tokens) for jobs with ``draft``, [] for others.
-        ``layer_done(cache layer)`` is called once the MTP layer's rows of the jobs are written."""
+        ``layer_done(cache layer)`` is called once the MTP layer's rows of the jobs are written.
+        ``step_meta``: the main pass's metadata, when the jobs cover exactly the step's rows (no draft
+        rejected): the MTP pass attends over the same spans."""
         model = self.model
         ids = torch.tensor([t for j in jobs for t in j.next_ids], device=device)
         pos = torch.tensor([p for j in jobs for p in range(j.start, j.start + j.count)], device=device)
-        h = hidden[torch.tensor([r for j in jobs for r in j.hidden_rows], device=device)]
-        meta = AttentionMetadata.paged([j.count for j in jobs], [j.start + j.count for j in jobs], tables,
-                                       self.block_size, kv_caches, device)
+        if step_meta is not None:
+            h, meta = hidden, step_meta
+        else:
+            h = hidden[torch.tensor([r for j in jobs for r in j.hidden_rows], device=device)]
+            meta = AttentionMetadata.paged([j.count for j in jobs], [j.start + j.count for j in jobs], tables,
+                                           self.block_size, kv_caches, device)
         mtp_h = model.mtp_forward(0, ids, h, pos, meta)  # [T, D]
         if layer_done is not None:
             layer_done(len(model.layers))

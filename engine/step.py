@@ -70,6 +70,9 @@ class StepInput:
     sequences: list[ScheduledSequence]
     finished: list[str] = dataclasses.field(default_factory=list)  # sequences the runners may forget
     kv_saves: list[KVSave] = dataclasses.field(default_factory=list)
+    # speculative decoding: the sampling sequences propose drafts for the next step (the MTP layer's
+    # rows are written either way, so drafting can resume at full acceptance)
+    propose: bool = True
 
     @property
     def num_tokens(self) -> int:

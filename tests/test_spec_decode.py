@@ -49,12 +49,33 @@ def reference(plain, prompts):
 
 @pytest.mark.parametrize("k", [1, 3])
 def test_greedy_identical_batch_32_and_alone(tiny_checkpoint, prompts, reference, k):
-    spec = LLM(tiny_checkpoint, dtype="float32", speculative="mtp", num_speculative_tokens=k)
+    spec = LLM(tiny_checkpoint, dtype="float32", speculative="mtp", num_speculative_tokens=k,
+               speculative_disable_by_batch_size=0)  # draft at batch 32 too
     assert _tokens(spec.generate(prompts, GREEDY)) == reference
     assert [_tokens(spec.generate([p], GREEDY))[0] for p in prompts[:4]] == reference[:4]
     stats = spec.engine.stats()
     assert stats.spec_drafts > 0 and stats.spec_draft_tokens >= stats.spec_drafts
     assert spec.engine.kv.num_used_blocks == 0
+
+
+def test_drafting_stops_at_the_batch_size_limit_and_resumes(tiny_checkpoint, prompts, reference):
+    """No draft is verified in a step that starts with ``speculative_disable_by_batch_size`` running
+    sequences or more; drafting resumes as the batch shrinks; the tokens stay those of plain decoding."""
+    eng = LLMEngine(EngineArgs(model=tiny_checkpoint, dtype="float32", speculative="mtp",
+                               speculative_disable_by_batch_size=4))
+    lengths = [8 + 6 * i for i in range(6)]
+    for i, n in enumerate(lengths):
+        eng.add_request(str(i), prompts[i], SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True))
+    verified: dict[int, int] = {}  # running sequences at the step's start -> draft tokens it verified
+    tokens: dict[str, list[int]] = {}
+    while eng.has_unfinished():
+        running, before = len(eng.scheduler.running), eng.spec.draft_tokens
+        for out in eng.step():
+            tokens.setdefault(out.request_id, []).extend(out.outputs[0].token_ids)
+        verified[running] = verified.get(running, 0) + eng.spec.draft_tokens - before
+    assert {b: v for b, v in verified.items() if b >= 4 and v} == {}
+    assert sum(v for b, v in verified.items() if b < 4) > 0
+    assert [tokens[str(i)] for i in range(6)] == [r[:n] for r, n in zip(reference, lengths)]
 
 
 def test_greedy_identical_with_chunking_prefix_cache_stops_and_n(tiny_checkpoint, plain, prompts, reference):
@@ -170,7 +191,7 @@ def test_sampled_outputs_follow_the_same_distribution_end_to_end():
     prompt = "def read_config(path):\n    with open(path) as f:\n"
     samples = {}
     for k in (0, 2):
-        opts = {"speculative": "mtp", "num_speculative_tokens": k} if k else {}
+        opts = {"speculative": "mtp", "num_speculative_tokens": k, "speculative_disable_by_batch_size": 0} if k else {}
         llm = LLM(default_model(), dtype="float32", **opts)
         outs = llm.generate([prompt] * len(params), params)
         samples[k] = [tuple(c.token_ids) for o in outs for c in o.outputs]
