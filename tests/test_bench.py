@@ -196,3 +196,23 @@ def test_compare_alternates_and_prints_ratios(tok, tmp_path, capsys):
         assert 2.0 <= row["tpot_mean"] <= 3.5, row
     out = capsys.readouterr().out
     assert "relative to A" in out and "C=2 B: output tok/s x0." in out
+
+
+def _run_tool(*args: str) -> str:
+    proc = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
+
+
+def test_offline_bench_runs_and_profiles_on_a_tiny_setting(tiny_checkpoint):
+    out = _run_tool("tools/bench_offline.py", "--model", tiny_checkpoint, "--skip-transformers", "--num-prompts", "2",
+                    "--input-len", "8", "--output-len", "4", "--split-batch", "2", "--split-steps", "3",
+                    "--profile", "5")
+    assert "output tok/s" in out and "Self CPU time total" in out
+    assert "decode step at batch 2:" in out
+
+
+def test_spec_bench_runs_on_a_tiny_setting():
+    out = _run_tool("tools/bench_spec.py", "--batches", "2", "--k", "1", "--output-len", "6", "--repeats", "1",
+                    "--prompt-len", "16")
+    assert "batch 2: without MTP" in out and "greedy sequences identical 2/2" in out
