@@ -162,11 +162,12 @@ class Experts(nn.Module):
         c = torch.tensor(counts, device=x.device)  # [E]
         expert = torch.repeat_interleave(torch.arange(len(counts), device=x.device), c)  # [N]
         slot = torch.arange(x.shape[0], device=x.device) - (torch.cumsum(c, 0) - c)[expert]  # [N]
-        buf = x.new_zeros(len(counts), max(counts), x.shape[1])  # [E, M, D]
-        buf[expert, slot] = x
+        width = max(counts)
+        flat = expert * width + slot  # [N] row of each input in the padded buffer
+        buf = x.new_zeros(len(counts) * width, x.shape[1]).index_copy_(0, flat, x).view(len(counts), width, -1)
         gate, up = torch.bmm(buf, self.w13.transpose(1, 2)).chunk(2, dim=-1)  # [E, M, I] each
         y = torch.bmm(F.silu(gate) * up, self.w2.transpose(1, 2))  # [E, M, D]
-        return y[expert, slot]
+        return y.view(-1, y.shape[-1]).index_select(0, flat)
 
     def _fp8_expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
         i, half = self.inter, self.w13_scale_inv.shape[1] // 2
