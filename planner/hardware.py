@@ -213,7 +213,8 @@ class CPUProbe:
 
 
 def probe_cpu(seconds: float = 1.0, threads: int | None = None) -> CPUProbe:
-    """fp32 GEMM GFLOP/s at 256 and 8 rows, a small batched GEMM, GEMV read bandwidth, a tiny op.
+    """fp32 GEMM GFLOP/s at 256 and 8 rows, a small batched GEMM, GEMV read bandwidth, a tiny op;
+    the matmuls through the engine's own kernel (``engine.model.layers.linear``, prepacked on CPU).
 
     Each probe takes the best of a few runs over weights used in turn that together are
     several times the L3 of the CPUs seen here, so weights come from DRAM as in a decode
@@ -236,9 +237,14 @@ def probe_cpu(seconds: float = 1.0, threads: int | None = None) -> CPUProbe:
             times.append(time.perf_counter() - t0)
         return min(times)
 
+    from engine.model.layers import linear as engine_linear
+    from engine.model.layers import pack_weight
+
+    packed = [pack_weight(w) for w in weights]  # the engine's kernel: oneDNN-prepacked where it applies
+
     def linear(rows: int):
         x = torch.ones(rows, 1024)
-        return lambda i: torch.nn.functional.linear(x, weights[i])
+        return lambda i: engine_linear(x, weights[i], packed[i])
 
     xb = torch.ones(32, 4, 1024)
     share = seconds / 5
@@ -257,7 +263,8 @@ def probe_cpu(seconds: float = 1.0, threads: int | None = None) -> CPUProbe:
 
 
 # pdserve's own CPU kernels (engine/model/): routed experts as one padded bmm while every expert gets
-# <= 64 rows (engine/model/moe.py Experts.PADDED_MAX_ROWS); decode attention gathers the context rows
+# <= 64 rows (engine/model/moe.py Experts.PADDED_MAX_ROWS) and more than half the slots have rows (else
+# expert by expert: fewer weights read); decode attention gathers the context rows
 # (a read and a write) then reads them in two bmm (engine/model/attention.py): 4 passes.
 # Torch calls of one decode step of pdserve's engine, counted (not timed) by planner.cpu_check.count_ops
 # on the bench preset at batch 8: 155 per layer inside the model, ~120 outside it (inputs, sampling).
