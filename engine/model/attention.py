@@ -186,12 +186,14 @@ def _naive(q_nope: torch.Tensor, q_pe: torch.Tensor, ctx: torch.Tensor, w: MLAWe
     v = torch.einsum("lr,hvr->hlv", c_lat, w.w_uv)  # [H, L, Dv]
     k = torch.cat([k_nope, c_pe[None].expand(heads, ctx_len, -1)], dim=-1)  # [H, L, Dn+Dr]
     q = torch.cat([q_nope, q_pe], dim=-1).transpose(0, 1)  # [H, Q, Dn+Dr]
-    q_len = q.shape[1]
-    if q_len == ctx_len:
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=w.scale)
-    else:
-        mask = _causal_mask(q_len, ctx_len, q.device)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=w.scale)
+    q_len, dv = q.shape[1], v.shape[-1]
+    if dv < k.shape[-1]:
+        # zero columns make V as wide as K: torch's fused (flash) CPU kernel takes only equal head
+        # dims, else SDPA runs its math path, which is ~1.8x slower and holds [H, Q, L] scores
+        v = F.pad(v, (0, k.shape[-1] - dv))
+    mask = None if q_len == ctx_len else _causal_mask(q_len, ctx_len, q.device)
+    o = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, is_causal=mask is None,
+                                       scale=w.scale)[0, ..., :dv]
     return o.transpose(0, 1)  # [Q, H, Dv]
 
 
