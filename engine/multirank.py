@@ -95,18 +95,19 @@ class RankGroups:
 def init_rank(spec: RankSpec, device: torch.device | str) -> RankGroups:
     """Join the instance's process group and build this rank's groups; every rank calls it."""
     layout = spec.layout
+    timeout = datetime.timedelta(seconds=spec.timeout_s)  # every group's, not only the default one's
     dist.init_process_group(backend_for(torch.device(device)), init_method=spec.init_method, rank=spec.rank,
-                            world_size=layout.world, timeout=datetime.timedelta(seconds=spec.timeout_s))
-    ctx = init_parallel(layout)
+                            world_size=layout.world, timeout=timeout)
+    ctx = init_parallel(layout, timeout)
     control = leaders = None
     for d in range(layout.dp):  # every rank creates every group, in the same order
         ranks = list(range(d * layout.tp, (d + 1) * layout.tp))
         if layout.tp > 1:
-            group = dist.new_group(ranks, backend="gloo")
+            group = dist.new_group(ranks, backend="gloo", timeout=timeout)
             if spec.rank in ranks:
                 control = group
     if spec.lockstep:
-        leaders = dist.new_group([d * layout.tp for d in range(layout.dp)], backend="gloo")
+        leaders = dist.new_group([d * layout.tp for d in range(layout.dp)], backend="gloo", timeout=timeout)
     return RankGroups(spec, ctx, control, leaders)
 
 

@@ -157,6 +157,57 @@ def test_multirank_engine_greedy_equals_one_process(tiny_checkpoint, reference, 
 
 
 
+def _hung_follower_main(rank: int, model: str, init: str, out_dir: str, timeout_s: float, hang_s: float) -> None:
+    """TP2: the follower builds its runner, then stops answering for ``hang_s``; the leader steps."""
+    import json
+    import time
+
+    from engine.args import EngineArgs
+    from engine.engine import LLMEngine
+    from engine.model.config import ModelConfig
+    from engine.model.parallel import ParallelLayout
+    from engine.multirank import MultiRankExecutor, RankSpec, follow, init_rank
+
+    spec = RankSpec(ParallelLayout(tp=2), rank, init, timeout_s=timeout_s)
+    groups = init_rank(spec, "cpu")
+    args = EngineArgs(model=model, **ENGINE)
+    result: dict = {}
+    t0 = time.monotonic()
+    try:
+        if not spec.is_leader:
+            follow(args, ModelConfig.from_dir(model), groups, on_ready=lambda runner: time.sleep(hang_s))
+        else:
+            engine = LLMEngine(args, lambda a, cfg, outbox: MultiRankExecutor(a, cfg, outbox, groups))
+            engine.add_request("r0", [5, 6, 7, 8], GREEDY)
+            t0 = time.monotonic()
+            while engine.has_unfinished():
+                engine.step()
+    except Exception as e:  # noqa: BLE001 - the error is the result
+        result = {"error": f"{type(e).__name__}: {e}"}
+    result["seconds"] = time.monotonic() - t0
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+
+
+def test_a_hung_rank_fails_its_peers_collective_with_an_error_instead_of_a_hang(tiny_checkpoint):
+    """A follower that stops answering (alive, not dead) makes the leader's next step fail once the
+    process group's timeout passes: the engine thread gets an error (its worker then reports itself not
+    alive and the pool re-creates the instance, ``tests/test_pd_parallel.py``), it does not block."""
+    import json
+
+    timeout_s, hang_s = 3.0, 15.0
+    with tempfile.TemporaryDirectory() as out:
+        init = "file://" + os.path.join(out, "rendezvous")
+        mp.start_processes(_hung_follower_main, args=(tiny_checkpoint, init, out, timeout_s, hang_s), nprocs=2,
+                           start_method="spawn", join=True)
+        with open(os.path.join(out, "rank0.json")) as f:
+            leader = json.load(f)
+    print(leader)
+    assert "error" in leader, leader  # the step did not complete without its follower
+    assert leader["seconds"] < hang_s - 5, leader  # failed at the timeout, not when the follower came back
+    assert "timed out" in leader["error"].lower() or "timeout" in leader["error"].lower(), leader
+
+
 def _gpus() -> int:
     import torch
 

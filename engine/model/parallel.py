@@ -30,6 +30,7 @@ num_redundant_experts), validated here.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 
 import torch
 import torch.distributed as dist
@@ -116,9 +117,11 @@ def backend_for(device: torch.device) -> str:
     return "nccl" if torch.device(device).type == "cuda" else "gloo"
 
 
-def init_parallel(layout: ParallelLayout) -> ParallelContext:
+def init_parallel(layout: ParallelLayout, timeout: datetime.timedelta | None = None) -> ParallelContext:
     """This rank's context; every rank of the instance calls it (in the same order as any other
-    ``new_group``) after ``torch.distributed.init_process_group`` with ``world_size == layout.world``."""
+    ``new_group``) after ``torch.distributed.init_process_group`` with ``world_size == layout.world``.
+    ``timeout``: how long a collective of the TP and EP groups may wait (``new_group`` does not take
+    the default group's: without it a hung peer blocks for the backend's default, 30 minutes)."""
     if layout.world == 1:
         return ParallelContext.single()
     if not dist.is_initialized():
@@ -132,10 +135,10 @@ def init_parallel(layout: ParallelLayout) -> ParallelContext:
     if layout.tp > 1:
         for d in range(layout.dp):  # every rank creates every group, in the same order
             ranks = tuple(range(d * layout.tp, (d + 1) * layout.tp))
-            group = dist.new_group(list(ranks))
+            group = dist.new_group(list(ranks), timeout=timeout)
             if rank in ranks:
                 tp = ParallelGroup(rank % layout.tp, layout.tp, group, ranks)
     ep = ParallelGroup.single()
     if layout.ep > 1:
-        ep = ParallelGroup(rank, world, dist.new_group(list(range(world))), tuple(range(world)))
+        ep = ParallelGroup(rank, world, dist.new_group(list(range(world)), timeout=timeout), tuple(range(world)))
     return ParallelContext(layout, rank, tp, ep)
