@@ -23,7 +23,7 @@ from typing import AsyncIterator
 
 from engine.args import EngineArgs
 from engine.engine_loop import ABORTED, EngineLoop
-from engine.outputs import EngineError, EngineOverloaded, EngineStats, GenerateRequest, RequestOutput
+from engine.outputs import Admission, EngineError, EngineStats, GenerateRequest, RequestOutput
 
 
 class AsyncEngine:
@@ -32,7 +32,7 @@ class AsyncEngine:
         self.engine = None
         self.loop: EngineLoop | None = None
         self._closing = False
-        self._in_flight = 0  # sequences admitted by generate() and not finished yet
+        self.admission = Admission(args.admission_limit)  # sequences admitted by generate(), not finished yet
 
     # ---- EngineClient --------------------------------------------------------------
     @property
@@ -64,23 +64,15 @@ class AsyncEngine:
         self.loop = EngineLoop(self.engine)
         self.loop.ensure_started()
 
-    @property
-    def admission_limit(self) -> int:
-        """Sequences (running + waiting) beyond which ``generate`` answers ``EngineOverloaded``."""
-        return self.args.admission_limit
-
     async def generate(self, request: GenerateRequest) -> AsyncIterator[RequestOutput]:
         self._check_alive()
-        n = request.sampling_params.n
-        if self._in_flight + n > self.admission_limit:
-            raise EngineOverloaded(f"{self._in_flight} sequences in flight, {n} more would pass the limit of "
-                                   f"{self.admission_limit}")
+        slot = self.admission.admit(request.sampling_params.n)
         rid = request.request_id
         if self.loop.is_open(rid):
+            slot.release()
             raise ValueError(f"request_id: {rid!r} is already in flight")
         stream = self.loop.open(rid)
-        self._in_flight += n
-        admitted, finished = n, False
+        finished = False
         try:
             await self.loop.add(rid, request.prompt_token_ids, request.sampling_params, priority=request.priority)
             while True:
@@ -90,14 +82,13 @@ class AsyncEngine:
                 if isinstance(item, BaseException):
                     raise item
                 finished = item.finished
-                if finished:  # free the slot before the caller sees the end, so its next request fits
-                    self._in_flight -= admitted
-                    admitted = 0
+                if finished:
+                    slot.release()
                 yield item
                 if finished:
                     return
         finally:
-            self._in_flight -= admitted
+            slot.release()
             self.loop.close(rid)
             if not finished:
                 self.loop.abort(rid)

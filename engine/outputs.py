@@ -143,6 +143,35 @@ class EngineOverloaded(EngineError):
     """Too many requests waiting; the API answers 429 / RESOURCE_EXHAUSTED."""
 
 
+class Admission:
+    """Sequences in flight against ``limit`` (0: no limit), counted where requests arrive (the event
+    loop), so a burst is seen whole: the dev server's engine and the PD router admit the same way."""
+
+    def __init__(self, limit: int = 0):
+        self.limit = limit
+        self.in_flight = 0
+
+    def admit(self, n: int) -> "AdmissionSlot":
+        """Room for ``n`` more sequences, or ``EngineOverloaded`` past the limit."""
+        if self.limit and self.in_flight + n > self.limit:
+            raise EngineOverloaded(f"{self.in_flight} sequences in flight, {n} more would pass the limit of "
+                                   f"{self.limit}")
+        self.in_flight += n
+        return AdmissionSlot(self, n)
+
+
+class AdmissionSlot:
+    """One request's sequences; ``release`` gives them back once (later calls do nothing). Release
+    before the caller sees a request's last output, so its next request fits."""
+
+    def __init__(self, admission: Admission, n: int):
+        self._admission, self._n = admission, n
+
+    def release(self) -> None:
+        self._admission.in_flight -= self._n
+        self._n = 0
+
+
 class EngineClient(Protocol):
     """The seam between API surfaces and whatever runs the model (local engine or PD router)."""
 

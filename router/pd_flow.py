@@ -54,7 +54,8 @@ import time
 from typing import Any, AsyncIterator
 
 from deploy.contract import NAMESPACE, PrefillResult, TransferReport
-from engine.outputs import EngineError, EngineOverloaded, EngineStats, GenerateRequest, RequestMetrics, RequestOutput
+from engine.outputs import (Admission, EngineError, EngineOverloaded, EngineStats, GenerateRequest, RequestMetrics,
+                            RequestOutput)
 from engine.sampling_params import Continuation, SamplingParams, max_new_tokens
 from router.experts import EPLBConfig, ExpertBalancer
 from router.metrics import RouterMetrics
@@ -128,8 +129,7 @@ class PDClient:
         self.pool_max_model_len: dict[str, int] = {}
         self.eos_token_ids: list[int] = []
         self._active: dict[str, dict[str, _Leg]] = {}  # user rid -> seq rid -> its current leg
-        self._in_flight = 0  # sequences admitted by generate() and not finished
-        self.admission_limit = 0  # learnt in start()
+        self.admission = Admission()  # its limit is learnt in start()
 
     # ---- lifecycle -------------------------------------------------------------------
     async def start(self) -> None:
@@ -147,7 +147,7 @@ class PDClient:
         info = infos["decode"][0]
         self.model_name, self.eos_token_ids = info.model_name, info.eos_token_ids
         self.max_model_len = min(self.pool_max_model_len.values())
-        self.admission_limit = self.config.max_in_flight or sum(i.admission_limit for i in infos["decode"])
+        self.admission.limit = self.config.max_in_flight or sum(i.admission_limit for i in infos["decode"])
         block_size = infos["prefill"][0].block_size
         self.policy = Policy(PrefixAffinity(block_size, self.config.affinity_entries),
                              self.config.affinity_slack_tokens)
@@ -185,27 +185,25 @@ class PDClient:
             leg.abort(self.registry)
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[RequestOutput]:
-        """Admission as on one engine: past ``admission_limit`` sequences in flight a request is answered
+        """Admission as on one engine (``Admission``): past its limit of sequences in flight a request is answered
         ``EngineOverloaded`` (429 with Retry-After) at once, so an admitted one's wait stays bounded."""
         if self.policy is None:
             raise EngineError("the router is not started")
         sp = request.sampling_params
-        if self.admission_limit and self._in_flight + sp.n > self.admission_limit:
+        try:
+            slot = self.admission.admit(sp.n)
+        except EngineOverloaded:
             self.metrics.failures.labels("overloaded").inc()
-            raise EngineOverloaded(f"{self._in_flight} sequences in flight, {sp.n} more would pass the limit of "
-                                   f"{self.admission_limit}")
-        self._in_flight += sp.n
-        admitted = sp.n
+            raise
         self._active[request.request_id] = {}
         try:
             outputs = (self._sequence(request, request.request_id, sp, 0) if sp.n == 1 else self._fan_out(request))
             async for out in outputs:
-                if out.finished:  # free the slots before the caller sees the end, so its next request fits
-                    self._in_flight -= admitted
-                    admitted = 0
+                if out.finished:
+                    slot.release()
                 yield out
         finally:
-            self._in_flight -= admitted
+            slot.release()
             self._active.pop(request.request_id, None)
 
     async def _fan_out(self, request: GenerateRequest) -> AsyncIterator[RequestOutput]:

@@ -185,14 +185,14 @@ def test_short_soak_through_the_router(router, tmp_path, capsys):
     import soak
 
     url, client = router
-    limit, client.admission_limit = client.admission_limit, 24
+    limit, client.admission.limit = client.admission.limit, 24
     out = tmp_path / "report.json"
     try:
         code = soak.main(["--base-url", url, "--requests", "120", "--concurrency", "6", "--warmup", "12",
                           "--max-tokens", "4:16", "--burst", "48", "--burst-ttft-factor", "3", "--timeout", "120",
                           "--json", str(out)])
     finally:
-        client.admission_limit = limit
+        client.admission.limit = limit
     printed = capsys.readouterr().out
     print(printed)
     report = json.loads(out.read_text())
