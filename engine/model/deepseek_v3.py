@@ -261,18 +261,20 @@ class DeepseekV3ForCausalLM(nn.Module):
         ``layers.pack_weight``) beside the weights; returns the bytes they take (0 where none applies).
         ``kv_b_proj`` is left out: attention reads it as per-head matrices, never as a matmul."""
         total = 0
-        for name, m in self.named_modules():
-            if isinstance(m, (_Linear, ParallelLMHead)) and not name.endswith("kv_b_proj") \
-                    and not getattr(m, "fp8", False):
+        for name, m in self._matmul_modules():
+            if not name.endswith("kv_b_proj") and not getattr(m, "fp8", False):
                 m.packed = pack_weight(m.weight)
                 if m.packed is not None:
                     total += m.weight.numel() * m.weight.element_size()
         return total
 
     def _unpack_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, (_Linear, ParallelLMHead)):
-                m.packed = None
+        for _, m in self._matmul_modules():
+            m.packed = None
+
+    def _matmul_modules(self):
+        """(name, module) of every layer whose weight may hold a prepacked copy (``packed``)."""
+        return ((n, m) for n, m in self.named_modules() if isinstance(m, (_Linear, ParallelLMHead)))
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copy checkpoint tensors (by checkpoint name) into parameters; returns the names loaded.

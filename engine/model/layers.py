@@ -94,7 +94,8 @@ class ParallelGroup:
 
 
 # oneDNN's prepacked fp32 matmul (the kernel torch.compile's CPU backend uses for frozen weights):
-# 2-4x faster than F.linear's MKL sgemm for a few rows on AVX2 (bench preset, 8 rows: head 19.7 -> 4.8 ms),
+# 2-4x faster than F.linear's MKL sgemm for a few rows (fp32, measured side by side on an AMD EPYC with AVX2,
+# no AVX-512/AMX; bench preset, 8 rows: head 19.7 -> 4.8 ms),
 # no faster for prefill-sized inputs, so rows above PACKED_MAX_ROWS go to F.linear. Each call costs
 # ~40 us of its own, more than a small matmul takes: weights under PACKED_MIN_NUMEL stay unpacked.
 PACKED_MAX_ROWS = 256

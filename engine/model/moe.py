@@ -136,7 +136,8 @@ class Experts(nn.Module):
     # Below this many rows per expert, all experts run as one padded bmm: many tiny per-expert
     # matmuls are far slower on CPU (measured 8x at decode batch 32 on the bench preset) -- unless
     # at most half the slots have rows: the bmm would still read every slot's weights, and a decode
-    # step of a few tokens is bound by reading weights (bench preset, 1-2 tokens: 4-5x faster looped).
+    # step of a few tokens is bound by reading weights (bench preset, fp32, 1-2 tokens: 4-5x faster looped,
+    # side by side on an AMD EPYC with AVX2).
     PADDED_MAX_ROWS = 64
 
     def forward(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
