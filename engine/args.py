@@ -41,6 +41,9 @@ class EngineArgs:
     # CPU, float32: also hold oneDNN-prepacked copies of the projection and head weights (2-4x faster
     # matmuls for decode-sized batches; memory of those weights twice; engine.model.layers.pack_weight)
     prepack_weights: bool = True
+    # CPU, float32, AVX2 + FMA: routed experts with few rows each (decode) run through pdserve's own kernel
+    # (engine/kernels/cpu_gemm.py; built on first use, ~40 s once, then cached); off: torch's bmm/sgemm
+    cpu_kernels: bool = True
     # kv cache
     block_size: int = 64
     kv_cache_memory_gb: float = 1.0  # budget for the latent cache of every layer (MTP included)

@@ -128,6 +128,8 @@ class ModelRunner:
             packed = model.pack_weights()
             if packed:
                 log.info("prepacked %.1f MiB of projection and head weights for oneDNN's CPU matmuls", packed / 2**20)
+        if args.cpu_kernels and self.device.type == "cpu":
+            model.use_cpu_kernels()  # logs whether the kernel is on, and if not, why
         return model.eval()
 
     def _keep_fp8(self, args: EngineArgs) -> bool:

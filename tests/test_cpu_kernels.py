@@ -1,20 +1,26 @@
-"""The CPU fast paths of the decode step: oneDNN-prepacked matmuls and the routed experts' kernel choice.
+"""The CPU fast paths of the decode step: oneDNN-prepacked matmuls, the routed experts' kernel choice
+and pdserve's own grouped GEMM for few rows per expert (engine/kernels/cpu_gemm.py).
 
 Each path must compute what the plain one does (fp32, to rounding), and the engine must give the
-same greedy tokens with prepacking on and off.
+same greedy tokens with each of them on and off.
 """
 
 from __future__ import annotations
+
+import shutil
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from engine import LLM, SamplingParams
+from engine.kernels import cpu_gemm
 from engine.model import layers
 from engine.model.moe import Experts
 
 HAS_PACKED = layers.pack_weight(torch.zeros(1024, 1024)) is not None
+CAN_BUILD = {"avx2", "fma"} <= cpu_gemm.cpu_flags() and shutil.which("c++") is not None
+needs_kernel = pytest.mark.skipif(not CAN_BUILD, reason="the CPU expert kernel needs x86 AVX2 + FMA and a C++ compiler")
 
 
 @pytest.mark.skipif(not HAS_PACKED, reason="this torch build has no oneDNN prepacked fp32 matmul")
@@ -35,12 +41,62 @@ def test_pack_weight_declines_what_does_not_pay():
     assert layers.pack_weight(torch.zeros(4, 1024, 1024)) is None
 
 
+@needs_kernel
+def test_the_kernel_builds_where_it_can():
+    """Where the CPU and a compiler allow it, the kernel must load: a failed build is a bug here, not
+    a reason to fall back quietly."""
+    assert cpu_gemm.load() is not None, cpu_gemm.unavailable_reason()
+
+
+@needs_kernel
+@pytest.mark.parametrize("counts", [[1], [3, 0, 7, 1, 0, 2], [0, 0, 5], [16, 9, 4, 1], [33, 2]])
+@pytest.mark.parametrize("n", [37, 128, 130])
+def test_grouped_gemm_matches_per_expert_matmuls(counts, n):
+    """Rows of any count per expert (tiles of 4 and the remainder), experts with none, an odd number of
+    weight rows (the single-row tail) and blocks that end past N."""
+    cpu_gemm.load()
+    torch.manual_seed(len(counts) * n)
+    k = 40
+    w = torch.randn(len(counts), n, k)
+    x = torch.randn(sum(counts), k)
+    starts = [sum(counts[:e]) for e in range(len(counts))]
+    want = torch.cat([x[s:s + c] @ w[e].T for e, (s, c) in enumerate(zip(starts, counts))])
+    torch.testing.assert_close(cpu_gemm.grouped_gemm(x, w, counts), want, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_grouped_gemm_refuses_inputs_it_does_not_fit():
+    cpu_gemm.load()
+    w, x = torch.randn(2, 16, 8), torch.randn(3, 8)
+    for bad, msg in [((x, w, [1, 1]), "counts sum to 2"), ((x, w, [3]), "1 counts for 2 experts"),
+                     ((torch.randn(3, 12), torch.randn(2, 16, 12), [1, 2]), "multiple of 8"),
+                     ((x.double(), w, [1, 2]), "float32 only")]:
+        with pytest.raises(RuntimeError, match=msg):
+            cpu_gemm.grouped_gemm(*bad)
+
+
+def test_kernel_off_by_environment_says_why(monkeypatch, caplog):
+    monkeypatch.setattr(cpu_gemm, "_state", {})
+    monkeypatch.setenv("PDSERVE_CPU_KERNELS", "0")
+    with caplog.at_level("WARNING", logger="engine.kernels.cpu_gemm"):
+        assert cpu_gemm.load() is None
+    assert cpu_gemm.unavailable_reason() == "PDSERVE_CPU_KERNELS=0"
+    assert "PDSERVE_CPU_KERNELS=0" in caplog.text
+    experts = Experts(4, 64, 32, torch.float32)
+    assert experts.use_cpu_kernel() is False and experts.cpu_kernel is False
+    with pytest.raises(RuntimeError, match="unavailable"):
+        cpu_gemm.grouped_gemm(torch.zeros(1, 8), torch.zeros(1, 8, 8), [1])
+
+
+@pytest.mark.parametrize("cpu_kernel", [False, pytest.param(True, marks=needs_kernel)])
 @pytest.mark.parametrize("tokens", [1, 2, 5, 40])
-def test_expert_kernels_agree(tokens):
-    """Few active slots run expert by expert, many run as one padded bmm: same result either way."""
+def test_expert_kernels_agree(tokens, cpu_kernel):
+    """Few active slots run expert by expert, many run as one padded bmm, few rows per expert through
+    the CPU kernel: same result every way."""
     torch.manual_seed(tokens)
     e, d, inter, k = 8, 64, 32, 2
     experts = Experts(e, d, inter, torch.float32)
+    assert experts.use_cpu_kernel() is True if cpu_kernel else experts.cpu_kernel is False
     with torch.no_grad():
         experts.w13.normal_(std=0.1)
         experts.w2.normal_(std=0.1)
@@ -62,10 +118,26 @@ def test_engine_tokens_same_with_and_without_prepacking():
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     outs = {}
     for prepack in (True, False):
-        llm = LLM(dtype="float32", prepack_weights=prepack, speculative="mtp", kv_cache_memory_gb=0.05)
+        llm = LLM(dtype="float32", prepack_weights=prepack, cpu_kernels=False, speculative="mtp",
+                  kv_cache_memory_gb=0.05)
         model = llm.engine.executor.runner.model
         assert (model.lm_head.packed is not None) == prepack
         assert (model.mtp[0].shared_head.head.packed is not None) == prepack
         assert model.layers[0].self_attn.o_proj.packed is None  # 256 x 128: not worth a oneDNN call
         outs[prepack] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    assert outs[True] == outs[False]
+
+
+@needs_kernel
+def test_engine_tokens_same_with_and_without_the_cpu_expert_kernel():
+    """The bundled model with MTP (batches of 1-6 sequences, 1-2 rows per expert per step): the kernel is
+    on for every routed-expert layer, the MTP layer's included, and greedy tokens do not change."""
+    prompts = [[(5 * i + 11 * j) % 4000 + 2 for j in range(4 + 5 * i)] for i in range(6)]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    outs = {}
+    for on in (True, False):
+        llm = LLM(dtype="float32", cpu_kernels=on, speculative="mtp", kv_cache_memory_gb=0.05)
+        experts = [m for m in llm.engine.executor.runner.model.modules() if isinstance(m, Experts)]
+        assert experts and all(m.cpu_kernel is on for m in experts)
+        outs[on] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
     assert outs[True] == outs[False]

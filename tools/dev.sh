@@ -15,6 +15,8 @@ setup() {
   # Install torch alone first: the pin resolves to the CPU wheel before anything else can ask for torch.
   .venv/bin/python -m pip install -q -c constraints.txt "torch==2.13.0"
   .venv/bin/python -m pip install -q -c constraints.txt -e ".[test]"
+  # Build the CPU expert kernel once (~40 s; cached), not inside the first server or test that needs it.
+  .venv/bin/python -m engine.kernels.cpu_gemm
   # promtool (Debian's prometheus package) checks the /metrics exposition in the tests
   if ! command -v promtool >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
     (apt-get update -qq && apt-get install -y -qq prometheus >/dev/null) || echo "warning: could not install promtool" >&2

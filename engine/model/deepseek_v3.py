@@ -56,7 +56,7 @@ from engine.model.layers import (
     _Linear,
     pack_weight,
 )
-from engine.model.moe import MoE
+from engine.model.moe import Experts, MoE
 from engine.model.parallel import ParallelContext
 from engine.model.rope import RotaryEmbedding
 from engine.model.token_split import TokenSplit
@@ -267,6 +267,11 @@ class DeepseekV3ForCausalLM(nn.Module):
                 if m.packed is not None:
                     total += m.weight.numel() * m.weight.element_size()
         return total
+
+    def use_cpu_kernels(self) -> bool:
+        """Run the routed experts of decode-sized batches through pdserve's CPU kernel where it applies
+        (``Experts.use_cpu_kernel``: fp32 on a CPU with AVX2 + FMA whose kernel built); whether any do."""
+        return any([m.use_cpu_kernel() for m in self.modules() if isinstance(m, Experts)])
 
     def _unpack_weights(self) -> None:
         for _, m in self._matmul_modules():

@@ -101,6 +101,7 @@ class Experts(nn.Module):
         super().__init__()
         self.inter = inter
         self.fp8 = fp8
+        self.cpu_kernel = False  # use_cpu_kernel(): engine/kernels/cpu_gemm.py for few rows per expert
         if not fp8:
             self.w13 = _param((num_local, 2 * inter, hidden), dtype, None)
             self.w2 = _param((num_local, hidden, inter), dtype, None)
@@ -139,9 +140,26 @@ class Experts(nn.Module):
     # step of a few tokens is bound by reading weights (bench preset, fp32, 1-2 tokens: 4-5x faster looped,
     # side by side on an AMD EPYC with AVX2).
     PADDED_MAX_ROWS = 64
+    # With pdserve's CPU kernel (fp32, AVX2 + FMA), up to this many rows per expert: it reads each active
+    # expert's weights once and pads nothing; above it MKL's bmm/sgemm win (engine/kernels/cpu_gemm.py).
+    GROUPED_MAX_ROWS = 16
+
+    def use_cpu_kernel(self) -> bool:
+        """Route few-rows-per-expert batches through ``engine.kernels.cpu_gemm`` where it applies (fp32
+        weights on a CPU whose kernel built); returns whether it does."""
+        from engine.kernels import cpu_gemm
+
+        self.cpu_kernel = (not self.fp8 and self.w13.device.type == "cpu" and self.w13.dtype == torch.float32
+                           and self.w13.shape[-1] % 8 == 0 and self.inter % 8 == 0 and cpu_gemm.load() is not None)
+        return self.cpu_kernel
 
     def forward(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """x [N, D] sorted by expert, counts[e] rows each -> [N, D]."""
+        if self.cpu_kernel and 0 < max(counts) <= self.GROUPED_MAX_ROWS:
+            from engine.kernels.cpu_gemm import grouped_gemm
+
+            gate, up = grouped_gemm(x, self.w13, counts).chunk(2, dim=-1)
+            return grouped_gemm(F.silu(gate) * up, self.w2, counts)
         active = sum(1 for n in counts if n)
         if not self.fp8 and 0 < max(counts) <= self.PADDED_MAX_ROWS and 2 * active > len(counts):
             return self._padded(x, counts)

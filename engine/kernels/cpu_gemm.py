@@ -1,0 +1,106 @@
+"""pdserve's own CPU kernel for the routed experts of decode-sized batches: an fp32 grouped GEMM
+for x86-64 with AVX2 + FMA (``cpu_gemm.cpp``).
+
+Why: in a decode step each routed expert gets a few rows (batch x top-k / experts: 1 at batch 8 on
+the bench preset), and MKL's ``bmm`` / ``sgemm`` at 1-8 rows run far below the machine's memory
+bandwidth, while the step has to read every active expert's weights once. The kernel streams each
+active expert's weight rows once, skips experts with no rows (no padding) and spreads (expert,
+block of weight rows) items over torch's intra-op threads. Measured side by side on a 2-core AMD
+EPYC (AVX2 + FMA, no AVX-512), 32 experts of the bench preset's ``w13`` [512, 1024], fp32: 4 rows
+per expert 2.8 ms vs ``bmm`` 5.2 ms, 1 row 2.7 vs 2.0-2.5 ms (noise: +-15%), 32 rows slower than
+``bmm`` (hence ``GROUPED_MAX_ROWS`` in ``engine/model/moe.py``).
+
+Built on first use by ``torch.utils.cpp_extension`` (a C++ compiler and ninja; ~40 s on 2 cores,
+once: the build is cached under ``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``,
+and concurrent processes wait on its lock). ``load()`` returns the module or None; when the CPU
+lacks AVX2/FMA, the build fails or ``PDSERVE_CPU_KERNELS=0``, the reason is logged once and the
+callers keep torch's kernels.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+from types import ModuleType
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_gemm.cpp")
+_lock = threading.Lock()
+_state: dict[str, object] = {}  # "module": ModuleType | None once tried, "reason": why not
+
+
+def cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _why_not() -> str | None:
+    if os.environ.get("PDSERVE_CPU_KERNELS", "1") == "0":
+        return "PDSERVE_CPU_KERNELS=0"
+    missing = {"avx2", "fma"} - cpu_flags()
+    if missing:
+        return f"this CPU lacks {', '.join(sorted(missing))}"
+    return None
+
+
+def _build() -> ModuleType:
+    from torch.utils.cpp_extension import load as build
+
+    # torch runs `ninja` from PATH; the `ninja` dependency installs it beside this interpreter, which
+    # is not on PATH when the venv is not activated.
+    path = os.environ.get("PATH", "")
+    os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), path])
+    try:
+        # No -march=native: the cached binary may be loaded on another CPU model of the same image;
+        # AVX2 + FMA is what the kernel needs and what _why_not() checked.
+        return build("pdserve_cpu_gemm", [_SOURCE], extra_cflags=["-O3", "-mavx2", "-mfma"], verbose=False)
+    finally:
+        os.environ["PATH"] = path
+
+
+def load() -> ModuleType | None:
+    """The built kernel module, or None (the reason logged once, and kept in ``unavailable_reason()``)."""
+    with _lock:
+        if "module" in _state:
+            return _state["module"]  # type: ignore[return-value]
+        module, reason = None, _why_not()
+        if reason is None:
+            try:
+                module = _build()
+            except Exception as e:  # noqa: BLE001  (no compiler, no ninja, a failed build: keep torch's kernels)
+                reason = f"the kernel did not build ({type(e).__name__}: {str(e).strip().splitlines()[-1][:300]})"
+        if module is None:
+            log.warning("CPU expert kernel off, routed experts use torch's bmm/sgemm: %s", reason)
+        else:
+            log.info("CPU expert kernel loaded (engine/kernels/cpu_gemm.cpp, AVX2 + FMA)")
+        _state.update(module=module, reason=reason)
+        return module
+
+
+def unavailable_reason() -> str | None:
+    return _state.get("reason")  # type: ignore[return-value]
+
+
+def grouped_gemm(x: torch.Tensor, w: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """``x [T, K]`` (rows grouped by expert, ``counts[e]`` each, in expert order) times ``w [E, N, K]``
+    -> ``[T, N]``: row t times ``w[expert of t].T``. fp32 CPU tensors; ``load()`` must have succeeded."""
+    module = _state.get("module")
+    if module is None:
+        raise RuntimeError(f"CPU expert kernel unavailable: {unavailable_reason() or 'load() not called'}")
+    return module.grouped_gemm(x.contiguous(), w.contiguous(), counts)  # type: ignore[attr-defined]
+
+
+if __name__ == "__main__":  # build (or find) the kernel once: tools/dev.sh setup runs this
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    load()
