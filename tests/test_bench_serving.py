@@ -1,0 +1,103 @@
+"""``tools/bench_serving.py`` on a tiny setting, as CI runs every benchmark script: pdserve and the
+transformers baseline really serve the workload, a vLLM without its venv is reported as not run
+(and fails the exit status), the docs block is regenerated, and no server outlives the script.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(REPO, "tools", "bench_serving.py")
+BEGIN, END = "<!-- bench_serving:begin -->", "<!-- bench_serving:end -->"
+DOCS = f"# Benchmarks\n\nbefore\n{BEGIN}\n(not generated yet)\n{END}\nafter\n"
+
+pytestmark = pytest.mark.timeout(240)
+
+
+@pytest.fixture(scope="module")
+def tool():
+    """The script as a module (it puts tools/ on sys.path for ``machine``)."""
+    spec = importlib.util.spec_from_file_location("bench_serving", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    yield mod
+    sys.modules.pop(spec.name, None)
+
+
+def test_tiny_run_serves_two_and_reports_vllm_not_run(tool, tmp_path):
+    docs = tmp_path / "BENCHMARKS.md"
+    docs.write_text(DOCS)
+    out = tmp_path / "report.json"
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_VENV"}
+    proc = subprocess.run(
+        [sys.executable, SCRIPT, "--preset", "tiny", "--servers", "pdserve,transformers,vllm",
+         "--vllm-venv", str(tmp_path / "no-vllm-venv"), "--concurrency", "1,2", "--num-prompts", "2",
+         "--hf-num-prompts", "2", "--input-len", "16", "--output-len", "4", "--start-timeout", "120",
+         "--request-timeout", "60", "--work-dir", str(tmp_path / "work"), "--json", str(out),
+         "--write-docs", str(docs)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=220)
+    log = proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert proc.returncode == 1, log  # vLLM was asked for and could not run
+    assert "Traceback" not in proc.stdout + proc.stderr, log
+    assert "vLLM CPU: not run: no vLLM venv (build it with tools/peers/setup_vllm.sh)" in proc.stderr
+
+    doc = json.loads(out.read_text())
+    servers = {s["name"]: s for s in doc["servers"]}
+    assert list(servers) == ["pdserve", "transformers", "vllm"]
+    for name in ("pdserve", "transformers"):
+        srv = servers[name]
+        assert srv["status"] == "ok", srv["reason"]
+        assert f"--dtype {doc['dtype']}" in " ".join(srv["cmd"])  # the one resolved dtype for every server
+        assert [r["concurrency"] for r in srv["runs"]] == [1, 2]
+        for run in srv["runs"]:
+            s = run["summary"]
+            assert (s["completed"], s["failed"], s["total_input_tokens"], s["total_output_tokens"]) == (2, 0, 32, 8)
+            assert s["output_throughput"] > 0 and s["ttft_ms"]["p99"] > 0 and s["tpot_ms"]["p99"] > 0
+    vllm = servers["vllm"]
+    assert (vllm["status"], vllm["runs"], vllm["pid"]) == ("not run", [], None)
+    assert [(r["concurrency"], r["vs"], r["output_throughput"] > 0) for r in doc["ratios"] if r["vs"] == "transformers"
+            ] == [(1, "transformers", True), (2, "transformers", True)]
+
+    text = docs.read_text()
+    assert text.startswith(f"# Benchmarks\n\nbefore\n{BEGIN}\n") and text.endswith(f"{END}\nafter\n")
+    block = text.split(BEGIN)[1].split(END)[0]
+    assert block.strip() == doc["markdown"] and "(not generated yet)" not in block
+    assert tool.cpu_description() in block and doc["dtype"] in block
+    assert "| 1 | pdserve | " in block and "| 2 | transformers " in block
+    assert "| 1 | vLLM CPU | not run: no vLLM venv (build it with tools/peers/setup_vllm.sh) |" in block
+    # the commands, with the checkpoint as $CKPT
+    assert "make-random $CKPT --preset tiny" in block and "pdserve serve --model $CKPT" in block
+    assert "hf_server.py --model $CKPT" in block and "pdserve bench --base-url" in block
+
+    for name in ("pdserve", "transformers"):  # stopped, with their whole process group
+        srv = servers[name]
+        with pytest.raises(ProcessLookupError):
+            os.killpg(srv["pid"], 0)
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", srv["port"]), timeout=2).close()
+
+
+def test_docs_without_markers_are_refused_before_anything_runs(tmp_path):
+    docs = tmp_path / "BENCHMARKS.md"
+    docs.write_text("# Benchmarks\n\nno markers\n")
+    proc = subprocess.run([sys.executable, SCRIPT, "--write-docs", str(docs), "--work-dir", str(tmp_path / "work")],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert f"needs exactly one {BEGIN}" in proc.stderr
+    assert not (tmp_path / "work").exists()
+
+
+def test_prompts_per_level(tool):
+    assert [tool.default_num_prompts("pdserve", c) for c in (1, 8, 32, 64)] == [16, 64, 64, 128]
+    assert [tool.default_num_prompts("transformers", c) for c in (1, 8, 32, 64)] == [4, 16, 32, 64]
+    assert tool.prompts_per_level([5], "vllm", [1, 8]) == [5, 5]
+    assert tool.prompts_per_level([3, 7], "transformers", [1, 8]) == [3, 7]
