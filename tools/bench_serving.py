@@ -123,6 +123,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="vLLM's venv (default: $VLLM_VENV)")
     ap.add_argument("--start-timeout", type=float, default=600.0, help="seconds a server may take to answer")
     ap.add_argument("--request-timeout", type=float, default=300.0, help="pdserve bench --timeout (per request)")
+    ap.add_argument("--hf-request-timeout", type=float, default=1200.0,
+                    help="the same for the transformers baseline: with static batching a request that misses "
+                         "a batch waits for the whole batch before it (~5 min at C=32 on 2 cores)")
     ap.add_argument("--work-dir", default=None, help="checkpoint, logs and per-run JSON (default: a new temp dir)")
     ap.add_argument("--json", default=None, metavar="OUT", help="write the machine, commands and every summary")
     ap.add_argument("--write-docs", default=None, metavar="PATH",
@@ -170,12 +173,15 @@ class Shown:
         self.names.append((os.path.abspath(path), f"${var}"))
         self.names.sort(key=lambda p: -len(p[0]))  # the longest path first: $CKPT inside $WORK
 
-    def arg(self, a: str) -> str:
+    def _path(self, a: str) -> str:
         for path, var in [*self.names, (ROOT, "")]:
             if a == path or a.startswith(path + os.sep):
-                a = var + a[len(path):] if var else os.path.relpath(a, ROOT)
-                break
-            a = a.replace(path + os.sep, var + os.sep if var else "")  # inside a value, e.g. LD_PRELOAD
+                return var + a[len(path):] if var else os.path.relpath(a, ROOT)
+        return a
+
+    def arg(self, a: str) -> str:
+        if a.startswith(os.sep):  # a path, or a list of them (LD_PRELOAD)
+            a = os.pathsep.join(map(self._path, a.split(os.pathsep)))
         return a if re.fullmatch(r"[\w@%+=:,./$-]+", a) else shlex.quote(a)
 
     def __call__(self, cmd: list[str], env: dict[str, str] | None = None) -> str:
@@ -248,7 +254,7 @@ class Server:
             self.status, self.reason = "failed", reason
 
 
-def make_server(name: str, ckpt: str, dtype: str, args: argparse.Namespace) -> Server:
+def make_server(name: str, ckpt: str, dtype: str, args: argparse.Namespace, shown: Shown) -> Server:
     port = free_port()
     if name == "pdserve":
         cmd = [*pdserve_cmd(), "serve", "--model", ckpt, "--device", "cpu", "--dtype", dtype,
@@ -270,6 +276,8 @@ def make_server(name: str, ckpt: str, dtype: str, args: argparse.Namespace) -> S
            "--max-model-len", str(max_model_len)]
     env = {"VLLM_CPU_KVCACHE_SPACE": str(KV_CACHE_GB), "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
     preload = [p for p in (_tcmalloc(), os.path.join(venv, "lib", "libiomp5.so")) if p and os.path.exists(p)]
+    if preload and "tcmalloc" in preload[0]:
+        shown.name(preload[0], "TCMALLOC")  # defined in the report by the ldconfig line that finds it
     if preload:
         env["LD_PRELOAD"] = ":".join(preload)
     version = _version(python, "vllm-cpu") or _version(python, "vllm")
@@ -347,16 +355,17 @@ def run_bench(srv: Server, level: int, num_prompts: int, vocab: int, args, work:
     """One ``pdserve bench`` call against ``srv`` at concurrency ``level``; its summary, or why none."""
     out = os.path.join(work, f"{srv.name}-c{level}.json")
     log = os.path.join(work, f"{srv.name}-c{level}.bench.log")
+    timeout = args.hf_request_timeout if srv.name == "transformers" else args.request_timeout
     cmd = [*pdserve_cmd(), "bench", "--base-url", srv.url, "--dataset", "random",
            "--input-len", str(args.input_len), "--output-len", str(args.output_len), "--ignore-eos",
            "--vocab-size", str(vocab), "--seed", str(args.seed), "--concurrency", str(level),
-           "--num-prompts", str(num_prompts), "--timeout", f"{args.request_timeout:g}", "--json", out,
+           "--num-prompts", str(num_prompts), "--timeout", f"{timeout:g}", "--json", out,
            "--no-progress"]
     run: dict[str, Any] = {"concurrency": level, "num_prompts": num_prompts, "command": shown(cmd), "json": out,
                            "log": log, "summary": None, "error": None}
     print(f"$ {run['command']}", flush=True)
     # every request is bounded by --timeout: the warm-up, then ceil(N / C) rounds at most
-    limit = (1 + math.ceil(num_prompts / level)) * args.request_timeout + 120
+    limit = (1 + math.ceil(num_prompts / level)) * timeout + 120
     t0 = time.monotonic()
     try:
         with open(log, "wb") as f:
@@ -540,7 +549,7 @@ def main(argv: list[str] | None = None) -> int:
             "concurrency": args.concurrency, "work_dir": work, "num_prompts": {}}
     servers: list[Server] = []
     for name in args.servers:
-        srv = make_server(name, ckpt, choice.dtype, args)
+        srv = make_server(name, ckpt, choice.dtype, args, shown)
         prompts = prompts_per_level(args.hf_num_prompts if name == "transformers" else args.num_prompts, name,
                                     args.concurrency)
         meta["num_prompts"][name] = prompts
@@ -552,6 +561,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         if name == "vllm":
             commands.append("# $VLLM_VENV: vLLM's venv, built by tools/peers/setup_vllm.sh")
+            if "$TCMALLOC" in shown(srv.cmd, srv.env):
+                commands.append("TCMALLOC=$(ldconfig -p | awk '/libtcmalloc_minimal.so.4 /{print $NF; exit}')")
         bench_server(srv, args.concurrency, prompts, vocab, args, work, shown)
         commands += [f"# {srv.label}", shown(srv.cmd, srv.env) + " &", *(r["command"] for r in srv.runs)]
 
