@@ -1,2 +1,3 @@
-"""GPU kernels (Triton). Import a kernel module only where Triton is installed; on CPU they run
-under ``TRITON_INTERPRET=1`` for correctness checks on small shapes."""
+"""Kernels of pdserve's own. ``fp8_gemm_triton``: GPU (Triton); import it only where Triton is
+installed; on CPU it runs under ``TRITON_INTERPRET=1`` for correctness checks on small shapes.
+``cpu_gemm``: the CPU expert kernel (C++, AVX2 + FMA), built on first use; see its docstring."""
