@@ -27,6 +27,8 @@ from types import ModuleType
 
 import torch
 
+from engine.dtype_choice import cpu_flags
+
 log = logging.getLogger(__name__)
 
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_gemm.cpp")
@@ -34,21 +36,13 @@ _lock = threading.Lock()
 _state: dict[str, object] = {}  # "module": ModuleType | None once tried, "reason": why not
 
 
-def cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
 def _why_not() -> str | None:
     if os.environ.get("PDSERVE_CPU_KERNELS", "1") == "0":
         return "PDSERVE_CPU_KERNELS=0"
-    missing = {"avx2", "fma"} - cpu_flags()
+    flags = cpu_flags()
+    if flags is None:
+        return "the CPU's flags are unreadable (no /proc/cpuinfo), AVX2 + FMA unknown"
+    missing = {"avx2", "fma"} - flags
     if missing:
         return f"this CPU lacks {', '.join(sorted(missing))}"
     return None
@@ -79,7 +73,8 @@ def load() -> ModuleType | None:
             try:
                 module = _build()
             except Exception as e:  # noqa: BLE001  (no compiler, no ninja, a failed build: keep torch's kernels)
-                reason = f"the kernel did not build ({type(e).__name__}: {str(e).strip().splitlines()[-1][:300]})"
+                last = (str(e).strip().splitlines() or [""])[-1][:300]  # the compiler's last line
+                reason = f"the kernel did not build ({type(e).__name__}: {last})"
         if module is None:
             log.warning("CPU expert kernel off, routed experts use torch's bmm/sgemm: %s", reason)
         else:
