@@ -120,7 +120,9 @@ class TransferReport:
     """A KV hand-off as the decode worker saw it (``deploy.kv_transfer``)."""
 
     state: str  # "done" | "failed"
-    cause: str | None = None  # failed: timeout | lost | invalid | cancelled | no_reservation | rejected
+    # failed: timeout | lost (the prefill side failed) | sink (this decode side failed) | invalid | cancelled
+    # | no_reservation | rejected
+    cause: str | None = None
     message: str | None = None  # failed: what happened, for the logs
     nbytes: int = 0
     num_pieces: int = 0

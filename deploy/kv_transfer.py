@@ -104,7 +104,7 @@ class Transfer:
                     last_news = time.monotonic()
                     self.state = TransferState.TRANSFERRING
                 for piece in got.pieces:
-                    await sink.load_kv(self.seq_id, piece)
+                    await self._load(sink, piece, t0)
                     self.num_pieces += 1
                     self.nbytes += int(piece.nbytes)
                 if got.control is not None:
@@ -123,6 +123,18 @@ class Transfer:
         self.state = TransferState.DONE
         self.done_at = time.time()
         return got.control
+
+    async def _load(self, sink: KVSink, piece: Any, t0: float) -> None:
+        """One piece into this worker's engine. Its refusal of the piece is ``invalid`` (raised as
+        ValueError); any other failure is this side's own (``sink``: e.g. its engine failed), so that
+        the router does not blame the prefill worker for it."""
+        try:
+            await sink.load_kv(self.seq_id, piece)
+        except (ValueError, asyncio.CancelledError):
+            raise
+        except Exception as e:
+            self._fail("sink", f"this worker could not load the rows: {type(e).__name__}: "
+                               f"{str(e).splitlines()[0] if str(e) else ''}", t0)
 
     def _fail(self, cause: str, message: str, t0: float) -> None:
         self.seconds = time.monotonic() - t0

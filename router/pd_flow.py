@@ -365,8 +365,10 @@ class PDClient:
                 raise _Retry("decode_lost", lost=e.worker) from None
             if report.state != "done":
                 log.warning("%s: KV hand-off %s -> %s failed: %s", seq_id, prefill.name, decode.name, report.message)
-                # "lost": the prefill worker's pull_kv failed (it died): out of rotation, like a lost prefill
-                raise _Retry(f"transfer_{report.cause}", lost=prefill if report.cause == "lost" else None)
+                # "lost": the prefill worker's pull_kv failed (it died): out of rotation, like a lost prefill;
+                # "sink": the decode worker's own engine failed while loading the rows: that one goes out
+                lost = {"lost": prefill, "sink": decode}.get(report.cause or "")
+                raise _Retry(f"transfer_{report.cause}", lost=lost)
             leg.prefill = None  # the prefill side holds nothing once its control message is out
             m.stage.labels("handoff").observe(max(report.done_at - result.finished_at, 0.0))
             m.transfer_bytes.inc(report.nbytes)

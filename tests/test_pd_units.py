@@ -123,6 +123,8 @@ def test_transfer_layer_by_layer_then_control_with_fp8_bytes():
     ([RuntimeError("owner died")], None, "lost"),
     (["not a pull"], None, "invalid"),
     ([KVPull([_piece(0)])], ValueError("kv: piece outside the reservation"), "invalid"),
+    # this (decode) side's engine failed while loading: not the prefill worker's fault
+    ([KVPull([_piece(0)])], RuntimeError("the engine failed: gloo Read error: Connection reset by peer"), "sink"),
 ])
 def test_transfer_failures(script, sink_error, cause, monkeypatch):
     monkeypatch.setattr(Transfer, "POLL_S", 0.02)
