@@ -101,7 +101,7 @@ class Experts(nn.Module):
         super().__init__()
         self.inter = inter
         self.fp8 = fp8
-        self.cpu_kernel = False  # use_cpu_kernel(): engine/kernels/cpu_gemm.py for few rows per expert
+        self._grouped_gemm = None  # use_cpu_kernel(): engine/kernels/cpu_gemm.py's, for few rows per expert
         if not fp8:
             self.w13 = _param((num_local, 2 * inter, hidden), dtype, None)
             self.w2 = _param((num_local, hidden, inter), dtype, None)
@@ -149,19 +149,23 @@ class Experts(nn.Module):
         weights on a CPU whose kernel built); returns whether it does."""
         from engine.kernels import cpu_gemm
 
-        self.cpu_kernel = (not self.fp8 and self.w13.device.type == "cpu" and self.w13.dtype == torch.float32
-                           and self.w13.shape[-1] % 8 == 0 and self.inter % 8 == 0 and cpu_gemm.load() is not None)
+        fits = (not self.fp8 and self.w13.device.type == "cpu" and self.w13.dtype == torch.float32
+                and self.w13.shape[-1] % 8 == 0 and self.inter % 8 == 0)
+        self._grouped_gemm = cpu_gemm.grouped_gemm if fits and cpu_gemm.load() is not None else None
         return self.cpu_kernel
+
+    @property
+    def cpu_kernel(self) -> bool:
+        return self._grouped_gemm is not None
 
     def forward(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """x [N, D] sorted by expert, counts[e] rows each -> [N, D]."""
-        if self.cpu_kernel and 0 < max(counts) <= self.GROUPED_MAX_ROWS:
-            from engine.kernels.cpu_gemm import grouped_gemm
-
-            gate, up = grouped_gemm(x, self.w13, counts).chunk(2, dim=-1)
-            return grouped_gemm(F.silu(gate) * up, self.w2, counts)
+        most = max(counts)
+        if self._grouped_gemm is not None and 0 < most <= self.GROUPED_MAX_ROWS:
+            gate, up = self._grouped_gemm(x, self.w13, counts).chunk(2, dim=-1)
+            return self._grouped_gemm(F.silu(gate) * up, self.w2, counts)
         active = sum(1 for n in counts if n)
-        if not self.fp8 and 0 < max(counts) <= self.PADDED_MAX_ROWS and 2 * active > len(counts):
+        if not self.fp8 and 0 < most <= self.PADDED_MAX_ROWS and 2 * active > len(counts):
             return self._padded(x, counts)
         out = torch.empty_like(x)
         start = 0
