@@ -30,7 +30,6 @@ import json
 import os
 import random
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -39,13 +38,9 @@ import time
 
 import httpx
 
+from machine import free_port  # tools/machine.py, beside this script
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _pct(xs: list[float], p: float) -> float:
@@ -165,7 +160,7 @@ def main() -> int:
     engine = {"dtype": "bfloat16", "kv_cache_memory_gb": 0.25, "max_num_batched_tokens": 2048}
     results = {}
     for mode in args.modes.split(","):
-        port = _free_port()
+        port = free_port()
         if mode == "colocated":
             cmd = ["taskset", "-c", "0,1", sys.executable, "-m", "serving.cli", "serve", "--model", model,
                    "--port", str(port), "--log-level", "warning"]

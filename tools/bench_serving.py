@@ -46,7 +46,6 @@ import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -59,7 +58,8 @@ TOOLS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TOOLS)
 sys.path[:0] = [p for p in (TOOLS, ROOT) if p not in sys.path]  # tools/machine.py; engine
 
-from machine import cpu_description  # noqa: E402  (tools/machine.py)
+from machine import cpu_description, free_port  # noqa: E402  (tools/machine.py)
+from serving.bench.report import fmt, ratio  # noqa: E402  (pdserve bench's own formatting and ratios)
 
 SERVERS = ("pdserve", "vllm", "transformers")
 BEGIN, END = "<!-- bench_serving:begin -->", "<!-- bench_serving:end -->"
@@ -191,12 +191,6 @@ class Shown:
 def pdserve_cmd() -> list[str]:
     exe = os.path.join(BIN, "pdserve")
     return [exe] if os.path.exists(exe) else [sys.executable, "-m", "serving.cli"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _tcmalloc() -> str | None:
@@ -430,8 +424,7 @@ def bench_server(srv: Server, levels: list[int], prompts: list[int], vocab: int,
 
 # ---- report --------------------------------------------------------------------------------
 def _ms(stat: dict, digits: int = 0) -> str:
-    fmt = (lambda x: "-" if x is None else f"{x:.{digits}f}")
-    return f"{fmt(stat['p50'])} / {fmt(stat['p99'])}"
+    return f"{fmt(stat['p50'], digits)} / {fmt(stat['p99'], digits)}"
 
 
 def results_table(servers: list[Server], levels: list[int]) -> str:
@@ -468,7 +461,7 @@ def ratios(servers: list[Server], levels: list[int]) -> list[dict[str, Any]]:
             for key, get in (("output_throughput", lambda s: s["output_throughput"]),
                              ("ttft_p99", lambda s: s["ttft_ms"]["p99"]), ("tpot_p99", lambda s: s["tpot_ms"]["p99"])):
                 a, b = (get(ours) if ours else None), (get(theirs) if theirs else None)
-                row[key] = a / b if a is not None and b else None
+                row[key] = ratio(a, b)
             out.append(row)
     return out
 

@@ -33,17 +33,9 @@ import yaml
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from machine import cpu_description  # noqa: E402  (tools/machine.py)
+from machine import cpu_description, free_port  # noqa: E402  (tools/machine.py)
 
 
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def _one(client: httpx.AsyncClient, url: str, model: str, prompt: list[int], max_tokens: int) -> dict:
@@ -97,7 +89,7 @@ def main() -> int:
     model = cfg["model"]
     if not os.path.isabs(model):
         model = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(args.config)), model))
-    port = _free_port()
+    port = free_port()
     cfg.update(model=model)
     cfg["router"].update(port=port, eplb={"auto": False, "interval_s": 1.0, "window": 600, "min_tokens": 100})
     with tempfile.TemporaryDirectory() as tmp:

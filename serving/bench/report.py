@@ -43,7 +43,7 @@ def json_level(level: float) -> float | str:
     return level if math.isfinite(level) else "inf"
 
 
-def _fmt(x: float | None, digits: int = 2) -> str:
+def fmt(x: float | None, digits: int = 2) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
 
@@ -51,16 +51,16 @@ def summary_table(runs: list[Run]) -> str:
     """Rows are metrics, columns are runs, so endpoints at the same level sit side by side."""
     rows: list[tuple[str, list[str]]] = [
         ("completed / failed", [f"{r.summary['completed']} / {r.summary['failed']}" for r in runs]),
-        ("duration (s)", [_fmt(r.summary["duration_s"]) for r in runs]),
-        ("requests/s", [_fmt(r.summary["request_throughput"], 3) for r in runs]),
-        ("output tok/s", [_fmt(r.summary["output_throughput"]) for r in runs]),
-        ("total tok/s", [_fmt(r.summary["total_token_throughput"]) for r in runs]),
+        ("duration (s)", [fmt(r.summary["duration_s"]) for r in runs]),
+        ("requests/s", [fmt(r.summary["request_throughput"], 3) for r in runs]),
+        ("output tok/s", [fmt(r.summary["output_throughput"]) for r in runs]),
+        ("total tok/s", [fmt(r.summary["total_token_throughput"]) for r in runs]),
         ("input / output tokens", [f"{r.summary['total_input_tokens']} / {r.summary['total_output_tokens']}"
                                    for r in runs]),
     ]
     for name in LATENCIES:
         for stat in ("mean", *(f"p{p}" for p in PERCENTILES)):
-            rows.append((f"{LATENCY_NAMES[name]} {stat} (ms)", [_fmt(r.summary[f"{name}_ms"][stat]) for r in runs]))
+            rows.append((f"{LATENCY_NAMES[name]} {stat} (ms)", [fmt(r.summary[f"{name}_ms"][stat]) for r in runs]))
     kinds = sorted({k for r in runs for k in r.summary["errors"]})
     for kind in kinds:
         rows.append((f"errors: {kind}", [str(r.summary["errors"].get(kind, 0)) for r in runs]))
@@ -74,7 +74,7 @@ def summary_table(runs: list[Run]) -> str:
     return "\n".join(lines)
 
 
-def _ratio(value: float | None, base: float | None) -> float | None:
+def ratio(value: float | None, base: float | None) -> float | None:
     return None if value is None or not base else value / base
 
 
@@ -87,9 +87,9 @@ def compare_ratios(runs: list[Run]) -> list[dict[str, Any]]:
                 continue
             s, b = r.summary, base.summary
             out.append({"endpoint": r.endpoint, base.level_name: json_level(base.level),
-                        "output_throughput": _ratio(s["output_throughput"], b["output_throughput"]),
-                        "request_throughput": _ratio(s["request_throughput"], b["request_throughput"]),
-                        **{f"{n}_mean": _ratio(s[f"{n}_ms"]["mean"], b[f"{n}_ms"]["mean"]) for n in LATENCIES}})
+                        "output_throughput": ratio(s["output_throughput"], b["output_throughput"]),
+                        "request_throughput": ratio(s["request_throughput"], b["request_throughput"]),
+                        **{f"{n}_mean": ratio(s[f"{n}_ms"]["mean"], b[f"{n}_ms"]["mean"]) for n in LATENCIES}})
     return out
 
 
@@ -99,8 +99,8 @@ def ratios_table(ratios: list[dict[str, Any]], endpoints: list[tuple[str, str]])
     for row in ratios:
         key = "C" if "concurrency" in row else "rate"
         level = row["concurrency" if key == "C" else "request_rate"]
-        cells = [f"output tok/s x{_fmt(row['output_throughput'])}", f"requests/s x{_fmt(row['request_throughput'])}",
-                 *(f"{LATENCY_NAMES[n]} mean x{_fmt(row[f'{n}_mean'])}" for n in ("ttft", "tpot", "e2el"))]
+        cells = [f"output tok/s x{fmt(row['output_throughput'])}", f"requests/s x{fmt(row['request_throughput'])}",
+                 *(f"{LATENCY_NAMES[n]} mean x{fmt(row[f'{n}_mean'])}" for n in ("ttft", "tpot", "e2el"))]
         lines.append(f"  {key}={level} {row['endpoint']}: " + "  ".join(cells))
     return "\n".join(lines)
 
