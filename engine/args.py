@@ -41,8 +41,9 @@ class EngineArgs:
     # CPU, float32: also hold oneDNN-prepacked copies of the projection and head weights (2-4x faster
     # matmuls for decode-sized batches; memory of those weights twice; engine.model.layers.pack_weight)
     prepack_weights: bool = True
-    # CPU, float32, AVX2 + FMA: routed experts with few rows each (decode) run through pdserve's own kernel
-    # (engine/kernels/cpu_gemm.py; built on first use, ~40 s once, then cached); off: torch's bmm/sgemm
+    # CPU, float32, AVX2 + FMA: the matmuls of decode-sized batches (routed experts, projections, heads,
+    # absorbed attention) run through pdserve's own kernel (engine/kernels/cpu_gemm.py; built on first
+    # use, ~40 s once, then cached); off: torch's bmm/sgemm and oneDNN
     cpu_kernels: bool = True
     # kv cache
     block_size: int = 64

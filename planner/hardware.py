@@ -237,14 +237,16 @@ def probe_cpu(seconds: float = 1.0, threads: int | None = None) -> CPUProbe:
             times.append(time.perf_counter() - t0)
         return min(times)
 
+    from engine.kernels import cpu_gemm
     from engine.model.layers import linear as engine_linear
     from engine.model.layers import pack_weight
 
-    packed = [pack_weight(w) for w in weights]  # the engine's kernel: oneDNN-prepacked where it applies
+    packed = [pack_weight(w) for w in weights]  # the engine's kernels: its own for few rows, else oneDNN-prepacked
+    kernel = cpu_gemm.kernel()
 
     def linear(rows: int):
         x = torch.ones(rows, 1024)
-        return lambda i: engine_linear(x, weights[i], packed[i])
+        return lambda i: engine_linear(x, weights[i], packed[i], kernel)
 
     xb = torch.ones(32, 4, 1024)
     share = seconds / 5

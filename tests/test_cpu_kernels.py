@@ -17,11 +17,12 @@ from engine import LLM, SamplingParams
 from engine.dtype_choice import cpu_flags
 from engine.kernels import cpu_gemm
 from engine.model import layers
-from engine.model.moe import Experts
+from engine.model.deepseek_v3 import MLA
+from engine.model.moe import Experts, Gate
 
 HAS_PACKED = layers.pack_weight(torch.zeros(1024, 1024)) is not None
 CAN_BUILD = {"avx2", "fma"} <= (cpu_flags() or set()) and shutil.which("c++") is not None
-needs_kernel = pytest.mark.skipif(not CAN_BUILD, reason="the CPU expert kernel needs x86 AVX2 + FMA and a C++ compiler")
+needs_kernel = pytest.mark.skipif(not CAN_BUILD, reason="the CPU kernel needs x86 AVX2 + FMA and a C++ compiler")
 
 
 @pytest.mark.skipif(not HAS_PACKED, reason="this torch build has no oneDNN prepacked fp32 matmul")
@@ -66,6 +67,62 @@ def test_grouped_gemm_matches_per_expert_matmuls(counts, n):
 
 
 @needs_kernel
+def test_the_kernel_runs_on_torchs_threads():
+    """Built without OpenMP, at::parallel_for is a serial loop: the kernel then reads weights at one
+    core's bandwidth (half of two on the dev machine) and nothing else notices."""
+    module = cpu_gemm.load()
+    assert module.parallel_threads(64) == torch.get_num_threads()
+
+
+@needs_kernel
+def test_grouped_gemm_takes_experts_that_sit_apart():
+    """The per-head blocks of a larger matrix (W_UV inside kv_b_proj): a stride between experts, no copy."""
+    cpu_gemm.load()
+    torch.manual_seed(1)
+    whole = torch.randn(3, 24 + 16, 32)  # [H, Dn + Dv, R]
+    w = whole[:, 24:]  # [H, Dv, R], experts 40 rows apart
+    x = torch.randn(6, 32)
+    want = torch.cat([x[2 * h:2 * h + 2] @ w[h].T for h in range(3)])
+    torch.testing.assert_close(cpu_gemm.grouped_gemm(x, w, [2, 2, 2]), want, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 3, 8, layers.KERNEL_MAX_ROWS, layers.KERNEL_MAX_ROWS + 1, 40])
+def test_linear_through_the_kernel_matches_f_linear(rows):
+    """Up to KERNEL_MAX_ROWS rows the kernel, above it the prepacked (or plain) matmul: the same numbers."""
+    torch.manual_seed(rows)
+    w = torch.randn(1024, 768) / 32
+    x = torch.randn(rows, 768)
+    with torch.inference_mode():
+        out = layers.linear(x, w, layers.pack_weight(w), cpu_gemm.kernel())
+    torch.testing.assert_close(out, F.linear(x, w), rtol=1e-4, atol=1e-4)
+
+
+@needs_kernel
+@pytest.mark.parametrize("batch,queries", [(1, 1), (5, 1), (3, 2), (16, 1), (9, 2)])
+def test_absorbed_attention_through_the_kernel_matches_einsum(batch, queries):
+    """q·W_UK and o·W_UV per head through the kernel (up to KERNEL_MAX_ROWS rows per head, einsum above)
+    give the einsum's numbers, for the batched decode pass and the one-sequence pass."""
+    from engine.model.attention import MLAWeights, _absorbed_batch, _absorbed_one
+
+    torch.manual_seed(batch * 10 + queries)
+    heads, nope, rope, v, rank, ctx_len = 4, 16, 8, 24, 32, 11
+    weight = torch.randn(heads * (nope + v), rank) / 8
+    plain = MLAWeights.from_kv_b_proj(weight, heads, nope, v, 0.1)
+    fast = MLAWeights.from_kv_b_proj(weight, heads, nope, v, 0.1, cpu_gemm.kernel(),
+                                     MLAWeights.kernel_layout(weight, heads, nope, v))
+    q_nope, q_pe = torch.randn(batch, queries, heads, nope), torch.randn(batch, queries, heads, rope)
+    ctx = torch.randn(batch, ctx_len, rank + rope)
+    key_mask = torch.ones(batch, queries, ctx_len, dtype=torch.bool)
+    key_mask[:, 0, -1] = False  # the first query does not see the last row (a speculative layout)
+    with torch.inference_mode():
+        torch.testing.assert_close(_absorbed_batch(q_nope, q_pe, ctx, key_mask, fast),
+                                   _absorbed_batch(q_nope, q_pe, ctx, key_mask, plain), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(_absorbed_one(q_nope[0], q_pe[0], ctx[0], fast),
+                                   _absorbed_one(q_nope[0], q_pe[0], ctx[0], plain), rtol=1e-4, atol=1e-4)
+
+
+@needs_kernel
 def test_grouped_gemm_refuses_inputs_it_does_not_fit():
     cpu_gemm.load()
     w, x = torch.randn(2, 16, 8), torch.randn(3, 8)
@@ -84,7 +141,7 @@ def test_kernel_off_by_environment_says_why(monkeypatch, caplog):
     assert cpu_gemm.unavailable_reason() == "PDSERVE_CPU_KERNELS=0"
     assert "PDSERVE_CPU_KERNELS=0" in caplog.text
     experts = Experts(4, 64, 32, torch.float32)
-    assert experts.use_cpu_kernel() is False and experts.cpu_kernel is False
+    assert experts.use_cpu_kernel(cpu_gemm.kernel()) is False and experts.cpu_kernel is False
     with pytest.raises(RuntimeError, match="unavailable"):
         cpu_gemm.grouped_gemm(torch.zeros(1, 8), torch.zeros(1, 8, 8), [1])
 
@@ -97,7 +154,7 @@ def test_expert_kernels_agree(tokens, cpu_kernel):
     torch.manual_seed(tokens)
     e, d, inter, k = 8, 64, 32, 2
     experts = Experts(e, d, inter, torch.float32)
-    assert experts.use_cpu_kernel() is True if cpu_kernel else experts.cpu_kernel is False
+    assert experts.use_cpu_kernel(cpu_gemm.kernel() if cpu_kernel else None) is cpu_kernel
     with torch.no_grad():
         experts.w13.normal_(std=0.1)
         experts.w2.normal_(std=0.1)
@@ -130,15 +187,19 @@ def test_engine_tokens_same_with_and_without_prepacking():
 
 
 @needs_kernel
-def test_engine_tokens_same_with_and_without_the_cpu_expert_kernel():
+def test_engine_tokens_same_with_and_without_the_cpu_kernel():
     """The bundled model with MTP (batches of 1-6 sequences, 1-2 rows per expert per step): the kernel is
-    on for every routed-expert layer, the MTP layer's included, and greedy tokens do not change."""
+    on for every routed-expert layer, projection, head, router and attention, the MTP layer's included,
+    and greedy tokens do not change."""
     prompts = [[(5 * i + 11 * j) % 4000 + 2 for j in range(4 + 5 * i)] for i in range(6)]
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     outs = {}
     for on in (True, False):
         llm = LLM(dtype="float32", cpu_kernels=on, speculative="mtp", kv_cache_memory_gb=0.05)
-        experts = [m for m in llm.engine.executor.runner.model.modules() if isinstance(m, Experts)]
+        model = llm.engine.executor.runner.model
+        experts = [m for m in model.modules() if isinstance(m, Experts)]
         assert experts and all(m.cpu_kernel is on for m in experts)
+        others = [m for m in model.modules() if isinstance(m, (layers._Linear, layers.ParallelLMHead, Gate, MLA))]
+        assert {m.kernel is not None for m in others} == {on}
         outs[on] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
     assert outs[True] == outs[False]

@@ -83,8 +83,10 @@ torch::Tensor grouped_gemm(const torch::Tensor& x, const torch::Tensor& w, const
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "grouped_gemm: CPU tensors only");
   TORCH_CHECK(x.scalar_type() == torch::kFloat32 && w.scalar_type() == torch::kFloat32, "grouped_gemm: float32 only");
   TORCH_CHECK(x.dim() == 2 && w.dim() == 3, "grouped_gemm: x [T, K] and w [E, N, K]");
-  TORCH_CHECK(x.is_contiguous() && w.is_contiguous(), "grouped_gemm: contiguous tensors only");
-  const int64_t E = w.size(0), N = w.size(1), K = w.size(2);
+  // w's experts may sit apart (stride(0) >= N * K: per-head blocks of a larger matrix), each one dense
+  TORCH_CHECK(x.is_contiguous() && w.stride(2) == 1 && w.stride(1) == w.size(2) && w.stride(0) >= w.size(1) * w.size(2),
+              "grouped_gemm: x contiguous and w's rows dense, got w strides ", w.strides());
+  const int64_t E = w.size(0), N = w.size(1), K = w.size(2), ldE = w.stride(0);
   TORCH_CHECK(x.size(1) == K, "grouped_gemm: x has ", x.size(1), " columns, w rows have ", K);
   TORCH_CHECK(K % 8 == 0, "grouped_gemm: K must be a multiple of 8, got ", K);
   TORCH_CHECK(static_cast<int64_t>(counts.size()) == E, "grouped_gemm: ", counts.size(), " counts for ", E, " experts");
@@ -104,14 +106,25 @@ torch::Tensor grouped_gemm(const torch::Tensor& x, const torch::Tensor& w, const
   at::parallel_for(0, static_cast<int64_t>(active.size()) * blocks, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t e = active[b / blocks], n0 = (b % blocks) * kBlockN;
-      block(xp + start[e] * K, counts[e], wp + e * N * K, n0, std::min(N, n0 + kBlockN), N, K, yp + start[e] * N);
+      block(xp + start[e] * K, counts[e], wp + e * ldE, n0, std::min(N, n0 + kBlockN), N, K, yp + start[e] * N);
     }
   });
   return y;
+}
+
+// How many threads grouped_gemm's at::parallel_for runs on over `items` work items: the number torch
+// was told to use, unless the build lost OpenMP (then 1). A test checks it.
+int64_t parallel_threads(int64_t items) {
+  std::vector<int> used(std::max(1, at::get_num_threads()), 0);
+  at::parallel_for(0, items, 1, [&](int64_t, int64_t) { used[at::get_thread_num()] = 1; });
+  int64_t n = 0;
+  for (int u : used) n += u;
+  return n;
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("grouped_gemm", &grouped_gemm, "y[t] = x[t] @ w[expert of t].T, rows of x grouped by expert");
+  m.def("parallel_threads", &parallel_threads, "threads grouped_gemm's parallel_for spreads `items` over");
 }

@@ -1,14 +1,18 @@
-"""pdserve's own CPU kernel for the routed experts of decode-sized batches: an fp32 grouped GEMM
-for x86-64 with AVX2 + FMA (``cpu_gemm.cpp``).
+"""pdserve's own CPU kernel for the matmuls of decode-sized batches: an fp32 grouped GEMM for x86-64
+with AVX2 + FMA (``cpu_gemm.cpp``), ``y[t] = x[t] @ w[e(t)].T`` with the rows of ``x`` grouped by
+``e`` (an expert, a head, or one weight for a plain projection).
 
-Why: in a decode step each routed expert gets a few rows (batch x top-k / experts: 1 at batch 8 on
-the bench preset), and MKL's ``bmm`` / ``sgemm`` at 1-8 rows run far below the machine's memory
-bandwidth, while the step has to read every active expert's weights once. The kernel streams each
-active expert's weight rows once, skips experts with no rows (no padding) and spreads (expert,
-block of weight rows) items over torch's intra-op threads. Measured side by side on a 2-core AMD
-EPYC (AVX2 + FMA, no AVX-512), 32 experts of the bench preset's ``w13`` [512, 1024], fp32: 4 rows
-per expert 2.8 ms vs ``bmm`` 5.2 ms, 1 row 2.7 vs 2.0-2.5 ms (noise: +-15%), 32 rows slower than
-``bmm`` (hence ``GROUPED_MAX_ROWS`` in ``engine/model/moe.py``).
+Why: a decode step reads every weight it uses once (the routed experts: 1-4 rows each at batch 8-32 on
+the bench preset; the projections and heads: one row per sequence), and MKL's ``bmm`` / ``sgemm`` and
+oneDNN's prepacked matmul at 1-16 rows run far below the machine's memory bandwidth. The kernel streams
+each weight's rows once, skips experts with no rows (no padding) and spreads (expert, block of weight
+rows) items over torch's intra-op threads (compiled with OpenMP: without it ``at::parallel_for`` is a
+serial loop). Used by the routed experts (``engine/model/moe.py``), every fp32 projection, head and
+router at up to ``layers.KERNEL_MAX_ROWS`` rows (``engine/model/layers.py``) and the absorbed MLA
+products per head (``engine/model/attention.py``). Measured side by side on a 2-core AMD EPYC (AVX2 +
+FMA, no AVX-512), fp32: 32 experts of the bench preset's ``w13`` [512, 1024] (67 MB, from DRAM), 4 rows
+per expert 3.6 ms vs ``bmm`` 7.7 ms, 1 row 3.3 vs 3.6 ms, 32 rows 21.6 vs 17.2 ms (hence
+``GROUPED_MAX_ROWS`` in ``engine/model/moe.py``); the projections: ``layers.KERNEL_MAX_ROWS``.
 
 Built on first use by ``torch.utils.cpp_extension`` (a C++ compiler and ninja; ~40 s on 2 cores,
 once: the build is cached under ``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``,
@@ -57,8 +61,11 @@ def _build() -> ModuleType:
     os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), path])
     try:
         # No -march=native: the cached binary may be loaded on another CPU model of the same image;
-        # AVX2 + FMA is what the kernel needs and what _why_not() checked.
-        return build("pdserve_cpu_gemm", [_SOURCE], extra_cflags=["-O3", "-mavx2", "-mfma"], verbose=False)
+        # AVX2 + FMA is what the kernel needs and what _why_not() checked. -fopenmp: without it
+        # at::parallel_for's pragma compiles to a serial loop (one thread: half the bandwidth of two on
+        # a 2-core EPYC); the OpenMP runtime it binds to is the libgomp.so.1 torch has loaded already.
+        return build("pdserve_cpu_gemm", [_SOURCE], extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
+                     extra_ldflags=["-fopenmp"], verbose=False)
     finally:
         os.environ["PATH"] = path
 
@@ -76,9 +83,9 @@ def load() -> ModuleType | None:
                 last = (str(e).strip().splitlines() or [""])[-1][:300]  # the compiler's last line
                 reason = f"the kernel did not build ({type(e).__name__}: {last})"
         if module is None:
-            log.warning("CPU expert kernel off, routed experts use torch's bmm/sgemm: %s", reason)
+            log.warning("CPU kernel off, decode-sized matmuls use torch's bmm/sgemm/oneDNN: %s", reason)
         else:
-            log.info("CPU expert kernel loaded (engine/kernels/cpu_gemm.cpp, AVX2 + FMA)")
+            log.info("CPU kernel loaded for decode-sized matmuls (engine/kernels/cpu_gemm.cpp, AVX2 + FMA)")
         _state.update(module=module, reason=reason)
         return module
 
@@ -87,13 +94,20 @@ def unavailable_reason() -> str | None:
     return _state.get("reason")  # type: ignore[return-value]
 
 
+def kernel():
+    """``grouped_gemm`` once ``load()`` succeeds (building it if needed), else None."""
+    return grouped_gemm if load() is not None else None
+
+
 def grouped_gemm(x: torch.Tensor, w: torch.Tensor, counts: list[int]) -> torch.Tensor:
     """``x [T, K]`` (rows grouped by expert, ``counts[e]`` each, in expert order) times ``w [E, N, K]``
     -> ``[T, N]``: row t times ``w[expert of t].T``. fp32 CPU tensors; ``load()`` must have succeeded."""
     module = _state.get("module")
     if module is None:
-        raise RuntimeError(f"CPU expert kernel unavailable: {unavailable_reason() or 'load() not called'}")
-    return module.grouped_gemm(x.contiguous(), w.contiguous(), counts)  # type: ignore[attr-defined]
+        raise RuntimeError(f"CPU kernel unavailable: {unavailable_reason() or 'load() not called'}")
+    if w.stride(2) != 1 or w.stride(1) != w.shape[2]:
+        w = w.contiguous()  # experts may sit apart (a stride between them), each one's rows must be dense
+    return module.grouped_gemm(x.contiguous(), w, counts)  # type: ignore[attr-defined]
 
 
 if __name__ == "__main__":  # build (or find) the kernel once: tools/dev.sh setup runs this

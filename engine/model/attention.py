@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.model.kv_cache_fp8 import read_rows, write_rows
+from engine.model.layers import KERNEL_MAX_ROWS, Kernel
 
 
 # Sequences with at most this many new tokens (decode, speculative verify) share one batched
@@ -129,16 +130,26 @@ class AttentionMetadata:
 
 @dataclasses.dataclass
 class MLAWeights:
-    """The per-head up-projections of one layer, views of ``kv_b_proj.weight``."""
+    """The per-head up-projections of one layer, views of ``kv_b_proj.weight``; with ``kernel``
+    (pdserve's CPU kernel, ``engine/kernels/cpu_gemm.py``) the absorbed products of few rows per head
+    run through it, ``q · W_UK`` with ``w_uk_t``, a copy of ``w_uk`` laid out ``[H, R, Dn]`` for it."""
 
     w_uk: torch.Tensor  # [H, Dn, R]  latent -> key (nope part)
     w_uv: torch.Tensor  # [H, Dv, R]  latent -> value
     scale: float
+    kernel: Kernel | None = None
+    w_uk_t: torch.Tensor | None = None  # [H, R, Dn], given with ``kernel``
 
     @classmethod
-    def from_kv_b_proj(cls, weight: torch.Tensor, num_heads: int, nope: int, v: int, scale: float) -> "MLAWeights":
+    def from_kv_b_proj(cls, weight: torch.Tensor, num_heads: int, nope: int, v: int, scale: float,
+                       kernel: Kernel | None = None, w_uk_t: torch.Tensor | None = None) -> "MLAWeights":
         w = weight.view(num_heads, nope + v, -1)  # [H, Dn+Dv, R]
-        return cls(w_uk=w[:, :nope], w_uv=w[:, nope:], scale=scale)
+        return cls(w_uk=w[:, :nope], w_uv=w[:, nope:], scale=scale, kernel=kernel, w_uk_t=w_uk_t)
+
+    @staticmethod
+    def kernel_layout(weight: torch.Tensor, num_heads: int, nope: int, v: int) -> torch.Tensor:
+        """``w_uk_t`` for ``kernel``: ``[H, R, Dn]``, contiguous."""
+        return weight.view(num_heads, nope + v, -1)[:, :nope].transpose(1, 2).contiguous()
 
 
 def mla_attention(
@@ -197,9 +208,33 @@ def _naive(q_nope: torch.Tensor, q_pe: torch.Tensor, ctx: torch.Tensor, w: MLAWe
     return o.transpose(0, 1)  # [Q, H, Dv]
 
 
+def _per_head(x: torch.Tensor, weight: torch.Tensor, kernel: Kernel) -> torch.Tensor:
+    """x [..., H, K] times each head's ``weight [H, N, K]`` transposed -> [..., H, N], by ``kernel``."""
+    lead, heads = x.shape[:-2], x.shape[-2]
+    rows = x.reshape(-1, heads, x.shape[-1]).transpose(0, 1).reshape(-1, x.shape[-1])  # [H * n, K] head by head
+    n = rows.shape[0] // heads
+    y = kernel(rows, weight, [n] * heads)  # [H * n, N]
+    return y.view(heads, n, -1).transpose(0, 1).reshape(*lead, heads, -1)
+
+
+def _few_rows(x: torch.Tensor, w: MLAWeights) -> bool:
+    """Whether ``w.kernel`` takes x [..., H, K]: at most KERNEL_MAX_ROWS rows per head."""
+    return w.kernel is not None and 0 < x[..., 0, 0].numel() <= KERNEL_MAX_ROWS and x.dtype == torch.float32
+
+
 def _absorb_query(q_nope: torch.Tensor, q_pe: torch.Tensor, w: MLAWeights) -> torch.Tensor:
-    q_lat = torch.einsum("...hd,hdr->...hr", q_nope, w.w_uk)  # [..., H, R]
+    if _few_rows(q_nope, w):
+        q_lat = _per_head(q_nope, w.w_uk_t, w.kernel)  # [..., H, R]
+    else:
+        q_lat = torch.einsum("...hd,hdr->...hr", q_nope, w.w_uk)  # [..., H, R]
     return torch.cat([q_lat, q_pe], dim=-1)  # [..., H, R+Dr]
+
+
+def _absorb_output(o_lat: torch.Tensor, w: MLAWeights) -> torch.Tensor:
+    """o_lat [..., H, R] -> [..., H, Dv] through ``W_UV``."""
+    if _few_rows(o_lat, w):
+        return _per_head(o_lat, w.w_uv, w.kernel)
+    return torch.einsum("...hr,hvr->...hv", o_lat, w.w_uv)
 
 
 def _absorbed_one(q_nope: torch.Tensor, q_pe: torch.Tensor, ctx: torch.Tensor, w: MLAWeights) -> torch.Tensor:
@@ -211,7 +246,7 @@ def _absorbed_one(q_nope: torch.Tensor, q_pe: torch.Tensor, ctx: torch.Tensor, w
     scores.masked_fill_(~_causal_mask(q.shape[0], ctx.shape[0], q.device), float("-inf"))
     p = scores.softmax(-1).to(q.dtype)
     o_lat = torch.einsum("hql,lr->qhr", p, ctx[:, :r])  # [Q, H, R]
-    return torch.einsum("qhr,hvr->qhv", o_lat, w.w_uv)
+    return _absorb_output(o_lat, w)
 
 
 def _absorbed_batch(
@@ -229,4 +264,4 @@ def _absorbed_batch(
     scores.masked_fill_(~key_mask[:, :, None, :], float("-inf"))
     p = scores.softmax(-1).to(q.dtype).view(b, nq * heads, -1)
     o_lat = torch.bmm(p, ctx[..., :r]).view(b, nq, heads, r)  # [B, Q, H, R]
-    return torch.einsum("bqhr,hvr->bqhv", o_lat, w.w_uv)
+    return _absorb_output(o_lat, w)

@@ -53,10 +53,12 @@ from engine.model.layers import (
     RMSNorm,
     RowParallelLinear,
     VocabParallelEmbedding,
+    Kernel,
     _Linear,
+    kernel_fits,
     pack_weight,
 )
-from engine.model.moe import Experts, MoE
+from engine.model.moe import Experts, Gate, MoE
 from engine.model.parallel import ParallelContext
 from engine.model.rope import RotaryEmbedding
 from engine.model.token_split import TokenSplit
@@ -89,6 +91,18 @@ class MLA(nn.Module):
             cfg.kv_lora_rank, cfg.num_attention_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), dtype, tp, fp8)
         self.o_proj = RowParallelLinear(cfg.num_attention_heads * cfg.v_head_dim, h, dtype, tp, fp8)
         self.softmax_scale = cfg.softmax_scale
+        self.kernel: Kernel | None = None  # use_cpu_kernel(): the absorbed products of few rows per head
+        self.w_uk_t: torch.Tensor | None = None  # its copy of W_UK, [H, R, Dn]
+
+    def use_cpu_kernel(self, kernel: Kernel | None) -> bool:
+        """Run the absorbed ``q · W_UK`` and ``o · W_UV`` of decode-sized batches through ``kernel``
+        (``None``: drop it and its copy of W_UK); whether it applies (fp32 weights on the CPU)."""
+        w = self.kv_b_proj
+        if kernel is None or w.fp8 or not kernel_fits(w.weight) or self.nope % 8:
+            self.kernel = self.w_uk_t = None
+            return False
+        self.kernel, self.w_uk_t = kernel, MLAWeights.kernel_layout(w.weight, self.heads, self.nope, self.v_dim)
+        return True
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         t = x.shape[0]
@@ -102,7 +116,8 @@ class MLA(nn.Module):
         latent = self.kv_a_layernorm(latent)  # [T, R]
         q_pe = self.rope(q_pe, positions)  # [T, H, Dr]
         k_pe = self.rope(k_pe, positions)  # [T, Dr]
-        w = MLAWeights.from_kv_b_proj(self.kv_b_proj.dense_weight(x.dtype), self.heads, self.nope, self.v_dim, self.softmax_scale)
+        w = MLAWeights.from_kv_b_proj(self.kv_b_proj.dense_weight(x.dtype), self.heads, self.nope, self.v_dim,
+                                      self.softmax_scale, self.kernel, self.w_uk_t)
         out = mla_attention(q_nope, q_pe, latent, k_pe, w, meta, self.layer_idx)  # [T, H*Dv]
         return self.o_proj(out)
 
@@ -269,13 +284,31 @@ class DeepseekV3ForCausalLM(nn.Module):
         return total
 
     def use_cpu_kernels(self) -> bool:
-        """Run the routed experts of decode-sized batches through pdserve's CPU kernel where it applies
-        (``Experts.use_cpu_kernel``: fp32 on a CPU with AVX2 + FMA whose kernel built); whether any do."""
-        return any([m.use_cpu_kernel() for m in self.modules() if isinstance(m, Experts)])
+        """Run the matmuls of decode-sized batches through pdserve's CPU kernel (engine/kernels/cpu_gemm.py)
+        where it applies -- projections, heads, router, the absorbed attention products, routed experts
+        with fp32 weights on a CPU with AVX2 + FMA whose kernel built; whether any do. Only when some weight
+        fits is the kernel loaded (built once; a reason logged if it cannot be)."""
+        from engine.kernels import cpu_gemm
 
-    def _unpack_weights(self) -> None:
+        linears = [m for m in self.modules() if isinstance(m, (_Linear, ParallelLMHead, Gate))
+                   and not getattr(m, "fp8", False) and kernel_fits(m.weight)]
+        experts = [m for m in self.modules() if isinstance(m, Experts)]
+        attention = [m for m in self.modules() if isinstance(m, MLA)]
+        fits = bool(linears) or any(m.kernel_fits for m in experts)  # attention's kv_b_proj is one of the linears
+        kernel = cpu_gemm.kernel() if fits else None
+        for m in linears:
+            m.kernel = kernel
+        for m in experts + attention:
+            m.use_cpu_kernel(kernel)
+        return kernel is not None
+
+    def _drop_weight_copies(self) -> None:
+        """Forget the prepacked weights and the attention kernel's W_UK copies (stale once weights change)."""
         for _, m in self._matmul_modules():
             m.packed = None
+        for m in self.modules():
+            if isinstance(m, MLA):
+                m.use_cpu_kernel(None)
 
     def _matmul_modules(self):
         """(name, module) of every layer whose weight may hold a prepacked copy (``packed``)."""
@@ -289,7 +322,7 @@ class DeepseekV3ForCausalLM(nn.Module):
         that holds it; tensors this rank does not hold (other ranks' experts, MTP layers when
         built without them) are skipped.
         """
-        self._unpack_weights()  # packed copies would go stale; pack_weights() again after loading
+        self._drop_weight_copies()  # they would go stale; pack_weights() / use_cpu_kernels() again after loading
         params = dict(self.named_parameters())
         loaded: set[str] = set()
         for name, tensor in weights:

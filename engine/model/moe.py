@@ -39,7 +39,7 @@ from torch import nn
 from engine.model.config import ModelConfig
 from engine.model.dispatch import MoEDispatcher
 from engine.model.fp8 import FP8, fp8_linear, scale_shape
-from engine.model.layers import MLP, ParallelGroup, _param
+from engine.model.layers import MLP, Kernel, ParallelGroup, _param, kernel_fits, linear
 from engine.model.placement import ExpertPlacement
 from engine.model.token_split import TokenSplit
 
@@ -53,11 +53,12 @@ class Gate(nn.Module):
         self.e_score_correction_bias = (
             _param((e,), torch.float32, None) if cfg.topk_method == "noaux_tc" else None
         )
+        self.kernel: Kernel | None = None  # as _Linear's (layers.py)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, D] -> (topk_ids [T, k] int64, topk_weights [T, k] fp32)."""
         cfg = self.cfg
-        logits = F.linear(x.float(), self.weight)  # [T, E]
+        logits = linear(x.float(), self.weight, kernel=self.kernel)  # [T, E]
         k, groups = cfg.num_experts_per_tok, cfg.n_group
         if cfg.scoring_func == "sigmoid":
             scores = logits.sigmoid()
@@ -101,7 +102,7 @@ class Experts(nn.Module):
         super().__init__()
         self.inter = inter
         self.fp8 = fp8
-        self._grouped_gemm = None  # use_cpu_kernel(): engine/kernels/cpu_gemm.py's, for few rows per expert
+        self.kernel: Kernel | None = None  # use_cpu_kernel(): engine/kernels/cpu_gemm.py's, for few rows per expert
         if not fp8:
             self.w13 = _param((num_local, 2 * inter, hidden), dtype, None)
             self.w2 = _param((num_local, hidden, inter), dtype, None)
@@ -144,26 +145,27 @@ class Experts(nn.Module):
     # expert's weights once and pads nothing; above it MKL's bmm/sgemm win (engine/kernels/cpu_gemm.py).
     GROUPED_MAX_ROWS = 16
 
-    def use_cpu_kernel(self) -> bool:
-        """Route few-rows-per-expert batches through ``engine.kernels.cpu_gemm`` where it applies (fp32
-        weights on a CPU whose kernel built); returns whether it does."""
-        from engine.kernels import cpu_gemm
+    @property
+    def kernel_fits(self) -> bool:
+        """Whether ``engine.kernels.cpu_gemm`` takes these experts (fp32 weights on the CPU)."""
+        return not self.fp8 and kernel_fits(self.w13) and kernel_fits(self.w2)
 
-        fits = (not self.fp8 and self.w13.device.type == "cpu" and self.w13.dtype == torch.float32
-                and self.w13.shape[-1] % 8 == 0 and self.inter % 8 == 0)
-        self._grouped_gemm = cpu_gemm.grouped_gemm if fits and cpu_gemm.load() is not None else None
+    def use_cpu_kernel(self, kernel: Kernel | None) -> bool:
+        """Route few-rows-per-expert batches through ``kernel`` (``engine.kernels.cpu_gemm.kernel()``;
+        None: torch's matmuls) where it applies; returns whether it does."""
+        self.kernel = kernel if self.kernel_fits else None
         return self.cpu_kernel
 
     @property
     def cpu_kernel(self) -> bool:
-        return self._grouped_gemm is not None
+        return self.kernel is not None
 
     def forward(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """x [N, D] sorted by expert, counts[e] rows each -> [N, D]."""
         most = max(counts)
-        if self._grouped_gemm is not None and 0 < most <= self.GROUPED_MAX_ROWS:
-            gate, up = self._grouped_gemm(x, self.w13, counts).chunk(2, dim=-1)
-            return self._grouped_gemm(F.silu(gate) * up, self.w2, counts)
+        if self.kernel is not None and 0 < most <= self.GROUPED_MAX_ROWS:
+            gate, up = self.kernel(x, self.w13, counts).chunk(2, dim=-1)
+            return self.kernel(F.silu(gate) * up, self.w2, counts)
         active = sum(1 for n in counts if n)
         if not self.fp8 and 0 < most <= self.PADDED_MAX_ROWS and 2 * active > len(counts):
             return self._padded(x, counts)
