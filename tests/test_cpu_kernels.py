@@ -123,6 +123,51 @@ def test_absorbed_attention_through_the_kernel_matches_einsum(batch, queries):
 
 
 @needs_kernel
+@pytest.mark.parametrize("query_lens", [[1], [1, 1, 1, 1, 1], [2, 1, 3], [1] * 17])
+def test_decode_attention_kernel_matches_torch(query_lens):
+    """MLA decode attention by the kernel, reading rows where they lie in the paged cache (contexts of
+    different lengths across blocks, speculative queries attending causal prefixes, more heads than a
+    group), equals the gathered-rows torch path; the other rows of the cache are never read."""
+    from engine.model.attention import AttentionMetadata, MLAWeights, mla_attention
+
+    torch.manual_seed(len(query_lens) * 7 + sum(query_lens))
+    heads, nope, rope, v, rank, block = 12, 16, 8, 24, 32, 4
+    weight = torch.randn(heads * (nope + v), rank) / 8
+    plain = MLAWeights.from_kv_b_proj(weight, heads, nope, v, 0.2)
+    fast = MLAWeights.from_kv_b_proj(weight, heads, nope, v, 0.2, cpu_gemm.kernel(),
+                                     MLAWeights.kernel_layout(weight, heads, nope, v), cpu_gemm.mla_decode)
+    context_lens = [q + 3 + 5 * i % 23 for i, q in enumerate(query_lens)]
+    free = torch.randperm(128).tolist()  # blocks in no order
+    tables = [[free.pop() for _ in range(-(-n // block))] for n in context_lens]
+    t = sum(query_lens)
+    q_nope, q_pe = torch.randn(t, heads, nope), torch.randn(t, heads, rope)
+    latent, k_pe = torch.randn(t, rank), torch.randn(t, rope)
+    outs = []
+    for w in (plain, fast):
+        cache = torch.randn(128, block, rank + rope)
+        cache[torch.tensor(free)] = 1e6  # blocks no sequence owns: attending a row of one would show
+        torch.manual_seed(0)
+        cache[torch.tensor([b for tb in tables for b in tb])] = torch.randn(sum(map(len, tables)), block, rank + rope)
+        meta = AttentionMetadata.paged(query_lens, context_lens, tables, block, [cache], torch.device("cpu"))
+        with torch.inference_mode():
+            outs.append(mla_attention(q_nope, q_pe, latent, k_pe, w, meta, 0))
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-4)
+
+
+@needs_kernel
+def test_decode_attention_kernel_refuses_what_it_cannot_read():
+    cpu_gemm.load()
+    q, cache, slots = torch.randn(1, 2, 48), torch.randn(10, 48), torch.tensor([[3, 4, 5]])
+    one = torch.tensor([0])
+    for args, msg in [((q, cache, slots, one, torch.tensor([4]), 32, 1.0), "has 4 keys"),
+                      ((q, cache, torch.tensor([[3, 40, 5]]), one, torch.tensor([3]), 32, 1.0), "out of the cache"),
+                      ((q, cache, slots, torch.tensor([1]), torch.tensor([2]), 32, 1.0), "names sequence 1"),
+                      ((q, torch.randn(10, 40), slots, one, torch.tensor([2]), 32, 1.0), "40 wide")]:
+        with pytest.raises(RuntimeError, match=msg):
+            cpu_gemm.mla_decode(*args)
+
+
+@needs_kernel
 def test_grouped_gemm_refuses_inputs_it_does_not_fit():
     cpu_gemm.load()
     w, x = torch.randn(2, 16, 8), torch.randn(3, 8)

@@ -110,6 +110,18 @@ def grouped_gemm(x: torch.Tensor, w: torch.Tensor, counts: list[int]) -> torch.T
     return module.grouped_gemm(x.contiguous(), w, counts)  # type: ignore[attr-defined]
 
 
+def mla_decode(q: torch.Tensor, cache_rows: torch.Tensor, slots: torch.Tensor, seq: torch.Tensor, keys: torch.Tensor,
+               rank: int, scale: float) -> torch.Tensor:
+    """Absorbed MLA decode attention, reading the latent rows where they lie in the paged cache:
+    ``q [M, H, R + Dr]`` (absorbed queries), ``cache_rows [S, R + Dr]`` (a layer's cache, flat), query m
+    attends the first ``keys[m]`` rows listed in ``slots[seq[m]]`` -> ``[M, H, R]`` (latent outputs,
+    before ``W_UV``). fp32; ``load()`` must have succeeded."""
+    module = _state.get("module")
+    if module is None:
+        raise RuntimeError(f"CPU kernel unavailable: {unavailable_reason() or 'load() not called'}")
+    return module.mla_decode(q.contiguous(), cache_rows, slots.contiguous(), seq, keys, rank, scale)  # type: ignore[attr-defined]
+
+
 if __name__ == "__main__":  # build (or find) the kernel once: tools/dev.sh setup runs this
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     load()

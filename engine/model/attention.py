@@ -56,6 +56,11 @@ class DecodeBatch:
     query_valid: torch.Tensor  # [Bd, Qmax] True for real queries
     slots: torch.Tensor  # [Bd, Lmax] cache rows of each context, padded
     key_mask: torch.Tensor  # [Bd, Qmax, Lmax] True where the query may attend the row (causal, in context)
+    # the real queries, flat (M of them): their step positions, their sequence (row of ``slots``) and how
+    # many of its rows they attend (causal: a prefix)
+    tokens: torch.Tensor  # [M]
+    query_seq: torch.Tensor  # [M]
+    query_keys: torch.Tensor  # [M]
 
 
 @dataclasses.dataclass
@@ -122,8 +127,10 @@ class AttentionMetadata:
             dmax = int(cd.max())
             key = torch.arange(dmax)
             key_mask = (key[None, None, :] <= q_pos[:, :, None]) & (key[None, None, :] < cd[:, None, None])
+            seq = torch.arange(len(idx))[:, None].expand_as(query_valid)
             decode = DecodeBatch(token_index.to(device), query_valid.to(device), slots[idx, :dmax].to(device),
-                                 key_mask.to(device))
+                                 key_mask.to(device), token_index[query_valid].to(device),
+                                 seq[query_valid].to(device), (q_pos + 1)[query_valid].to(device))
         return cls(num_tokens=int(q.sum()), spans=spans, decode=decode, slot_mapping=slot_mapping.to(device),
                    kv_caches=kv_caches, prefill_mode=prefill_mode, layer_done=layer_done)
 
@@ -139,12 +146,16 @@ class MLAWeights:
     scale: float
     kernel: Kernel | None = None
     w_uk_t: torch.Tensor | None = None  # [H, R, Dn], given with ``kernel``
+    # the same module's MLA decode attention over an fp32 cache (``cpu_gemm.mla_decode``)
+    decode_attention: Callable[..., torch.Tensor] | None = None
 
     @classmethod
     def from_kv_b_proj(cls, weight: torch.Tensor, num_heads: int, nope: int, v: int, scale: float,
-                       kernel: Kernel | None = None, w_uk_t: torch.Tensor | None = None) -> "MLAWeights":
+                       kernel: Kernel | None = None, w_uk_t: torch.Tensor | None = None,
+                       decode_attention: Callable[..., torch.Tensor] | None = None) -> "MLAWeights":
         w = weight.view(num_heads, nope + v, -1)  # [H, Dn+Dv, R]
-        return cls(w_uk=w[:, :nope], w_uv=w[:, nope:], scale=scale, kernel=kernel, w_uk_t=w_uk_t)
+        return cls(w_uk=w[:, :nope], w_uv=w[:, nope:], scale=scale, kernel=kernel, w_uk_t=w_uk_t,
+                   decode_attention=decode_attention)
 
     @staticmethod
     def kernel_layout(weight: torch.Tensor, num_heads: int, nope: int, v: int) -> torch.Tensor:
@@ -176,9 +187,16 @@ def mla_attention(
         out[q] = fn(q_nope[q], q_pe[q], ctx, w)
     if meta.decode is not None:
         d = meta.decode
-        ctx = read_rows(cache, d.slots, rank, q_nope.dtype)  # [Bd, Lmax, R+Dr]
-        res = _absorbed_batch(q_nope[d.token_index], q_pe[d.token_index], ctx, d.key_mask, w)  # [Bd, Qmax, H, Dv]
-        out[d.token_index[d.query_valid]] = res[d.query_valid]
+        if w.decode_attention is not None and cache.dtype == torch.float32 and q_nope.dtype == torch.float32:
+            # pdserve's CPU kernel reads the rows where they lie in the cache
+            q = _absorb_query(q_nope[d.tokens], q_pe[d.tokens], w)  # [M, H, R+Dr]
+            o_lat = w.decode_attention(q, cache.view(-1, cache.shape[-1]), d.slots, d.query_seq, d.query_keys, rank,
+                                       w.scale)  # [M, H, R]
+            out[d.tokens] = _absorb_output(o_lat, w)
+        else:
+            ctx = read_rows(cache, d.slots, rank, q_nope.dtype)  # [Bd, Lmax, R+Dr]
+            res = _absorbed_batch(q_nope[d.token_index], q_pe[d.token_index], ctx, d.key_mask, w)  # [Bd, Qmax, H, Dv]
+            out[d.tokens] = res[d.query_valid]
     return out.flatten(1)
 
 

@@ -93,15 +93,21 @@ class MLA(nn.Module):
         self.softmax_scale = cfg.softmax_scale
         self.kernel: Kernel | None = None  # use_cpu_kernel(): the absorbed products of few rows per head
         self.w_uk_t: torch.Tensor | None = None  # its copy of W_UK, [H, R, Dn]
+        self.decode_attention = None  # and the same module's decode attention (cpu_gemm.mla_decode)
 
     def use_cpu_kernel(self, kernel: Kernel | None) -> bool:
         """Run the absorbed ``q · W_UK`` and ``o · W_UV`` of decode-sized batches through ``kernel``
-        (``None``: drop it and its copy of W_UK); whether it applies (fp32 weights on the CPU)."""
+        (``cpu_gemm.grouped_gemm``; ``None``: drop it and its copy of W_UK), and decode attention over an
+        fp32 cache through ``cpu_gemm.mla_decode``; whether it applies (fp32 weights on the CPU)."""
         w = self.kv_b_proj
-        if kernel is None or w.fp8 or not kernel_fits(w.weight) or self.nope % 8:
-            self.kernel = self.w_uk_t = None
+        if kernel is None or w.fp8 or not kernel_fits(w.weight) or self.nope % 8 or self.kv_lora_rank % 16 \
+                or self.rope_dim % 8:
+            self.kernel = self.w_uk_t = self.decode_attention = None
             return False
+        from engine.kernels import cpu_gemm
+
         self.kernel, self.w_uk_t = kernel, MLAWeights.kernel_layout(w.weight, self.heads, self.nope, self.v_dim)
+        self.decode_attention = cpu_gemm.mla_decode
         return True
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -117,7 +123,7 @@ class MLA(nn.Module):
         q_pe = self.rope(q_pe, positions)  # [T, H, Dr]
         k_pe = self.rope(k_pe, positions)  # [T, Dr]
         w = MLAWeights.from_kv_b_proj(self.kv_b_proj.dense_weight(x.dtype), self.heads, self.nope, self.v_dim,
-                                      self.softmax_scale, self.kernel, self.w_uk_t)
+                                      self.softmax_scale, self.kernel, self.w_uk_t, self.decode_attention)
         out = mla_attention(q_nope, q_pe, latent, k_pe, w, meta, self.layer_idx)  # [T, H*Dv]
         return self.o_proj(out)
 

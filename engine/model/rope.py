@@ -46,12 +46,20 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", freqs.cos() * factor, persistent=False)
         self.register_buffer("sin", freqs.sin() * factor, persistent=False)
         self.interleave = cfg.rope_interleave
+        # every layer's q and k of a step rotate by the same positions tensor: its rows are looked up
+        # once (the key holds the tensor, so its id cannot be reused while cached)
+        self._rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def _cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._rows is None or self._rows[0] is not positions:
+            self._rows = (positions, self.cos[positions], self.sin[positions])
+        return self._rows[1], self._rows[2]
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x: [T, ..., dim] rotated by positions [T]; returns the same shape and dtype."""
         shape = (positions.shape[0],) + (1,) * (x.dim() - 2) + (self.cos.shape[-1],)
-        cos = self.cos[positions].view(shape)  # [T, 1.., dim/2]
-        sin = self.sin[positions].view(shape)
+        cos, sin = self._cos_sin(positions)
+        cos, sin = cos.view(shape), sin.view(shape)  # [T, 1.., dim/2]
         xf = x.float()
         if self.interleave:
             x1, x2 = xf[..., 0::2], xf[..., 1::2]
