@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from engine import dtype_choice
+from engine import cpu_memory, dtype_choice
 from engine.args import EngineArgs
 from engine.checkpoint.loader import iter_checkpoint_tensors, mtp_layers_to_load, read_index
 from engine.model.attention import AttentionMetadata
@@ -93,6 +93,8 @@ class ModelRunner:
         self.cfg = cfg
         self.role = args.role
         self.device = resolve_device(args.device)
+        if self.device.type == "cpu":
+            cpu_memory.keep_freed_memory()
         self.dtype_choice = dtype_choice.resolve(args.dtype, self.device.type)  # auto: by the hardware
         self.dtype = getattr(torch, self.dtype_choice.dtype)
         self.block_size = args.block_size

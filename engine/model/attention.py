@@ -144,6 +144,7 @@ class MLAWeights:
     w_uk: torch.Tensor  # [H, Dn, R]  latent -> key (nope part)
     w_uv: torch.Tensor  # [H, Dv, R]  latent -> value
     scale: float
+    kv_b: torch.Tensor  # [H * (Dn+Dv), R]  both, as kv_b_proj holds them (one matmul for the naive pass)
     kernel: Kernel | None = None
     w_uk_t: torch.Tensor | None = None  # [H, R, Dn], given with ``kernel``
     # the same module's MLA decode attention over an fp32 cache (``cpu_gemm.mla_decode``)
@@ -154,7 +155,7 @@ class MLAWeights:
                        kernel: Kernel | None = None, w_uk_t: torch.Tensor | None = None,
                        decode_attention: Callable[..., torch.Tensor] | None = None) -> "MLAWeights":
         w = weight.view(num_heads, nope + v, -1)  # [H, Dn+Dv, R]
-        return cls(w_uk=w[:, :nope], w_uv=w[:, nope:], scale=scale, kernel=kernel, w_uk_t=w_uk_t,
+        return cls(w_uk=w[:, :nope], w_uv=w[:, nope:], scale=scale, kv_b=weight, kernel=kernel, w_uk_t=w_uk_t,
                    decode_attention=decode_attention)
 
     @staticmethod
@@ -208,11 +209,12 @@ def _causal_mask(q_len: int, ctx_len: int, device: torch.device) -> torch.Tensor
 
 def _naive(q_nope: torch.Tensor, q_pe: torch.Tensor, ctx: torch.Tensor, w: MLAWeights) -> torch.Tensor:
     """Expanded K/V for one sequence: q [Q, H, *], ctx [L, R+Dr] -> [Q, H, Dv]."""
-    r = w.w_uk.shape[2]
-    ctx_len, heads = ctx.shape[0], q_nope.shape[1]
+    heads, nope, r = w.w_uk.shape
+    ctx_len = ctx.shape[0]
     c_lat, c_pe = ctx[:, :r].to(q_nope.dtype), ctx[:, r:].to(q_nope.dtype)
-    k_nope = torch.einsum("lr,hdr->hld", c_lat, w.w_uk)  # [H, L, Dn]
-    v = torch.einsum("lr,hvr->hlv", c_lat, w.w_uv)  # [H, L, Dv]
+    # one matmul through kv_b_proj's weight as stored (per-head einsums copied the weight each call)
+    kv = F.linear(c_lat, w.kv_b).view(ctx_len, heads, -1).transpose(0, 1)  # [H, L, Dn+Dv]
+    k_nope, v = kv[..., :nope], kv[..., nope:]
     k = torch.cat([k_nope, c_pe[None].expand(heads, ctx_len, -1)], dim=-1)  # [H, L, Dn+Dr]
     q = torch.cat([q_nope, q_pe], dim=-1).transpose(0, 1)  # [H, Q, Dn+Dr]
     q_len, dv = q.shape[1], v.shape[-1]

