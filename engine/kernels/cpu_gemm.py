@@ -9,10 +9,12 @@ each weight's rows once, skips experts with no rows (no padding) and spreads (ex
 rows) items over torch's intra-op threads (compiled with OpenMP: without it ``at::parallel_for`` is a
 serial loop). Used by the routed experts (``engine/model/moe.py``), every fp32 projection, head and
 router at up to ``layers.KERNEL_MAX_ROWS`` rows (``engine/model/layers.py``) and the absorbed MLA
-products per head (``engine/model/attention.py``). Measured side by side on a 2-core AMD EPYC (AVX2 +
-FMA, no AVX-512), fp32: 32 experts of the bench preset's ``w13`` [512, 1024] (67 MB, from DRAM), 4 rows
-per expert 3.6 ms vs ``bmm`` 7.7 ms, 1 row 3.3 vs 3.6 ms, 32 rows 21.6 vs 17.2 ms (hence
-``GROUPED_MAX_ROWS`` in ``engine/model/moe.py``); the projections: ``layers.KERNEL_MAX_ROWS``.
+products per head (``engine/model/attention.py``); ``mla_decode`` is decode attention itself, reading
+the latent rows where they lie in the paged cache (``cpu_gemm.cpp`` says how). Measured side by side
+on a 2-core AMD EPYC (AVX2 + FMA, no AVX-512), fp32: 32 experts of the bench preset's ``w13``
+[512, 1024] (67 MB, from DRAM), 4 rows per expert 3.6 ms vs ``bmm`` 7.7 ms, 1 row 3.3 vs 3.6 ms,
+32 rows 21.6 vs 17.2 ms (hence ``GROUPED_MAX_ROWS`` in ``engine/model/moe.py``); the projections:
+``layers.KERNEL_MAX_ROWS``.
 
 Built on first use by ``torch.utils.cpp_extension`` (a C++ compiler and ninja; ~40 s on 2 cores,
 once: the build is cached under ``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``,
@@ -99,15 +101,19 @@ def kernel():
     return grouped_gemm if load() is not None else None
 
 
-def grouped_gemm(x: torch.Tensor, w: torch.Tensor, counts: list[int]) -> torch.Tensor:
-    """``x [T, K]`` (rows grouped by expert, ``counts[e]`` each, in expert order) times ``w [E, N, K]``
-    -> ``[T, N]``: row t times ``w[expert of t].T``. fp32 CPU tensors; ``load()`` must have succeeded."""
+def _module() -> ModuleType:
     module = _state.get("module")
     if module is None:
         raise RuntimeError(f"CPU kernel unavailable: {unavailable_reason() or 'load() not called'}")
+    return module  # type: ignore[return-value]
+
+
+def grouped_gemm(x: torch.Tensor, w: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """``x [T, K]`` (rows grouped by expert, ``counts[e]`` each, in expert order) times ``w [E, N, K]``
+    -> ``[T, N]``: row t times ``w[expert of t].T``. fp32 CPU tensors; ``load()`` must have succeeded."""
     if w.stride(2) != 1 or w.stride(1) != w.shape[2]:
         w = w.contiguous()  # experts may sit apart (a stride between them), each one's rows must be dense
-    return module.grouped_gemm(x.contiguous(), w, counts)  # type: ignore[attr-defined]
+    return _module().grouped_gemm(x.contiguous(), w, counts)  # type: ignore[attr-defined]
 
 
 def mla_decode(q: torch.Tensor, cache_rows: torch.Tensor, slots: torch.Tensor, seq: torch.Tensor, keys: torch.Tensor,
@@ -116,10 +122,8 @@ def mla_decode(q: torch.Tensor, cache_rows: torch.Tensor, slots: torch.Tensor, s
     ``q [M, H, R + Dr]`` (absorbed queries), ``cache_rows [S, R + Dr]`` (a layer's cache, flat), query m
     attends the first ``keys[m]`` rows listed in ``slots[seq[m]]`` -> ``[M, H, R]`` (latent outputs,
     before ``W_UV``). fp32; ``load()`` must have succeeded."""
-    module = _state.get("module")
-    if module is None:
-        raise RuntimeError(f"CPU kernel unavailable: {unavailable_reason() or 'load() not called'}")
-    return module.mla_decode(q.contiguous(), cache_rows, slots.contiguous(), seq, keys, rank, scale)  # type: ignore[attr-defined]
+    return _module().mla_decode(q.contiguous(), cache_rows, slots.contiguous(), seq, keys, rank,  # type: ignore[attr-defined]
+                                scale)
 
 
 if __name__ == "__main__":  # build (or find) the kernel once: tools/dev.sh setup runs this
