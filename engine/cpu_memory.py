@@ -9,7 +9,7 @@ does for vLLM's CPU backend, in-process and without a preload. Not all of them: 
 ``posix_memalign``, and glibc's aligned allocations can still extend the heap instead of reusing a
 freed block (a step-like pattern of 32, 8, 23, 32 and 11 MiB tensors: ~1/4 of the page faults of
 glibc's default, ``tests/test_cpu_memory.py``). Measured side by side on a 2-core AMD EPYC
-(AVX2 + FMA, no AVX-512), fp32, bench preset: a prefill step of 8 x 256 tokens 2.0-2.2 s with these
+(AVX2 + FMA, no AVX-512 / AVX512-BF16 / AMX), fp32, bench preset: a prefill step of 8 x 256 tokens 2.0-2.2 s with these
 settings vs 2.4-3.1 s without (two runs each, alternating). The cost: memory the process has used once
 stays with it (its peak), as with a caching allocator.
 

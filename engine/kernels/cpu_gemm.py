@@ -11,7 +11,7 @@ serial loop). Used by the routed experts (``engine/model/moe.py``), every fp32 p
 router at up to ``layers.KERNEL_MAX_ROWS`` rows (``engine/model/layers.py``) and the absorbed MLA
 products per head (``engine/model/attention.py``); ``mla_decode`` is decode attention itself, reading
 the latent rows where they lie in the paged cache (``cpu_gemm.cpp`` says how). Measured side by side
-on a 2-core AMD EPYC (AVX2 + FMA, no AVX-512), fp32: 32 experts of the bench preset's ``w13``
+on a 2-core AMD EPYC (AVX2 + FMA, no AVX-512 / AVX512-BF16 / AMX), fp32: 32 experts of the bench preset's ``w13``
 [512, 1024] (67 MB, from DRAM), 4 rows per expert 3.6 ms vs ``bmm`` 7.7 ms, 1 row 3.3 vs 3.6 ms,
 32 rows 21.6 vs 17.2 ms (hence ``GROUPED_MAX_ROWS`` in ``engine/model/moe.py``); the projections:
 ``layers.KERNEL_MAX_ROWS``.

@@ -116,9 +116,10 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor | None:
 
 
 # pdserve's CPU kernel (engine/kernels/cpu_gemm.py, fp32, AVX2 + FMA) up to this many rows: it streams the
-# weight at the memory's bandwidth. Measured side by side on a 2-core AMD EPYC (AVX2 + FMA, no AVX-512),
-# the bench preset's attention projections and shared experts (87 MB, from DRAM): 1 row 3.96 ms vs
-# prepacked oneDNN 6.56 ms, 8 rows 5.17 vs 8.66 ms, 32 rows 16.7 vs 15.4 ms (so above 16 rows oneDNN).
+# weight at the memory's bandwidth. Measured side by side on a 2-core AMD EPYC (AVX2 + FMA, no AVX-512 /
+# AVX512-BF16 / AMX), fp32, the bench preset's attention projections and shared experts (87 MB, from
+# DRAM): 1 row 3.96 ms vs prepacked oneDNN 6.56 ms, 8 rows 5.17 vs 8.66 ms, 32 rows 16.7 vs 15.4 ms
+# (so above 16 rows oneDNN).
 KERNEL_MAX_ROWS = 16
 
 Kernel = Callable[[torch.Tensor, torch.Tensor, list[int]], torch.Tensor]  # engine.kernels.cpu_gemm.grouped_gemm
