@@ -1,4 +1,5 @@
-"""The in-process ``EngineClient``: an ``LLMEngine`` driven by an ``EngineLoop`` thread.
+"""The local ``EngineClient``: an ``LLMEngine`` driven by an ``EngineLoop`` thread, or (``process=True``,
+``pdserve serve``'s default) by the same loop in a process of its own (``engine.engine_process``).
 
 ``generate`` opens the request's queue on the loop, queues the add (the engine's
 validation error comes back as the exception of that call) and yields the deltas
@@ -27,9 +28,11 @@ from engine.outputs import Admission, EngineError, EngineStats, GenerateRequest,
 
 
 class AsyncEngine:
-    def __init__(self, args: EngineArgs):
+    def __init__(self, args: EngineArgs, process: bool = False):
         self.args = args
-        self.engine = None
+        self.process = process  # run the engine in a process of its own (``engine.engine_process``)
+        self.engine = None  # the LLMEngine, when it runs in this process
+        self.info = None  # engine.engine_process.EngineInfo, once started
         self.loop: EngineLoop | None = None
         self._closing = False
         self.admission = Admission(args.admission_limit)  # sequences admitted by generate(), not finished yet
@@ -46,21 +49,28 @@ class AsyncEngine:
     @property
     def dtype_choice(self):
         """The compute dtype and why (``engine.dtype_choice``); None before ``start``."""
-        return None if self.engine is None else self.engine.runner.dtype_choice
+        return None if self.info is None else self.info.dtype_choice
 
     @property
     def max_model_len(self) -> int:
-        return self.engine.max_model_len
+        return self.info.max_model_len
 
     @property
     def eos_token_ids(self) -> list[int]:
-        return self.engine.eos_token_ids
+        return self.info.eos_token_ids
 
     async def start(self) -> None:
-        """Load the model (off the event loop) and start the engine thread."""
+        """Load the model and start the engine: a thread here (loading off the event loop), or a process."""
+        from engine.engine_process import EngineInfo, EngineProcess
+
+        if self.process:
+            self.loop = EngineProcess(self.args)
+            self.info = await self.loop.start()
+            return
         from engine.engine import LLMEngine
 
         self.engine = await asyncio.get_running_loop().run_in_executor(None, LLMEngine, self.args)
+        self.info = EngineInfo.of(self.engine)
         self.loop = EngineLoop(self.engine)
         self.loop.ensure_started()
 
@@ -101,7 +111,7 @@ class AsyncEngine:
         return not self._closing and self.loop is not None and self.loop.alive
 
     def stats(self) -> EngineStats:
-        return self.engine.stats() if self.engine is not None else EngineStats()
+        return self.loop.stats() if self.loop is not None else EngineStats()
 
     async def shutdown(self) -> None:
         """Abort in-flight requests, end their streams, stop the engine thread."""

@@ -25,7 +25,7 @@ import queue
 import threading
 from typing import Any
 
-from engine.outputs import EngineError, RequestOutput
+from engine.outputs import EngineError, EngineStats, RequestOutput
 
 log = logging.getLogger("pdserve.deploy")
 
@@ -160,7 +160,7 @@ class EngineLoop:
         """Start the engine thread, bound to the running event loop (first call only)."""
         if self._thread is None:
             self._loop = asyncio.get_running_loop()
-            self._thread = threading.Thread(target=self._run, name="pdserve-engine", daemon=True)
+            self._thread = threading.Thread(target=self.run, name="pdserve-engine", daemon=True)
             self._thread.start()
 
     # ---- commands (event loop side) -------------------------------------------------
@@ -214,26 +214,41 @@ class EngineLoop:
         self._inbox.put((command, future))
         self._wake.set()
 
+    def stats(self) -> EngineStats:
+        return self.engine.stats()
+
     # ---- engine thread -----------------------------------------------------------------
-    def _run(self) -> None:
+    def run(self) -> None:
+        """The engine thread's body: apply commands, step while there is work, until ``Stop``."""
         engine = self.engine
         try:
             executor = engine.executor
             while self._drain(engine):
                 if engine.has_unfinished() or executor.needs_ticks:
-                    outputs = engine.step()
-                    if outputs:
-                        self._loop.call_soon_threadsafe(self._deliver, outputs)
+                    self._publish(engine.step())
                     if not engine.has_unfinished() and not executor.busy_elsewhere:  # ticking while idle
                         self._wake.wait(executor.tick_s)
                         self._wake.clear()
                 else:
+                    self._idle()
                     self._wake.wait()
                     self._wake.clear()
         except BaseException as e:  # a model failure fails every waiting request with a clean error
             log.exception("engine thread failed")
             self.error = e
-            self._loop.call_soon_threadsafe(self.fail_all, EngineError(f"the engine failed: {e}"))
+            self._failed(e)
+
+    # Where a step's results go: to the owner's event loop here; over a pipe in the engine process
+    # (``engine.engine_process``).
+    def _publish(self, outputs: list[RequestOutput]) -> None:
+        if outputs:
+            self._loop.call_soon_threadsafe(self._deliver, outputs)
+
+    def _idle(self) -> None:
+        """Called before the thread sleeps for want of work."""
+
+    def _failed(self, error: BaseException) -> None:
+        self._loop.call_soon_threadsafe(self.fail_all, EngineError(f"the engine failed: {error}"))
 
     def _drain(self, engine: Any) -> bool:
         """Apply queued commands; False when asked to stop (everything in flight is aborted)."""

@@ -139,6 +139,10 @@ class EngineError(RuntimeError):
     """The engine cannot take or finish a request (shut down, failed)."""
 
 
+class EngineStartError(EngineError):
+    """The engine process could not load its model; the message is the cause's ``Type: text``."""
+
+
 class EngineOverloaded(EngineError):
     """Too many requests waiting; the API answers 429 / RESOURCE_EXHAUSTED."""
 

@@ -35,6 +35,7 @@ class SamplingParamError(ValueError):
     def __init__(self, param: str, message: str):
         super().__init__(f"{param}: {message}")
         self.param = param
+        self.message = message
 
 
 def sequence_seed(seed: int | None, index: int) -> int | None:

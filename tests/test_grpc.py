@@ -331,7 +331,7 @@ from fake_engine import FakeEngine
 from serving.commands import serve
 from engine.tokenizer import load_tokenizer
 
-serve._create_engine = lambda args: FakeEngine(load_tokenizer(args.model), model_name=args.model_name)
+serve._create_engine = lambda args, process: FakeEngine(load_tokenizer(args.model), model_name=args.model_name)
 from serving.cli import main
 sys.exit(main(sys.argv[1:]))
 """

@@ -386,7 +386,7 @@ SERVE_WITH_FAKE_ENGINE = textwrap.dedent("""
             await super().shutdown()
             print("engine shut down", flush=True)
 
-    serve._create_engine = lambda args: Engine(load_tokenizer(args.model), model_name=args.model_name,
+    serve._create_engine = lambda args, process: Engine(load_tokenizer(args.model), model_name=args.model_name,
                                                token_delay=0.05)
     from serving.cli import main
     sys.exit(main(sys.argv[1:]))

@@ -244,6 +244,30 @@ def test_nothing_on_the_request_path_unpickles_or_evaluates():
     assert seen == ["line 1: import pickle", "line 2: eval(...)", "line 3: torch.load without weights_only=True"]
 
 
+def _multiprocessing_uses(tree: ast.AST) -> list[str]:
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [a.name for a in node.names if a.name.split(".")[-1] == "multiprocessing"]
+        elif isinstance(node, ast.ImportFrom) and "multiprocessing" in (node.module or "").split("."):
+            found += [f"{node.module}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Attribute) and node.attr in ("Listener", "Client"):
+            found.append(ast.unparse(node))
+    return found
+
+
+def test_the_one_pickled_pipe_is_the_one_to_the_servers_own_engine_process():
+    """multiprocessing's connections pickle what they carry. On the request path the one such channel is
+    ``pdserve serve``'s pipe to the engine process it spawned (``engine.engine_process``): an anonymous
+    socketpair only those two processes hold, no listening socket (``Listener`` / ``Client``). Errors
+    cross it as plain (kind, text) tuples, not as pickled exception objects."""
+    users = {str(p.relative_to(REPO)): found for p in _python_files("serving", "router", "deploy", "engine")
+             if (found := _multiprocessing_uses(ast.parse(p.read_text())))}
+    assert users == {"engine/engine_process.py": ["multiprocessing"]}, users
+    assert _multiprocessing_uses(ast.parse("from multiprocessing.connection import Listener\nmp.connection.Client(a)")) \
+        == ["multiprocessing.connection.Listener", "mp.connection.Client"]
+
+
 def test_the_api_layer_never_touches_ray():
     """Ray object refs stay between the router and the workers: no API-layer module imports Ray
     (``serving/commands/up.py`` starts the cluster; it is a command, not the request path)."""

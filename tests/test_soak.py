@@ -64,6 +64,7 @@ def test_short_soak_on_the_dev_server(dev_server, tmp_path, capsys):
     main, burst = report["soak"], report["burst"]
     assert main["completed"] + main["cancelled"] == 200 and main["cancelled"] > 0
     assert burst["status_429"] > 0 and burst["admitted"] + burst["status_429"] == 48
+    assert len(report["rss"]["after_soak_bytes"]) >= 2  # the server and its engine process (and spawn's tracker)
 
 
 def test_check_events_finds_broken_streams():

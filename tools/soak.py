@@ -18,7 +18,8 @@ Phases, each a pass/fail criterion:
    ``usage.completion_tokens``, a ``length`` choice has exactly ``max_tokens`` of them, a
    ``stop`` one at most that. Criteria: 0 lost (no answer, timeout, cut stream), 0 errors.
 3. **drain**: KV blocks in use (``pdserve_kv_blocks_used``) and running/waiting requests back
-   to 0; RSS (of each ``--server-pid`` via psutil when the server runs on this host, else
+   to 0; RSS (of each ``--server-pid`` and its child processes, e.g. ``pdserve serve``'s engine
+   process, via psutil when the server runs on this host, else
    ``process_resident_memory_bytes`` from ``/metrics``) at most ``--max-rss-growth`` above
    the baseline, for every process watched.
 4. **burst**: ``--burst`` requests at once (default ``6 * concurrency``, above the admission
@@ -221,7 +222,8 @@ class Server:
         if pids:
             import psutil
 
-            self.processes = [psutil.Process(pid) for pid in pids]
+            roots = [psutil.Process(pid) for pid in pids]  # and their children: the dev server's engine process
+            self.processes = list({p.pid: p for r in roots for p in (r, *r.children(recursive=True))}.values())
 
     async def metrics(self) -> dict[str, float]:
         r = await self.client.get("/metrics")

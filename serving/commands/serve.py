@@ -4,7 +4,8 @@
                   [--max-body-bytes N] [--grpc-port N] [--log-level info] [engine options...]
 
 Order of work: check the options, load the tokenizer from the model directory, bind
-the port, build ``AsyncEngine(EngineArgs.from_cli_args(ns))`` and ``await start()``,
+the port, build ``AsyncEngine(EngineArgs.from_cli_args(ns), process=True)`` (the engine in a process
+of its own; ``--no-engine-process``: a thread here) and ``await start()``,
 then run uvicorn on the bound socket and print
 ``pdserve: serving MODEL at http://HOST:PORT (OpenAI API under /v1)`` once it accepts
 connections. SIGINT/SIGTERM stop it gracefully: uvicorn stops accepting and lets
@@ -56,6 +57,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--grpc-port", type=int, default=None,
                    help="also serve the gRPC API on this port, same host (0 picks a free one; default: off)")
     p.add_argument("--log-level", choices=LOG_LEVELS, default="info")
+    p.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
+                   help="run the engine in a process of its own, apart from the HTTP/gRPC side's Python "
+                        "(--no-engine-process: a thread of the server's process)")
     EngineArgs.add_cli_args(p)
     p.set_defaults(func=run)
 
@@ -99,11 +103,11 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _create_engine(args: EngineArgs) -> Any:
-    """The in-process engine (imported here: it pulls torch)."""
+def _create_engine(args: EngineArgs, process: bool) -> Any:
+    """The engine client (imported here: it pulls torch)."""
     from engine.async_engine import AsyncEngine
 
-    return AsyncEngine(args)
+    return AsyncEngine(args, process=process)
 
 
 @contextlib.contextmanager
@@ -114,8 +118,11 @@ def _engine_failures(model: str) -> Iterator[None]:
     except CLIError:
         raise
     except Exception as e:  # the engine may fail in many ways on a broken checkpoint; all mean "cannot serve"
+        from engine.outputs import EngineStartError
+
         logger.debug("engine failed to start", exc_info=True)
-        raise CLIError(f"cannot load the model in {model!r}: {type(e).__name__}: {e}") from e
+        cause = str(e) if isinstance(e, EngineStartError) else f"{type(e).__name__}: {e}"  # named by the process
+        raise CLIError(f"cannot load the model in {model!r}: {cause}") from e
 
 
 def run(ns: argparse.Namespace) -> int:
@@ -127,7 +134,7 @@ def run(ns: argparse.Namespace) -> int:
     sock = _bind(ns.host, ns.port)
     try:
         with _engine_failures(args.model):
-            engine = _create_engine(args)
+            engine = _create_engine(args, ns.engine_process)
         return asyncio.run(_serve(engine, tokenizer, sock, ns, args.model))
     finally:
         sock.close()

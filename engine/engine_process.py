@@ -1,0 +1,269 @@
+"""The engine in a process of its own: ``EngineProcess``, the server side of a pipe to it.
+
+Why: in one process the engine thread's Python and the HTTP side's (uvicorn, pydantic, JSON,
+the garbage collector) take turns on one GIL, so every decode step waits for request
+handling; on a 2-core machine the step inside ``pdserve serve`` ran 1.5-1.7x the same step
+in an offline loop. vLLM runs its engine core in its own process for the same reason. Here
+the child runs the very ``EngineLoop`` the in-process engine uses, on its main thread, and
+only the transport differs:
+
+* server → engine: ``(call_id, command)`` pairs (the ``engine.engine_loop`` commands, pickled);
+  a reader thread in the child hands them to the loop's inbox. ``call_id`` is None for a
+  fire-and-forget command (abort), else the child answers ``("result", call_id, ok, value)``
+  once the command ran between two steps.
+* engine → server: ``("step", outputs, stats)`` after every step that changed anything,
+  ``("stats", stats)`` before the engine sleeps for want of work, ``("failed", message)``
+  when the engine dies of an error. The server reads them on its event loop (``add_reader``
+  on the pipe, no thread) and puts each delta on its request's queue, as the thread does.
+
+The child is spawned (not forked: the server may hold threads), ignores SIGINT (the server
+stops it: ``Stop`` aborts what is in flight and ends it; a child that does not end within
+the timeout is terminated), and ends by itself when the server's end of the pipe closes,
+so a killed server leaves no engine behind. A child that dies (a crash, the OOM killer)
+closes the pipe: every open stream ends with an ``EngineError`` and health turns false.
+Loading errors come back as the ``start`` exception with the child's message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import itertools
+import logging
+import multiprocessing
+import os
+import signal
+import threading
+from typing import Any
+
+from engine.engine_loop import Command, EngineLoop, Stop
+from engine.outputs import EngineError, EngineStartError, EngineStats
+from engine.sampling_params import SamplingParamError
+
+log = logging.getLogger("pdserve.engine")
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineInfo:
+    """What the serving side needs to know of a loaded engine."""
+
+    max_model_len: int
+    eos_token_ids: list[int]
+    dtype_choice: Any  # engine.dtype_choice.DtypeChoice
+
+    @classmethod
+    def of(cls, engine: Any) -> "EngineInfo":
+        return cls(engine.max_model_len, list(engine.eos_token_ids), engine.runner.dtype_choice)
+
+
+class EngineProcess(EngineLoop):
+    """``EngineLoop``'s interface (open, add, call, abort, close, stop, alive, stats) over a pipe to
+    an engine process; ``start`` spawns it and returns its ``EngineInfo``."""
+
+    def __init__(self, args: Any):
+        super().__init__(engine=None)
+        self.args = args
+        self._process: multiprocessing.process.BaseProcess | None = None
+        self._conn: Any = None
+        self._write_lock = threading.Lock()
+        self._ids = itertools.count()
+        self._pending: dict[int, concurrent.futures.Future] = {}
+        self._ready: asyncio.Future | None = None
+        self._stats = EngineStats()
+        self._stopping = False
+
+    async def start(self) -> EngineInfo:
+        ctx = multiprocessing.get_context("spawn")
+        self._conn, child = ctx.Pipe(duplex=True)
+        self._loop = asyncio.get_running_loop()
+        self._ready = self._loop.create_future()
+        self._process = ctx.Process(target=_engine_main, args=(self.args, child, logging.getLogger().level),
+                                    name="pdserve-engine")
+        self._process.start()
+        child.close()
+        self._loop.add_reader(self._conn.fileno(), self._readable)
+        try:
+            return await self._ready
+        except BaseException:
+            await self._loop.run_in_executor(None, self.stop)
+            raise
+
+    @property
+    def alive(self) -> bool:
+        return self.error is None and self._process is not None and self._process.is_alive()
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._process is None else self._process.pid
+
+    def ensure_started(self) -> None:
+        if self._process is None:
+            raise EngineError("the engine process is not started")
+
+    def stats(self) -> EngineStats:
+        return self._stats
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Abort everything in flight and end the engine process (blocking; call it off the event loop)."""
+        if self._process is None:
+            return
+        self._stopping = True
+        if self._process.is_alive():
+            try:
+                self._write((None, Stop()))
+            except OSError:  # it is dying already
+                pass
+            self._process.join(timeout)
+        if self._process.is_alive():
+            log.error("the engine process did not stop within %.0f s; terminating it", timeout)
+            self._process.terminate()
+            self._process.join(5)
+            if self._process.is_alive():
+                self._process.kill()
+                self._process.join()
+
+    def _send(self, command: Command, future: concurrent.futures.Future | None = None) -> None:
+        call_id = None
+        if future is not None:
+            call_id = next(self._ids)
+            self._pending[call_id] = future
+        try:
+            self._write((call_id, command))
+        except OSError as e:
+            self._pending.pop(call_id, None)
+            if future is not None:
+                future.set_exception(EngineError(f"the engine process is gone: {e}"))
+
+    def _write(self, message: Any) -> None:
+        with self._write_lock:
+            self._conn.send(message)
+
+    # ---- event loop side: what the engine sends -----------------------------------------
+    def _readable(self) -> None:
+        try:
+            while self._conn.poll():
+                self._receive(self._conn.recv())
+        except (EOFError, OSError):
+            self._closed()
+
+    def _receive(self, message: tuple) -> None:
+        kind = message[0]
+        if kind == "step":
+            self._stats = message[2]
+            self._deliver(message[1])
+        elif kind == "stats":
+            self._stats = message[1]
+        elif kind == "result":
+            _, call_id, ok, value = message
+            future = self._pending.pop(call_id, None)
+            if future is not None and future.set_running_or_notify_cancel():
+                future.set_result(value) if ok else future.set_exception(_decode_error(*value))
+        elif kind == "ready":
+            if not self._ready.done():
+                self._ready.set_result(message[1])
+        elif kind == "failed":
+            self._fail(message[1])
+        else:
+            raise AssertionError(f"unknown message from the engine process: {kind!r}")
+
+    def _closed(self) -> None:
+        self._loop.remove_reader(self._conn.fileno())
+        self._conn.close()
+        self._process.join(1)  # the child closed its end: it is exiting
+        if not self._stopping:
+            self._fail(f"the engine process exited (exit code {self._process.exitcode})")
+
+    def _fail(self, message: str) -> None:
+        if self.error is None:
+            self.error = EngineError(message)
+        if not self._ready.done():
+            self._ready.set_exception(EngineStartError(message))
+        for future in self._pending.values():
+            if future.set_running_or_notify_cancel():
+                future.set_exception(EngineError(f"the engine failed: {message}"))
+        self._pending.clear()
+        self.fail_all(EngineError(f"the engine failed: {message}"))
+
+
+# ---- the engine process ---------------------------------------------------------------------
+class _PipedLoop(EngineLoop):
+    """The engine loop of the child: steps on the main thread, results into the pipe."""
+
+    def __init__(self, engine: Any, conn: Any):
+        super().__init__(engine)
+        self.conn = conn
+        self._sent_stats: EngineStats | None = None
+
+    def _publish(self, outputs: list) -> None:
+        stats = self.engine.stats()
+        if outputs or stats != self._sent_stats:
+            self.conn.send(("step", outputs, stats))
+            self._sent_stats = stats
+
+    def _idle(self) -> None:
+        stats = self.engine.stats()
+        if stats != self._sent_stats:
+            self.conn.send(("stats", stats))
+            self._sent_stats = stats
+
+    def _failed(self, error: BaseException) -> None:
+        self.conn.send(("failed", f"{type(error).__name__}: {error}"))
+
+    def reply(self, call_id: int, future: concurrent.futures.Future) -> None:
+        error = future.exception()
+        ok, value = (True, future.result()) if error is None else (False, _encode_error(error))
+        self.conn.send(("result", call_id, ok, value))
+
+    def read_commands(self) -> None:
+        """The reader thread: the server's commands into the inbox; a closed pipe stops the engine."""
+        while True:
+            try:
+                call_id, command = self.conn.recv()
+            except (EOFError, OSError):
+                self._send(Stop())
+                return
+            future = None
+            if call_id is not None:
+                future = concurrent.futures.Future()
+                future.add_done_callback(lambda f, call_id=call_id: self.reply(call_id, f))
+            self._send(command, future)
+            if isinstance(command, Stop):
+                return
+
+
+# Errors cross the pipe as (kind, param, text) and come back as the class the API maps onto a status
+# (``serving.errors``): a SamplingParamError with its parameter, a ValueError, a KeyError, an
+# EngineError; anything else is a RuntimeError naming the original type.
+def _encode_error(error: BaseException) -> tuple[str, str | None, str]:
+    if isinstance(error, SamplingParamError):
+        return "sampling", error.param, error.message
+    for kind, cls in (("engine", EngineError), ("value", ValueError), ("key", KeyError)):
+        if isinstance(error, cls):
+            return kind, None, str(error.args[0]) if error.args else str(error)
+    return "other", None, f"{type(error).__name__}: {error}"
+
+
+def _decode_error(kind: str, param: str | None, text: str) -> BaseException:
+    if kind == "sampling":
+        return SamplingParamError(param, text)
+    return {"engine": EngineError, "value": ValueError, "key": KeyError}.get(kind, RuntimeError)(text)
+
+
+def _engine_main(args: Any, conn: Any, log_level: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server stops us, in order
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        from engine.engine import LLMEngine
+
+        engine = LLMEngine(args)
+    except BaseException as e:  # the server reports it as the start error
+        log.debug("engine failed to load", exc_info=True)
+        conn.send(("failed", f"{type(e).__name__}: {e}"))
+        return
+    loop = _PipedLoop(engine, conn)
+    conn.send(("ready", EngineInfo.of(engine)))
+    reader = threading.Thread(target=loop.read_commands, name="pdserve-engine-commands", daemon=True)
+    reader.start()
+    log.info("engine process %d ready", os.getpid())
+    loop.run()

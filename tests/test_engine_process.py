@@ -1,0 +1,153 @@
+"""The engine in a process of its own (``engine.engine_process``, ``pdserve serve``'s default).
+
+Real spawned engine processes on the tiny checkpoint: the streams carry the same tokens as the
+in-process engine, errors cross the pipe with their type, an abort frees the blocks, a crashed
+engine process fails the open streams and the health check instead of hanging them, a model that
+does not load is the start error, and an engine whose server dies goes away by itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from engine import SamplingParams
+from engine.args import EngineArgs
+from engine.async_engine import AsyncEngine
+from engine.outputs import EngineError, EngineStartError, GenerateRequest
+from engine.sampling_params import SamplingParamError
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+PROMPTS = [[5, 6, 7, 8], [9, 10, 11, 12, 13, 14, 15], [3, 4]]
+
+
+def _args(model: str) -> EngineArgs:
+    return EngineArgs(model=model, dtype="float32", block_size=8, num_kv_blocks=32)
+
+
+async def _tokens(engine: AsyncEngine, rid: str, prompt: list[int], params=GREEDY) -> list[int]:
+    tokens = []
+    async for out in engine.generate(GenerateRequest(rid, prompt, params)):
+        tokens += out.outputs[0].token_ids
+    return tokens
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie has exited
+        return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_streams_errors_aborts_and_stats_match_the_in_process_engine(tiny_checkpoint):
+    async def run(process: bool) -> dict:
+        engine = AsyncEngine(_args(tiny_checkpoint), process=process)
+        await engine.start()
+        try:
+            got = await asyncio.gather(*(_tokens(engine, f"r{i}", p) for i, p in enumerate(PROMPTS)))
+            with pytest.raises(SamplingParamError) as bad:  # the type the API turns into a 400
+                await _tokens(engine, "bad", [])
+            # a long request dropped after its first delta: its blocks come back
+            stream = engine.generate(GenerateRequest("long", [1, 2, 3], SamplingParams(max_tokens=200,
+                                                                                         ignore_eos=True)))
+            await stream.__anext__()
+            await stream.aclose()
+            after = await _tokens(engine, "after", PROMPTS[0])  # and the engine still serves
+            for _ in range(100):
+                if engine.stats().kv_blocks_used == 0 and engine.stats().num_running == 0:
+                    break
+                await asyncio.sleep(0.05)
+            return dict(tokens=got, after=after, bad=bad.value.param, stats=engine.stats(),
+                        info=(engine.max_model_len, engine.eos_token_ids, engine.dtype_choice),
+                        healthy=await engine.health())
+        finally:
+            await engine.shutdown()
+
+    apart, here = asyncio.run(run(True)), asyncio.run(run(False))
+    assert apart["tokens"] == here["tokens"] and all(len(t) == 10 for t in apart["tokens"])
+    assert apart["after"] == here["tokens"][0]
+    assert apart["bad"] == "prompt" and apart["healthy"]
+    assert apart["info"] == here["info"] and apart["info"][2].dtype == "float32"
+    stats = apart["stats"]
+    assert stats.kv_blocks_used == 0 and stats.num_running == 0 and stats.kv_blocks_total == 32
+    assert stats.prefix_cache_queries == here["stats"].prefix_cache_queries > 0
+
+
+def test_a_killed_engine_process_fails_open_streams_and_health(tiny_checkpoint):
+    async def run() -> None:
+        engine = AsyncEngine(_args(tiny_checkpoint), process=True)
+        await engine.start()
+        try:
+            stream = engine.generate(GenerateRequest("r", [1, 2, 3], SamplingParams(max_tokens=250,
+                                                                                   ignore_eos=True)))
+            await stream.__anext__()
+            os.kill(engine.loop.pid, signal.SIGKILL)
+            with pytest.raises(EngineError, match="engine process exited"):
+                async with asyncio.timeout(30):
+                    async for _ in stream:
+                        pass
+            assert not await engine.health()
+            with pytest.raises(EngineError):
+                await _tokens(engine, "next", [1, 2])
+        finally:
+            await engine.shutdown()
+
+    asyncio.run(run())
+
+
+def test_a_model_that_does_not_load_is_the_start_error(tiny_checkpoint, tmp_path):
+    """A truncated weights file: ``start`` raises the loader's error, named, and no engine is left."""
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_checkpoint, broken)
+    weights = next(broken.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:1000])
+
+    async def run() -> str:
+        engine = AsyncEngine(_args(str(broken)), process=True)
+        with pytest.raises(EngineStartError) as e:
+            await engine.start()
+        assert not engine.loop.alive and engine.loop._process.exitcode is not None
+        return str(e.value)
+
+    message = asyncio.run(run())
+    assert message.startswith("CheckpointError: ") and weights.name in message, message
+
+
+SERVER = """
+import asyncio, sys
+from engine.args import EngineArgs
+from engine.async_engine import AsyncEngine
+
+async def main():
+    engine = AsyncEngine(EngineArgs(model=sys.argv[1], dtype="float32", num_kv_blocks=16), process=True)
+    await engine.start()
+    print(engine.loop.pid, flush=True)
+    await asyncio.sleep(600)
+
+asyncio.run(main())
+"""
+
+
+def test_the_engine_process_ends_when_its_server_is_killed(tiny_checkpoint):
+    server = subprocess.Popen([sys.executable, "-c", SERVER, tiny_checkpoint], stdout=subprocess.PIPE, text=True,
+                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        engine_pid = int(server.stdout.readline())
+        assert _pid_alive(engine_pid)
+    finally:
+        server.kill()
+        server.wait(30)
+    deadline = time.monotonic() + 30
+    while _pid_alive(engine_pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _pid_alive(engine_pid), "the engine process outlived its server"
