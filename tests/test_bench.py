@@ -59,9 +59,10 @@ def test_measures_known_delays(tok, tmp_path, capsys):
     assert (s["completed"], s["failed"], s["total_output_tokens"], s["total_input_tokens"]) == (6, 0, 60, 48)
     assert all(r["output_tokens"] == 10 and r["output_tokens_from"] == "usage" and len(r["itl_s"]) == 9
                for r in run["requests"])
-    assert 100 <= s["ttft_ms"]["mean"] <= 160, s["ttft_ms"]
-    assert 20 <= s["tpot_ms"]["mean"] <= 28, s["tpot_ms"]
-    assert 20 <= s["itl_ms"]["mean"] <= 28, s["itl_ms"]
+    # the delays are floors; a shared machine only adds to them, now and then a lot, so the upper
+    # bounds hold for the median of the 6 requests (one stalled request cannot move it)
+    for name, low, high in (("ttft_ms", 100, 160), ("tpot_ms", 20, 28), ("itl_ms", 20, 28)):
+        assert low <= s[name]["mean"] and low <= s[name]["p50"] <= high, (name, s[name])
     assert s["ttft_ms"]["p50"] <= s["ttft_ms"]["p90"] <= s["ttft_ms"]["p99"]
     e2e = s["e2el_ms"]["mean"]
     assert e2e == pytest.approx(s["ttft_ms"]["mean"] + 9 * s["tpot_ms"]["mean"], rel=1e-6)
