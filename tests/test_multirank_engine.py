@@ -33,7 +33,10 @@ def _prompts(vocab: int) -> list[list[int]]:
 
 def _rank_main(rank: int, layout_kw: dict, model: str, init: str, prompts, out_dir: str,
                rollout: list[list[int]] | None = None, device: str = "cpu") -> None:
+    import faulthandler
     import json
+
+    import torch.distributed as dist
 
     from engine.args import EngineArgs
     from engine.engine import LLMEngine
@@ -41,6 +44,7 @@ def _rank_main(rank: int, layout_kw: dict, model: str, init: str, prompts, out_d
     from engine.model.parallel import ParallelLayout
     from engine.multirank import MultiRankExecutor, RankSpec, follow, init_rank
 
+    faulthandler.enable(all_threads=True)  # a rank that aborts prints every thread's stack
     layout = ParallelLayout(**layout_kw)
     spec = RankSpec(layout, rank, init, timeout_s=120)
     if device == "cuda":  # one GPU per rank; the model's collectives go over NCCL
@@ -52,6 +56,7 @@ def _rank_main(rank: int, layout_kw: dict, model: str, init: str, prompts, out_d
     args = EngineArgs(model=model, device=device, **ENGINE)
     if not spec.is_leader:
         follow(args, ModelConfig.from_dir(model), groups)
+        dist.destroy_process_group()  # every group, before the interpreter tears down what is left
         return
     engine = LLMEngine(args, lambda a, cfg, outbox: MultiRankExecutor(a, cfg, outbox, groups))
     replica = groups.ctx.dp_rank
@@ -84,6 +89,7 @@ def _rank_main(rank: int, layout_kw: dict, model: str, init: str, prompts, out_d
                    "blocks_used": engine.kv.num_used_blocks, "version": counts.version,
                    "routed": int(counts.logical.sum()), "phy2log": ex.runner.experts.phy2log().tolist(),
                    "layers_switched": state.layers_switched}, f)
+    dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
