@@ -11,7 +11,9 @@ every ``tick_s`` even when idle, for lock-step and pings) and hands each step's 
 loop with one ``call_soon_threadsafe``; there each delta lands on its request's
 ``asyncio.Queue`` (opened with ``open``). An aborted request's queue receives
 ``ABORTED`` so whoever waits on it wakes up; a failed engine puts an ``EngineError``
-on every queue. Only the engine thread touches the engine.
+on every queue. Only the engine thread touches the engine. ``engine.engine_process`` runs
+the same loop on the main thread of a process of its own (``pdserve serve``'s default); there
+only the transport differs (``_publish``, ``_idle``, ``_failed``; commands from a pipe).
 """
 
 from __future__ import annotations
