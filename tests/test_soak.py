@@ -29,19 +29,20 @@ pytestmark = pytest.mark.timeout(240)
 
 @pytest.fixture
 def dev_server(tmp_path):
-    log = open(tmp_path / "server.log", "w+", encoding="utf-8")
+    path = tmp_path / "server.log"
+    log = open(path, "w", encoding="utf-8")
     proc = subprocess.Popen([sys.executable, "-m", "serving.cli", "serve", "--dtype", "float32", "--port", "0",
                              "--max-num-seqs", "8", "--kv-cache-memory-gb", "0.25", "--log-level", "warning"],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=log, text=True)
+    # read the log through its own handle: the server and its engine process write at the offset they share
+    # with `log`, so moving that offset would let their next lines overwrite earlier ones
     try:
         line = proc.stdout.readline()
-        log.seek(0)
-        assert line.startswith("pdserve: serving pdserve-mini at http://127.0.0.1:"), line + log.read()
+        assert line.startswith("pdserve: serving pdserve-mini at http://127.0.0.1:"), line + path.read_text()
         yield line.split(" at ")[1].split()[0], proc.pid
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=60)
-        log.seek(0)
-        err = log.read()
+        err = path.read_text()
         assert proc.returncode == 0 and "Traceback" not in err, err
     finally:
         if proc.poll() is None:
