@@ -10,7 +10,8 @@ a test checks it), in the order a request uses them:
 * decode pool: ``reserve(seq_id, num_kv_tokens, num_total_tokens) -> bool`` (before
   the prefill starts), ``start_decode(seq_id, source) -> TransferReport`` (pulls the
   rows from the prefill worker named ``source`` while it computes, then joins the
-  engine), ``poll(seq_id, wait_s) -> RequestOutput | None`` until finished;
+  engine), ``poll(seq_ids, wait_s) -> {seq_id: RequestOutput | KeyError}`` until finished
+  (one long poll for all of a router's sequences on the worker);
 * both: ``info() -> WorkerInfo``, ``load() -> WorkerLoad`` (health probe and the
   policies' input; it carries the replica's cumulative expert-load counts), ``abort(seq_id)``;
 * live expert rebalancing (``router.experts``), to every DP replica leader of an instance:
@@ -139,7 +140,7 @@ class KVPull:
 
 
 class LeaseExpired(KeyError):
-    """``poll``: the worker freed this sequence, its router had not polled it for ``lease_s``."""
+    """``poll``'s answer for a sequence the worker freed: its router had not polled it for ``lease_s``."""
 
 
 @dataclasses.dataclass
@@ -171,7 +172,7 @@ class WorkerAPI(Protocol):
 
     async def start_decode(self, seq_id: str, source: str) -> TransferReport: ...
 
-    async def poll(self, seq_id: str, wait_s: float) -> RequestOutput | None: ...
+    async def poll(self, seq_ids: list[str], wait_s: float) -> dict[str, RequestOutput | KeyError]: ...
 
     def abort(self, seq_id: str) -> None: ...
 

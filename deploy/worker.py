@@ -18,8 +18,9 @@ Decode side, per sequence, in order: ``reserve(seq_id, num_kv_tokens, total)``
 ``start_decode(seq_id, source)`` (a
 ``deploy.kv_transfer.Transfer`` pulling from the prefill worker named ``source``,
 writing each piece into the reserved blocks; on done the sequence joins the engine)
-→ ``poll(seq_id, wait_s)`` until an output with ``finished`` (long polling: the deltas
-merged since the last poll, or None after ``wait_s``). ``abort(seq_id)`` ends a
+→ ``poll([seq_id, ...], wait_s)`` until an output with ``finished`` (long polling, one call
+for all of a router's sequences here: the deltas merged since the last poll of each one
+with news, or nothing after ``wait_s``). ``abort(seq_id)`` ends a
 sequence in any of these stages on either role and frees its blocks and reservation.
 
 **The lease.** A router that dies (or loses a request without aborting it) must not leave
@@ -29,7 +30,7 @@ not); outbox rows nobody pulled (prefill side; a sequence still computing with n
 out yet is left alone). A transfer in progress holds its reservation; it is bounded by
 its own timeouts. A sweep every ``lease_s / 4`` (at most 1 s) applies the lease, so
 whatever it frees is gone within ``lease_s`` plus that; a later ``poll`` of a sequence
-freed this way raises ``LeaseExpired`` (the worker is fine). The router touches its
+freed this way answers ``LeaseExpired`` for it (the worker is fine). The router touches its
 sequences far more often (a poll every ``poll_wait_s``), so the lease is a few times its
 ``poll_wait_s + stall_timeout_s`` (``deploy.pool.default_lease_s``).
 
@@ -37,8 +38,8 @@ sequences far more often (a poll every ``poll_wait_s``), so the lease is a few t
 (none by default): e.g. ``pull_kv`` holding back a sequence's rows for a while.
 
 After an actor restart the new incarnation knows none of the old sequences:
-``start_decode`` returns a failed report (``no_reservation``), ``pull_kv`` and
-``poll`` raise ``KeyError``, which the router treats as a lost worker.
+``start_decode`` returns a failed report (``no_reservation``), ``pull_kv`` raises and
+``poll`` answers ``KeyError``, which the router treats as a lost worker.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ from deploy.kv_transfer import ActorSource, Transfer, TransferFailed
 from engine.engine_loop import (ABORTED, AbortRollout, EngineLoop, Expire, LoadKV, ReadExpertCounts, ReserveKV,
                                 RolloutStatus, StageExperts, SwitchExperts)
 from engine.expert_load import RolloutState
-from engine.outputs import RequestOutput
+from engine.outputs import EngineError, RequestOutput
 from engine.sampling_params import Continuation, SamplingParams
 
 log = logging.getLogger("pdserve.deploy")
@@ -101,6 +102,7 @@ class EngineWorker:
         self._follower: threading.Thread | None = None
         self._follower_error: BaseException | None = None
         self._weights = None
+        self._news = asyncio.Event()  # set whenever a decoding sequence's queue receives something (poll waits on it)
         if parallel is None:
             self._build_engine(None)
         self.transfer_timeout_s = transfer_timeout_s
@@ -131,6 +133,7 @@ class EngineWorker:
         self.engine.connector.reservation_ttl_s = self.lease_s
         self.engine.connector.outbox.ttl_s = self.lease_s
         self.loop = EngineLoop(self.engine)
+        self.loop.on_news = self._news.set
 
     # ---- a rank of a multi-rank instance --------------------------------------------------
     def rendezvous(self) -> str:
@@ -356,35 +359,53 @@ class EngineWorker:
         """``KVSink``: one arriving piece into the reserved blocks, on the engine thread."""
         await self.loop.call(LoadKV(seq_id, piece))
 
-    async def poll(self, seq_id: str, wait_s: float) -> RequestOutput | None:
-        """The deltas merged since the last poll (None if none within ``wait_s``); KeyError if unknown."""
-        state = self.decoding.get(seq_id)
-        if state is None:
-            if seq_id in self._lapsed:
-                raise LeaseExpired(f"{self.name}: request {seq_id!r} was not polled for {self.lease_s:g} s")
-            raise KeyError(f"{self.name}: request {seq_id!r} is not decoding here")
-        state.touched = deadline = time.monotonic() + wait_s  # a poll in progress holds the lease
+    async def poll(self, seq_ids: list[str], wait_s: float) -> dict[str, RequestOutput | KeyError]:
+        """For each of ``seq_ids`` with news, the deltas merged since its last poll; returns as soon as one
+        has news, or ``{}`` after ``wait_s``. A sequence this worker does not hold maps to a ``KeyError``
+        (``LeaseExpired`` when the lease freed it; a ``KeyError`` too once it was aborted here); an
+        engine failure is every sequence's ``EngineError``. One call covers all of a router's sequences
+        here, so the calls per step do not grow with the batch."""
+        news: dict[str, RequestOutput | KeyError] = {}
+        waiting: dict[str, _Decoding] = {}
+        deadline = time.monotonic() + wait_s
+        for seq_id in seq_ids:
+            state = self.decoding.get(seq_id)
+            if state is not None:
+                state.touched = deadline  # a poll in progress holds the lease
+                waiting[seq_id] = state
+            elif seq_id in self._lapsed:
+                news[seq_id] = LeaseExpired(f"{self.name}: request {seq_id!r} was not polled for {self.lease_s:g} s")
+            else:
+                news[seq_id] = KeyError(f"{self.name}: request {seq_id!r} is not decoding here")
         while True:
-            try:  # take everything already delivered without waiting
-                while True:
-                    self._absorb(state, state.queue.get_nowait())
-            except asyncio.QueueEmpty:
-                pass
-            if state.pending is not None or state.finished:
-                break
+            self._news.clear()  # anything delivered from here on sets it again
+            for seq_id, state in waiting.items():
+                try:  # take everything already delivered without waiting
+                    while True:
+                        self._absorb(state, state.queue.get_nowait())
+                except asyncio.QueueEmpty:
+                    pass
+                except (KeyError, EngineError) as e:
+                    news[seq_id] = e
+            for seq_id in news:
+                waiting.pop(seq_id, None)
+            for seq_id, state in waiting.items():
+                if state.pending is not None or state.finished:
+                    news[seq_id], state.pending = state.pending, None
+                    if state.finished:
+                        self.decoding.pop(seq_id, None)
+                        self.loop.close(seq_id)
             left = deadline - time.monotonic()
-            if left <= 0:
-                return None
+            if news or left <= 0:
+                break
             try:
-                self._absorb(state, await asyncio.wait_for(state.queue.get(), left))
+                await asyncio.wait_for(self._news.wait(), left)
             except asyncio.TimeoutError:
-                return None
-        out, state.pending = state.pending, None
-        state.touched = time.monotonic()
-        if state.finished:
-            self.decoding.pop(seq_id, None)
-            self.loop.close(seq_id)
-        return out
+                pass
+        now = time.monotonic()
+        for state in waiting.values():
+            state.touched = now
+        return news
 
     def _absorb(self, state: _Decoding, item: Any) -> None:
         if item is ABORTED:

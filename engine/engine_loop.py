@@ -25,7 +25,7 @@ import dataclasses
 import logging
 import queue
 import threading
-from typing import Any
+from typing import Any, Callable
 
 from engine.outputs import EngineError, EngineStats, RequestOutput
 
@@ -153,6 +153,7 @@ class EngineLoop:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
+        self.on_news: Callable[[], None] = lambda: None  # called on the event loop after anything lands on a queue
 
     @property
     def alive(self) -> bool:
@@ -200,6 +201,7 @@ class EngineLoop:
         q = self._queues.pop(request_id, None)
         if q is not None:
             q.put_nowait(ABORTED)
+            self.on_news()
         self._send(Abort(request_id))
 
     def close(self, request_id: str) -> None:
@@ -278,7 +280,9 @@ class EngineLoop:
             q = self._queues.get(out.request_id)
             if q is not None:
                 q.put_nowait(out)
+        self.on_news()
 
     def fail_all(self, error: EngineError) -> None:
         for q in self._queues.values():
             q.put_nowait(error)
+        self.on_news()

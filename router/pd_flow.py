@@ -21,7 +21,8 @@ States of a sequence, in order (the router is the single owner)::
   does not answer leaves rotation and the attempt starts again on another one (or
   the re-created one), up to ``max_prefill_retries``; so does a failed transfer. If
   the first token ends the request, it is sent and the decode side is released.
-* **decoding**: long-poll ``poll`` for deltas and stream them. The first delta repeats
+* **decoding**: read the deltas from the decode worker's feed (``router.decode_feed``: one
+  long ``poll`` per worker for all of its sequences) and stream them. The first delta repeats
   the first token, so the decode stream alone is the whole output. A decode worker
   that dies or stalls (no poll answer in ``poll_wait_s + stall_timeout_s``) leaves
   rotation; the sequence *resumes* on another pair with a ``Continuation`` (the
@@ -57,6 +58,7 @@ from deploy.contract import NAMESPACE, PrefillResult, TransferReport
 from engine.outputs import (Admission, EngineError, EngineOverloaded, EngineStats, GenerateRequest, RequestMetrics,
                             RequestOutput)
 from engine.sampling_params import Continuation, SamplingParams, max_new_tokens
+from router.decode_feed import DecodeFeeds
 from router.experts import EPLBConfig, ExpertBalancer
 from router.metrics import RouterMetrics
 from router.policy import Policy, PrefixAffinity
@@ -129,6 +131,7 @@ class PDClient:
         self.pool_max_model_len: dict[str, int] = {}
         self.eos_token_ids: list[int] = []
         self._active: dict[str, dict[str, _Leg]] = {}  # user rid -> seq rid -> its current leg
+        self.feeds = DecodeFeeds(self.registry, self.config.poll_wait_s, self.config.stall_timeout_s)
         self.admission = Admission()  # its limit is learnt in start()
 
     # ---- lifecycle -------------------------------------------------------------------
@@ -159,6 +162,7 @@ class PDClient:
     async def shutdown(self) -> None:
         await self.experts.stop()
         await self.registry.stop()
+        await self.feeds.close()
         for seqs in list(self._active.values()):
             for leg in seqs.values():
                 leg.abort(self.registry)
@@ -265,22 +269,23 @@ class PDClient:
                         return
                     # decoding
                     t3 = time.monotonic()
-                    while True:
-                        out = await self.registry.call(leg.decode, leg.decode_handle.poll.remote(leg.id, cfg.poll_wait_s),
-                                                       cfg.poll_wait_s + cfg.stall_timeout_s)
-                        if out is None:
-                            continue
-                        out = self._fix(out, request, index, metrics, first_leg=not sent)
-                        for c in out.outputs:
-                            sent.extend(c.token_ids)
-                            cumulative = c.cumulative_logprob if c.cumulative_logprob is not None else cumulative
-                        if out.finished:
-                            m.stage.labels("decode").observe(time.monotonic() - t3)
-                            outcome = "finished"
-                            leg.decode = None
+                    handle = leg.decode_handle
+                    feed = self.feeds.subscribe(leg.decode, handle, leg.id)
+                    try:
+                        while True:
+                            out = self._fix(await feed.next(), request, index, metrics, first_leg=not sent)
+                            for c in out.outputs:
+                                sent.extend(c.token_ids)
+                                cumulative = c.cumulative_logprob if c.cumulative_logprob is not None else cumulative
+                            if out.finished:
+                                m.stage.labels("decode").observe(time.monotonic() - t3)
+                                outcome = "finished"
+                                leg.decode = None
+                                yield out
+                                return
                             yield out
-                            return
-                        yield out
+                    finally:
+                        self.feeds.unsubscribe(handle, leg.id)
                 except _Retry as e:
                     leg.abort(self.registry)
                     leg.prefill = leg.decode = None

@@ -55,6 +55,16 @@ class WorkerLost(Exception):
         self.lease_expired = lease_expired
 
 
+def worker_error(w: Worker, cause: BaseException) -> BaseException:
+    """What an error a worker answered means here: a ``ValueError`` is the request's own (a 400 for the
+    client); ``LeaseExpired`` a sequence the worker freed (it is fine); anything else a lost worker."""
+    if isinstance(cause, ValueError):
+        return cause
+    if isinstance(cause, LeaseExpired):
+        return WorkerLost(w, str(cause), lease_expired=True)
+    return WorkerLost(w, f"{type(cause).__name__}: {cause}")
+
+
 class WorkerRegistry:
     def __init__(self, pools: dict[str, list[str]], namespace: str = NAMESPACE, health_interval_s: float = 1.0,
                  health_timeout_s: float = 3.0):
@@ -163,12 +173,7 @@ class WorkerRegistry:
         except asyncio.TimeoutError:
             raise WorkerLost(w, f"no answer within {timeout:g} s") from None
         except rex.RayTaskError as e:
-            cause = e.cause if e.cause is not None else e
-            if isinstance(cause, ValueError):  # the engine rejected the request (a 400 for the client)
-                raise cause from None
-            if isinstance(cause, LeaseExpired):
-                raise WorkerLost(w, str(cause), lease_expired=True) from None
-            raise WorkerLost(w, f"{type(cause).__name__}: {cause}") from None
+            raise worker_error(w, e.cause if e.cause is not None else e) from None
         except rex.RayError as e:  # actor died / unavailable, object lost
             raise WorkerLost(w, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
 
