@@ -170,9 +170,10 @@ class ModelRunner:
 
     # ---- one step ---------------------------------------------------------------------
     @torch.inference_mode()
-    def dummy_step(self) -> None:
+    def dummy_step(self, ep_max_tokens: int | None = None) -> None:
         """A step with no tokens: the same passes as a real one (main, then every MTP pass), joining the
         MoE collectives of the other DP replicas; touches no cache and no sequence."""
+        self.model.set_ep_max_tokens(ep_max_tokens)
         self.model.dummy_forward()
         if self.proposer is not None:
             for _ in range(self.proposer.k):
@@ -195,6 +196,7 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, step: StepInput) -> StepOutput:
         self._apply(step)
+        self.model.set_ep_max_tokens(step.ep_max_tokens)
         seqs = [self.sequences[s.seq_id] for s in step.sequences]
         ids: list[int] = []
         positions: list[int] = []

@@ -14,7 +14,9 @@ The layout and the model's groups are ``engine.model.parallel``. Ranks play one 
 
 **Lock-step across DP replicas.** With ``dp > 1`` and ``ep > 1`` the replicas meet in
 every MoE layer's all-to-all, so every leader takes part in every iteration: before each
-step it all-reduces "I have work" over the leaders' control group; when any leader has
+step it all-reduces (max) its step's token count over the leaders' control group — whether
+anyone has work, and a bound on every pass's tokens per rank, which lets a decode-sized MoE
+dispatch send counts and rows in one exchange (``engine.model.dispatch``); when any leader has
 work, the idle ones run a *dummy step* (a main pass and the MTP passes with zero tokens,
 ``ModelRunner.dummy_step``) as DeepSeek's and SGLang's DP attention do; when none has,
 all wait one tick: 2 ms after work, doubling while all stay idle up to 25 ms, so idle
@@ -133,7 +135,7 @@ class RunStep:
 
 @dataclasses.dataclass
 class DummyStep:
-    pass
+    ep_max_tokens: int | None = None  # as ``StepInput.ep_max_tokens``
 
 
 @dataclasses.dataclass
@@ -209,25 +211,27 @@ class MultiRankExecutor:
             dist.broadcast_object_list([message], src=self.groups.spec.leader, group=self.groups.control)
             self._last_sent = time.monotonic()
 
-    def _sync(self, busy: bool) -> bool:
-        """Before a step: whether any replica has work, and the expert layer switch, if one is due
-        (see the module docstring)."""
+    def _sync(self, tokens: int) -> int:
+        """Before a step with ``tokens`` here (0: none): the most tokens any replica runs (0: no replica
+        has work), and the expert layer switch, if one is due (see the module docstring)."""
         experts = self.runner.experts
         code = experts.switch_code()
         if self.groups.leaders is None:
             agreed = code > 0
         else:
-            t = torch.tensor([int(busy), code, -code], dtype=torch.int64)
+            t = torch.tensor([tokens, code, -code], dtype=torch.int64)
             dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.groups.leaders)
-            busy = bool(t[0])
+            tokens = int(t[0])
             agreed = code > 0 and int(t[1]) == code and -int(t[2]) == code  # max == min: all offer the same
         if agreed:
             self._send(InstallLayer())
             experts.install_next()
-        return busy
+        return tokens
 
     def execute(self, step: StepInput) -> StepOutput:
-        self._sync(True)
+        most = self._sync(max(step.num_tokens, 1))
+        if self.groups.spec.lockstep:
+            step.ep_max_tokens = most
         self.busy_elsewhere = False
         self._tick(busy=True)
         self._send(RunStep(step))
@@ -236,11 +240,12 @@ class MultiRankExecutor:
     def idle(self) -> None:
         """Nothing scheduled here: in lock-step, a dummy step if another replica works; else a ping when due."""
         if self.groups.spec.lockstep or self.runner.experts.switching:
-            self.busy_elsewhere = self._sync(False)
+            most = self._sync(0)
+            self.busy_elsewhere = most > 0
             self._tick(self.busy_elsewhere)
             if self.groups.spec.lockstep and self.busy_elsewhere:
-                self._send(DummyStep())
-                self.runner.dummy_step()
+                self._send(DummyStep(most))
+                self.runner.dummy_step(most)
                 return
         if time.monotonic() - self._last_sent >= PING_S:
             self._send(Ping())
@@ -321,7 +326,7 @@ def follow(args: EngineArgs, cfg: ModelConfig, groups: RankGroups, on_ready=None
         if isinstance(message, RunStep):
             runner.execute(message.step)
         elif isinstance(message, DummyStep):
-            runner.dummy_step()
+            runner.dummy_step(message.ep_max_tokens)
         elif isinstance(message, WriteKV):
             runner.kv_worker.write(message.block_table, message.piece)
         elif isinstance(message, InstallLayer):

@@ -73,6 +73,9 @@ class StepInput:
     # speculative decoding: the sampling sequences propose drafts for the next step (the MTP layer's
     # rows are written either way, so drafting can resume at full acceptance)
     propose: bool = True
+    # lock-step DP replicas: the most tokens any replica runs this step (agreed before it; None
+    # elsewhere). It bounds every pass's rows per EP rank, so dispatch sends rows and counts at once
+    ep_max_tokens: int | None = None
 
     @property
     def num_tokens(self) -> int:

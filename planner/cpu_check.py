@@ -43,6 +43,7 @@ import urllib.request
 import yaml
 
 from engine.args import EngineArgs
+from engine.model.dispatch import padded_fits
 from planner.hardware import (CollectiveProbe, CPUProbe, cpu_device, cpu_flags, cpu_model_name, probe_collectives,
                               probe_cpu)
 from planner.model_shape import ModelShape
@@ -192,13 +193,17 @@ def predict(shape: ModelShape, probe: CPUProbe, comm: CollectiveProbe | None, op
     load = Load(Lengths(input_len, 0.0), Lengths(output_len, 0.0))
     feat = Features(dbo=False, fp8=False, mtp_drafts=0, eplb=True, popularity_cv=popularity_cv)
 
-    def sim(par: Parallel, step_collectives: int = 0) -> Simulator:
+    def sim(par: Parallel, step_collectives: int = 0, dispatch_collectives: int = 2) -> Simulator:
         device = cpu_device(probe, round(count.in_model_per_layer), count.outside_model,
-                            comm if par.gpus > 1 else None, step_collectives)
+                            comm if par.gpus > 1 else None, step_collectives, dispatch_collectives)
         return Simulator(shape, device, par, feat)
 
-    decode = sim(local.decode, 1 if local.lockstep else 0)
     per_replica = math.ceil(concurrency / local.decode.dp)
+    # lock-step replicas agree on a bound on every pass's tokens: a small dispatch is one padded exchange
+    slots_per_rank = (shape.experts + local.decode.redundant) // max(local.decode.ep, 1)
+    one_exchange = local.lockstep and padded_fits(local.decode.ep, per_replica, shape.top_k, slots_per_rank,
+                                                  shape.cfg.hidden_size * 4)
+    decode = sim(local.decode, 1 if local.lockstep else 0, 1 if one_exchange else 2)
     step = decode.decode_step(per_replica, load).time_s
     tokens = concurrency * input_len
     chunk = min(local.prefill_budget, tokens)

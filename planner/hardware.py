@@ -338,12 +338,15 @@ def probe_collectives(ranks: int = 2) -> CollectiveProbe:
 
 
 def cpu_device(probe: CPUProbe, small_kernels_per_layer: int, outside_calls_per_step: float,
-               comm: CollectiveProbe | None = None, step_collectives: int = 0) -> Device:
+               comm: CollectiveProbe | None = None, step_collectives: int = 0,
+               dispatch_collectives: int = 2) -> Device:
     """This machine as a device: the probe's figures are what kernels reach (fractions 1, rows term measured).
 
     ``comm``: ranks in processes of this machine talking over gloo (pdserve's multi-rank CPU
-    instances): every all_to_all costs its latency plus bytes at its rate; a dispatch is two of
-    them (counts, rows); ``step_collectives`` more per step (DP lock-step's "anyone busy")."""
+    instances): every all_to_all costs its latency plus bytes at its rate; a dispatch is
+    ``dispatch_collectives`` of them (counts, rows; or one padded exchange where the ranks agree on
+    a bound: ``engine.model.dispatch.padded_fits``); ``step_collectives`` more per step (DP
+    lock-step's "anyone busy")."""
     # M/(M + h) = small / large at the probe's row count
     rows_half = 8 * max(probe.matmul_gflops / probe.small_matmul_gflops - 1, 0.0)
     bmm_half = 4 * max(probe.matmul_gflops / probe.small_bmm_gflops - 1, 0.0)
@@ -355,7 +358,7 @@ def cpu_device(probe: CPUProbe, small_kernels_per_layer: int, outside_calls_per_
     step_s = outside_calls_per_step * probe.op_us * 1e-6 + step_collectives * (comm.latency_s if comm else 0.0)
     backend = Backend(moe_kernel="padded", padded_max_rows=64, attn_kv_passes=4.0,
                       small_kernels_per_layer=small_kernels_per_layer, kernel_floor_s=probe.op_us * 1e-6,
-                      comm_sms_prefill=0, step_overhead_s=step_s, dispatch_collectives=2)
+                      comm_sms_prefill=0, step_overhead_s=step_s, dispatch_collectives=dispatch_collectives)
     tflops = probe.matmul_gflops / 1e3
     link = comm.gbps if comm else probe.read_gbps
     return Device(name="cpu", fp8_tflops=None, bf16_tflops=tflops, fp32_tflops=tflops, memory_gb=_memory_gb(),

@@ -316,8 +316,9 @@ def test_cpu_check_reads_the_local_deployment_as_pdserve_up_does():
 
 
 def test_cpu_prediction_counts_pdserve_collectives(tiny_checkpoint):
-    """A fixed profile (no timing): each MoE layer pays three gloo all_to_alls (counts, rows, combine),
-    each step one lock-step all_reduce; the decode replicas split the clients."""
+    """A fixed profile (no timing): each MoE layer of the lock-step decode instance pays two gloo
+    all_to_alls (counts and rows in one padded exchange, combine), each step one lock-step all_reduce;
+    the decode replicas split the clients."""
     from planner import cpu_check
     from planner.hardware import CollectiveProbe, CPUProbe
 
@@ -333,11 +334,11 @@ def test_cpu_prediction_counts_pdserve_collectives(tiny_checkpoint):
 
     base, slow = step(0.0), step(1e-3)
     moe_layers = shape.n_moe_layers
-    assert slow.decode_step_s - base.decode_step_s == pytest.approx((3 * moe_layers + 1) * 1e-3, rel=1e-6)
+    assert slow.decode_step_s - base.decode_step_s == pytest.approx((2 * moe_layers + 1) * 1e-3, rel=1e-6)
     # the decode instance runs 8 / dp clients per replica: the same step as the simulator's at that batch
     from planner.hardware import cpu_device
 
-    dev = cpu_device(probe, 150, 100.0, CollectiveProbe(0.0, 1e9, 2), step_collectives=1)
+    dev = cpu_device(probe, 150, 100.0, CollectiveProbe(0.0, 1e9, 2), step_collectives=1, dispatch_collectives=1)
     sim = Simulator(shape, dev, local.decode, Features(dbo=False, fp8=False, mtp_drafts=0, popularity_cv=0.0))
     assert base.decode_step_s == pytest.approx(sim.decode_step(8 / local.decode.dp,
                                                                Load(Lengths(32, 0.0), Lengths(8, 0.0))).time_s)

@@ -249,6 +249,13 @@ class DeepseekV3ForCausalLM(nn.Module):
         ids, pos, meta = self._empty_step()
         self.mtp_forward(k, ids, torch.zeros(0, self.cfg.hidden_size, dtype=self.dtype, device=ids.device), pos, meta)
 
+    def set_ep_max_tokens(self, tokens: int | None) -> None:
+        """The step's agreed bound on any EP rank's tokens per pass (``StepInput.ep_max_tokens``)."""
+        if self.parallel.ep.size == 1:
+            return
+        for moe in self.moe_layers().values():
+            moe.dispatcher.max_tokens = tokens
+
     # ---- experts: placement and load ---------------------------------------------------
     def moe_layers(self) -> dict[int, MoE]:
         """Checkpoint layer index -> its MoE (main layers, then MTP layers)."""

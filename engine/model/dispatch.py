@@ -15,6 +15,14 @@ Input: this rank's MoE tokens ``x [N, D]`` with their physical slots ``[N, k]``
   3. after the experts, the inverse permutation and the reverse all-to-all bring
      every copy's output back to its sender, in the sender's sorted order.
 
+  When every EP rank knows a bound on any rank's tokens in this pass (``max_tokens``: lock-step
+  DP replicas agree on it before each step, ``engine.multirank``) and the padded buffers stay
+  small (``PADDED_MAX_BYTES``), steps 1 and 2 are one all-to-all, as DeepEP's low-latency
+  kernels do: each destination gets a fixed block of ``1 + max_tokens * k`` rows, the first
+  carrying the per-slot counts (int32 in the row's bytes), then the rows, zero-padded. The
+  received rows are the same in the same order; a decode step makes 2 collectives per MoE
+  layer instead of 3.
+
 ``combine`` multiplies each returned copy by its routing weight (fp32) and sums
 the ``k`` copies of each token into its original row: output ``[N, D]`` in the
 input's token order and dtype. The weights never leave the sending rank.
@@ -43,10 +51,21 @@ class DispatchHandle:
     regroup: torch.Tensor | None = None  # EP: received row order -> by local slot
 
 
+PADDED_MAX_BYTES = 4 << 20  # the largest padded exchange (all destinations) worth saving a collective for
+
+
+def padded_fits(ep: int, max_tokens: int, k: int, slots_per_rank: int, row_bytes: int) -> bool:
+    """Whether a dispatch of at most ``max_tokens`` tokens per rank (``k`` copies each, rows of
+    ``row_bytes``) sends counts and rows in one padded exchange (``planner`` models the same rule)."""
+    return (row_bytes % 4 == 0 and slots_per_rank * 4 <= row_bytes
+            and ep * (1 + max_tokens * k) * row_bytes <= PADDED_MAX_BYTES)
+
+
 class MoEDispatcher:
     def __init__(self, ep: ParallelGroup):
         self.ep = ep
         self.bytes_sent = 0  # EP: bytes of rows this rank sent to other ranks (dispatch + combine), cumulative
+        self.max_tokens: int | None = None  # this pass's bound on any EP rank's tokens, if all ranks know one
 
     def dispatch(self, x: torch.Tensor, phys: torch.Tensor, weights: torch.Tensor,
                  num_slots: int) -> tuple[torch.Tensor, list[int], DispatchHandle]:
@@ -61,15 +80,44 @@ class MoEDispatcher:
         if self.ep.size == 1:
             return rows, slot_counts.tolist(), handle
         ep, per_rank = self.ep.size, num_slots // self.ep.size
-        recv_slot_counts = self.ep.all_to_all(slot_counts, [per_rank] * ep, [per_rank] * ep).view(ep, per_rank)
         handle.send_counts = slot_counts.view(ep, per_rank).sum(1).tolist()
-        handle.recv_counts = recv_slot_counts.sum(1).tolist()
-        received = self.ep.all_to_all(rows, handle.send_counts, handle.recv_counts)  # [M, D] by source, then slot
+        if self._padded_fits(k, per_rank, rows):
+            received, recv_slot_counts = self._exchange_padded(rows, slot_counts.view(ep, per_rank), handle, k)
+        else:
+            recv_slot_counts = self.ep.all_to_all(slot_counts, [per_rank] * ep, [per_rank] * ep).view(ep, per_rank)
+            handle.recv_counts = recv_slot_counts.sum(1).tolist()
+            received = self.ep.all_to_all(rows, handle.send_counts, handle.recv_counts)  # [M, D] by source, then slot
         local_slot = torch.arange(per_rank, device=x.device).repeat(ep)  # [ep * per_rank]
         slot_of_row = torch.repeat_interleave(local_slot, recv_slot_counts.flatten())  # [M]
         handle.regroup = slot_of_row.argsort(stable=True)
         self.bytes_sent += self._remote_rows(handle.send_counts) * rows.shape[1] * rows.element_size()
         return received[handle.regroup], recv_slot_counts.sum(0).tolist(), handle
+
+    def _padded_fits(self, k: int, per_rank: int, rows: torch.Tensor) -> bool:
+        """Whether this pass takes the one-exchange dispatch (the same answer on every EP rank)."""
+        return self.max_tokens is not None and padded_fits(self.ep.size, self.max_tokens, k, per_rank,
+                                                           rows.shape[1] * rows.element_size())
+
+    def _exchange_padded(self, rows: torch.Tensor, per_dest: torch.Tensor, handle: DispatchHandle,
+                         k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Counts and rows in one all-to-all of fixed blocks (see the module docstring); returns the
+        received rows [M, D] (by source, then slot) and the per-source slot counts [ep, per_rank]."""
+        ep, per_rank = per_dest.shape
+        cap = self.max_tokens * k  # copies one rank may send to one destination, at most
+        if rows.shape[0] > cap:
+            raise AssertionError(f"dispatch: {rows.shape[0] // k} tokens exceed the agreed bound ({self.max_tokens})")
+        send = rows.new_zeros(ep, 1 + cap, rows.shape[1])
+        send[:, 0].view(torch.int32)[:, :per_rank] = per_dest.to(torch.int32)
+        dest = torch.repeat_interleave(torch.arange(ep, device=rows.device), per_dest.sum(1))  # [N*k] sorted
+        first = torch.cumsum(per_dest.sum(1), 0) - per_dest.sum(1)  # each destination's first row
+        send[dest, 1 + torch.arange(rows.shape[0], device=rows.device) - first[dest]] = rows
+        blocks = [1 + cap] * ep
+        got = self.ep.all_to_all(send.view(ep * (1 + cap), -1), blocks, blocks).view(ep, 1 + cap, -1)
+        recv_slot_counts = got[:, 0].view(torch.int32)[:, :per_rank].long()  # [ep, per_rank]
+        recv = recv_slot_counts.sum(1)
+        handle.recv_counts = recv.tolist()
+        keep = torch.arange(cap, device=rows.device)[None, :] < recv[:, None]  # [ep, cap]
+        return got[:, 1:][keep], recv_slot_counts
 
     def _remote_rows(self, counts: list[int]) -> int:
         return sum(counts) - counts[self.ep.rank]
