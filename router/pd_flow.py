@@ -37,7 +37,10 @@ States of a sequence, in order (the router is the single owner)::
   the workers that may still hold the sequence (blocks, reservation, outbox) and is
   counted in ``RouterMetrics``. Each retry or resume is a new *leg* with an id of its own
   on the workers (``<seq>@<attempt>``), so rows or an abort of an earlier leg still in
-  flight never meet it.
+  flight never meet it. ``abort(request_id)`` (gRPC ``Abort``, a client gone) ends the
+  request's sequences where they are and their streams end, as on one engine: what fails
+  after it (the workers no longer hold them) is not taken for a lost worker, and nothing is
+  retried or resumed.
 
 ``n > 1`` fans out here: n sequences ``<id>#i``, each continuing completion index i
 (so its seed is ``sequence_seed(seed, i)``, as one engine would use), merged into one
@@ -131,6 +134,7 @@ class PDClient:
         self.pool_max_model_len: dict[str, int] = {}
         self.eos_token_ids: list[int] = []
         self._active: dict[str, dict[str, _Leg]] = {}  # user rid -> seq rid -> its current leg
+        self._aborted: set[str] = set()  # user rids aborted while in flight: what fails next is the abort
         self.feeds = DecodeFeeds(self.registry, self.config.poll_wait_s, self.config.stall_timeout_s)
         self.admission = Admission()  # its limit is learnt in start()
 
@@ -185,7 +189,13 @@ class PDClient:
         return s
 
     async def abort(self, request_id: str) -> None:
-        for leg in list(self._active.get(request_id, {}).values()):
+        """End the request: its sequences stop where they are (no retry, no resume) and their streams end,
+        as a request aborted on one engine does."""
+        legs = self._active.get(request_id)
+        if legs is None:
+            return
+        self._aborted.add(request_id)
+        for leg in list(legs.values()):
             leg.abort(self.registry)
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[RequestOutput]:
@@ -209,6 +219,7 @@ class PDClient:
         finally:
             slot.release()
             self._active.pop(request.request_id, None)
+            self._aborted.discard(request.request_id)
 
     async def _fan_out(self, request: GenerateRequest) -> AsyncIterator[RequestOutput]:
         """n sequences of one request, merged; the delta that ends the last one has ``finished``."""
@@ -217,8 +228,12 @@ class PDClient:
 
         async def pump(i: int) -> None:
             try:
+                done = False
                 async for out in self._sequence(request, f"{request.request_id}#{i}", sp.clone(n=1), i):
+                    done = out.finished
                     await q.put(out)
+                if not done:
+                    await q.put(None)  # it ended unfinished: the request was aborted
             except BaseException as e:
                 await q.put(e)
 
@@ -227,6 +242,8 @@ class PDClient:
         try:
             while finished < sp.n:
                 item = await q.get()
+                if item is None:
+                    return
                 if isinstance(item, BaseException):
                     raise item
                 finished += item.finished
@@ -252,7 +269,7 @@ class PDClient:
         failures = resumes = 0
         outcome = "aborted"
         try:
-            while True:
+            while request.request_id not in self._aborted:
                 cont = Continuation(index, tuple(sent), cumulative)
                 attempt = failures + resumes
                 leg.id = f"{seq_id}@{attempt}" if attempt else seq_id
@@ -287,6 +304,8 @@ class PDClient:
                     finally:
                         self.feeds.unsubscribe(handle, leg.id)
                 except _Retry as e:
+                    if request.request_id in self._aborted:  # the abort made it fail: not the worker
+                        return
                     leg.abort(self.registry)
                     leg.prefill = leg.decode = None
                     if e.lost is not None:
@@ -301,6 +320,8 @@ class PDClient:
                     m.retries.labels(e.cause).inc()
                     log.warning("%s: %s; trying again (%d/%d)", seq_id, e, failures, cfg.max_prefill_retries)
                 except WorkerLost as e:  # the decode worker, while decoding (or its lease on the sequence ran out)
+                    if request.request_id in self._aborted:  # the abort made it fail: not the worker
+                        return
                     if not e.lease_expired:
                         self.registry.mark_down(e.worker, str(e))
                     self.registry.abort_on(e.worker, leg.id)

@@ -175,6 +175,42 @@ def test_client_gone_while_decoding(router):
     _recovered("client gone while decoding", t0)
 
 
+@in_netns
+def test_abort_while_decoding_ends_the_stream_not_the_worker(cluster, tiny_checkpoint):
+    """``PDClient.abort`` (what gRPC ``Abort`` calls) mid-stream: the stream ends without an error, the decode
+    worker stays in rotation and nothing is resumed (the worker's KeyError for the aborted sequence is the
+    abort, not a lost worker); n=2 ends both sequences."""
+    import asyncio
+
+    from engine.outputs import GenerateRequest
+    from engine.sampling_params import SamplingParams
+    from router.pd_flow import PDClient, RouterConfig
+
+    async def main():
+        client = PDClient(PREFILL, DECODE, RouterConfig(**ROUTER))
+        await client.start()
+        try:
+            for n in (1, 2):
+                rid = f"abort-me-{n}"
+                req = GenerateRequest(rid, list(range(3, 40)),
+                                      SamplingParams(max_tokens=400, ignore_eos=True, temperature=0, n=n))
+                tokens = 0
+                stream = client.generate(req)
+                async for out in stream:
+                    tokens += sum(len(c.token_ids) for c in out.outputs)
+                    if tokens >= 8 * n:
+                        t0 = time.monotonic()
+                        await client.abort(rid)
+                assert 8 * n <= tokens < 400 * n and time.monotonic() - t0 < 5.0
+                assert all(w.healthy for w in client.registry.all()), [w.last_error for w in client.registry.all()]
+            assert not any(s.value for s in client.metrics.retries.collect()[0].samples)  # no resume, no retry
+        finally:
+            await client.shutdown()
+
+    asyncio.run(main())
+    _recovered("aborted while decoding", time.monotonic())
+
+
 # ---- the KV hand-off fails ---------------------------------------------------------------------
 @in_netns
 def test_kv_transfer_timeout_retried(router, reference):
