@@ -95,6 +95,8 @@ class WorkerLoad:
     transfers_done: int = 0
     transfers_failed: int = 0
     outbox_bytes: int = 0  # prefill: latent rows waiting for their decode worker
+    polls: int = 0  # decode: poll calls answered (cumulative)
+    polled_sequences: int = 0  # decode: sequence ids those calls listed (cumulative; / polls = the batching)
     experts: ExpertCounts | None = None  # its DP replica's expert-load counts, cumulative
 
     @property

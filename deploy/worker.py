@@ -114,6 +114,7 @@ class EngineWorker:
         self._transfers: dict[str, asyncio.Task] = {}  # decode: the start_decode call of each sequence
         self.transfers_done = 0
         self.transfers_failed = 0
+        self.polls = self.polled_sequences = 0
         self._counts_read = None  # the engine thread's pending read of the expert counts (load())
         self._expert_counts = None
         self.faults = FaultInjection()
@@ -224,7 +225,8 @@ class EngineWorker:
             kv_blocks_total=s.kv_blocks_total, prefix_cache_queries=s.prefix_cache_queries,
             prefix_cache_hits=s.prefix_cache_hits, num_preemptions=s.num_preemptions,
             transfers_done=self.transfers_done, transfers_failed=self.transfers_failed,
-            outbox_bytes=self.engine.connector.outbox.nbytes, experts=self._expert_counts)
+            outbox_bytes=self.engine.connector.outbox.nbytes, polls=self.polls,
+            polled_sequences=self.polled_sequences, experts=self._expert_counts)
 
     # ---- prefill role -------------------------------------------------------------------
     async def prefill(self, seq_id: str, prompt: list[int], params: SamplingParams,
@@ -365,6 +367,8 @@ class EngineWorker:
         (``LeaseExpired`` when the lease freed it; a ``KeyError`` too once it was aborted here); an
         engine failure is every sequence's ``EngineError``. One call covers all of a router's sequences
         here, so the calls per step do not grow with the batch."""
+        self.polls += 1
+        self.polled_sequences += len(seq_ids)
         news: dict[str, RequestOutput | KeyError] = {}
         waiting: dict[str, _Decoding] = {}
         deadline = time.monotonic() + wait_s

@@ -160,6 +160,29 @@ def test_greedy_identical_to_dev_server_streaming_and_not(router, reference):
 
 
 @in_netns
+def test_concurrent_streams_share_one_poll_per_decode_worker(router, reference):
+    """8 streams at once over 2 decode workers: the router's polls list several sequences each (one call
+    per worker per step, ``router.decode_feed``), not one call per sequence; every text is the greedy one."""
+    import concurrent.futures
+
+    from pd_helpers import worker_loads
+
+    url, client = router
+    oai = openai_client(url)
+    prompts = [f"{p} number {i}" for i in range(2) for p in PROMPTS]
+    want = reference(prompts, 48)
+    before = worker_loads(["decode-0", "decode-1"])
+    with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+        got = list(pool.map(lambda p: stream_text(oai, client.model_name, p, 48), prompts))
+    assert got == want
+    after = worker_loads(["decode-0", "decode-1"])
+    polls = sum(after[n].polls - before[n].polls for n in after)
+    listed = sum(after[n].polled_sequences - before[n].polled_sequences for n in after)
+    print(f"\n[polls] {polls} calls listed {listed} sequences ({listed / polls:.2f} per call) for 8 x 48 tokens")
+    assert listed / polls >= 2.0  # 4 sequences per worker; a call per sequence would be exactly 1
+
+
+@in_netns
 def test_client_disconnect_frees_blocks_on_both_sides(router):
     url, client = router
     body = {"model": client.model_name, "prompt": PROMPTS[2] * 4, "max_tokens": 400, "temperature": 0,
