@@ -381,24 +381,14 @@ class EngineWorker:
                 news[seq_id] = LeaseExpired(f"{self.name}: request {seq_id!r} was not polled for {self.lease_s:g} s")
             else:
                 news[seq_id] = KeyError(f"{self.name}: request {seq_id!r} is not decoding here")
+        held = list(waiting.values())
         while True:
             self._news.clear()  # anything delivered from here on sets it again
-            for seq_id, state in waiting.items():
-                try:  # take everything already delivered without waiting
-                    while True:
-                        self._absorb(state, state.queue.get_nowait())
-                except asyncio.QueueEmpty:
-                    pass
-                except (KeyError, EngineError) as e:
-                    news[seq_id] = e
-            for seq_id in news:
-                waiting.pop(seq_id, None)
-            for seq_id, state in waiting.items():
-                if state.pending is not None or state.finished:
-                    news[seq_id], state.pending = state.pending, None
-                    if state.finished:
-                        self.decoding.pop(seq_id, None)
-                        self.loop.close(seq_id)
+            for seq_id, state in list(waiting.items()):
+                item = self._take(seq_id, state)
+                if item is not None:
+                    news[seq_id] = item
+                    del waiting[seq_id]
             left = deadline - time.monotonic()
             if news or left <= 0:
                 break
@@ -407,9 +397,27 @@ class EngineWorker:
             except asyncio.TimeoutError:
                 pass
         now = time.monotonic()
-        for state in waiting.values():
+        for state in held:
             state.touched = now
         return news
+
+    def _take(self, seq_id: str, state: _Decoding) -> RequestOutput | KeyError | EngineError | None:
+        """What a poll answers for one sequence now: its deltas merged (the last one releases it), an
+        error, or None when nothing arrived since its last poll."""
+        try:  # take everything already delivered without waiting
+            while True:
+                self._absorb(state, state.queue.get_nowait())
+        except asyncio.QueueEmpty:
+            pass
+        except (KeyError, EngineError) as e:
+            return e
+        if state.pending is None and not state.finished:
+            return None
+        out, state.pending = state.pending, None
+        if state.finished:
+            self.decoding.pop(seq_id, None)
+            self.loop.close(seq_id)
+        return out
 
     def _absorb(self, state: _Decoding, item: Any) -> None:
         if item is ABORTED:

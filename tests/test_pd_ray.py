@@ -165,8 +165,6 @@ def test_concurrent_streams_share_one_poll_per_decode_worker(router, reference):
     per worker per step, ``router.decode_feed``), not one call per sequence; every text is the greedy one."""
     import concurrent.futures
 
-    from pd_helpers import worker_loads
-
     url, client = router
     oai = openai_client(url)
     prompts = [f"{p} number {i}" for i in range(2) for p in PROMPTS]

@@ -209,6 +209,7 @@ class DeepseekV3ForCausalLM(nn.Module):
         n_mtp = cfg.num_nextn_predict_layers if with_mtp else 0
         self.mtp = nn.ModuleList(
             MTPLayer(cfg, cfg.num_hidden_layers + k, rope, dtype, parallel, fp8) for k in range(n_mtp))
+        self._ep_dispatchers = [m.dispatcher for m in self.moe_layers().values()] if parallel.ep.size > 1 else []
 
     @property
     def num_cache_layers(self) -> int:
@@ -251,10 +252,8 @@ class DeepseekV3ForCausalLM(nn.Module):
 
     def set_ep_max_tokens(self, tokens: int | None) -> None:
         """The step's agreed bound on any EP rank's tokens per pass (``StepInput.ep_max_tokens``)."""
-        if self.parallel.ep.size == 1:
-            return
-        for moe in self.moe_layers().values():
-            moe.dispatcher.max_tokens = tokens
+        for dispatcher in self._ep_dispatchers:
+            dispatcher.max_tokens = tokens
 
     # ---- experts: placement and load ---------------------------------------------------
     def moe_layers(self) -> dict[int, MoE]:

@@ -82,7 +82,7 @@ class MoEDispatcher:
         ep, per_rank = self.ep.size, num_slots // self.ep.size
         handle.send_counts = slot_counts.view(ep, per_rank).sum(1).tolist()
         if self._padded_fits(k, per_rank, rows):
-            received, recv_slot_counts = self._exchange_padded(rows, slot_counts.view(ep, per_rank), handle, k)
+            received, recv_slot_counts = self._exchange_padded(rows, slot_counts.view(ep, per_rank), handle)
         else:
             recv_slot_counts = self.ep.all_to_all(slot_counts, [per_rank] * ep, [per_rank] * ep).view(ep, per_rank)
             handle.recv_counts = recv_slot_counts.sum(1).tolist()
@@ -98,18 +98,19 @@ class MoEDispatcher:
         return self.max_tokens is not None and padded_fits(self.ep.size, self.max_tokens, k, per_rank,
                                                            rows.shape[1] * rows.element_size())
 
-    def _exchange_padded(self, rows: torch.Tensor, per_dest: torch.Tensor, handle: DispatchHandle,
-                         k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _exchange_padded(self, rows: torch.Tensor, per_dest: torch.Tensor,
+                         handle: DispatchHandle) -> tuple[torch.Tensor, torch.Tensor]:
         """Counts and rows in one all-to-all of fixed blocks (see the module docstring); returns the
         received rows [M, D] (by source, then slot) and the per-source slot counts [ep, per_rank]."""
         ep, per_rank = per_dest.shape
-        cap = self.max_tokens * k  # copies one rank may send to one destination, at most
+        cap = self.max_tokens * handle.k  # copies one rank may send to one destination, at most
         if rows.shape[0] > cap:
-            raise AssertionError(f"dispatch: {rows.shape[0] // k} tokens exceed the agreed bound ({self.max_tokens})")
+            raise AssertionError(f"dispatch: {handle.num_tokens} tokens exceed the agreed bound ({self.max_tokens})")
         send = rows.new_zeros(ep, 1 + cap, rows.shape[1])
         send[:, 0].view(torch.int32)[:, :per_rank] = per_dest.to(torch.int32)
-        dest = torch.repeat_interleave(torch.arange(ep, device=rows.device), per_dest.sum(1))  # [N*k] sorted
-        first = torch.cumsum(per_dest.sum(1), 0) - per_dest.sum(1)  # each destination's first row
+        sent = per_dest.sum(1)  # [ep] rows to each destination
+        dest = torch.repeat_interleave(torch.arange(ep, device=rows.device), sent)  # [N*k] sorted
+        first = torch.cumsum(sent, 0) - sent  # each destination's first row
         send[dest, 1 + torch.arange(rows.shape[0], device=rows.device) - first[dest]] = rows
         blocks = [1 + cap] * ep
         got = self.ep.all_to_all(send.view(ep * (1 + cap), -1), blocks, blocks).view(ep, 1 + cap, -1)
