@@ -173,7 +173,8 @@ def test_grouped_gemm_refuses_inputs_it_does_not_fit():
     w, x = torch.randn(2, 16, 8), torch.randn(3, 8)
     for bad, msg in [((x, w, [1, 1]), "counts sum to 2"), ((x, w, [3]), "1 counts for 2 experts"),
                      ((torch.randn(3, 12), torch.randn(2, 16, 12), [1, 2]), "multiple of 8"),
-                     ((x.double(), w, [1, 2]), "float32 only")]:
+                     ((x.double(), w, [1, 2]), "x float32, w float32 or bfloat16"),
+                     ((x, w.half(), [1, 2]), "x float32, w float32 or bfloat16")]:
         with pytest.raises(RuntimeError, match=msg):
             cpu_gemm.grouped_gemm(*bad)
 
@@ -248,3 +249,92 @@ def test_engine_tokens_same_with_and_without_the_cpu_kernel():
         assert {m.kernel is not None for m in others} == {on}
         outs[on] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
     assert outs[True] == outs[False]
+
+
+@needs_kernel
+@pytest.mark.parametrize("counts", [[1], [3, 0, 7, 1, 0, 2], [16, 9, 4, 1]])
+@pytest.mark.parametrize("n", [37, 130])
+def test_grouped_gemm_reads_bf16_weights_as_their_fp32_values(counts, n):
+    """bf16 weights widen exactly in the kernel: the result is the fp32 weights' result, bit for bit."""
+    cpu_gemm.load()
+    torch.manual_seed(n + len(counts))
+    k = 96
+    w = torch.randn(len(counts), n, k).to(torch.bfloat16)
+    x = torch.randn(sum(counts), k)
+    out = cpu_gemm.grouped_gemm(x, w, counts)
+    assert torch.equal(out, cpu_gemm.grouped_gemm(x, w.float(), counts))
+    want = torch.cat([x[sum(counts[:e]):sum(counts[:e]) + c] @ w[e].float().T for e, c in enumerate(counts) if c])
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_copy_is_bf16_only_where_every_value_is(monkeypatch):
+    exact = torch.randn(64, 32).to(torch.bfloat16).float()
+    copy = layers.kernel_copy(exact)
+    assert copy.dtype == torch.bfloat16 and copy.is_contiguous() and torch.equal(copy.float(), exact)
+    strided = exact.view(4, 16, 32)[:, 8:]  # a per-head slice (W_UV's layout): copied dense
+    assert torch.equal(layers.kernel_copy(strided).float(), strided) and layers.kernel_copy(strided).is_contiguous()
+    inexact = exact.clone()
+    inexact[3, 5] += 2.0 ** -20  # one value below bf16's precision
+    assert layers.kernel_copy(inexact) is inexact
+    assert layers.kernel_copy(exact.double()).dtype == torch.float64  # not the kernel's: left alone
+    monkeypatch.setenv("PDSERVE_CPU_KERNEL_BF16", "0")
+    assert layers.kernel_copy(exact) is exact
+
+
+@needs_kernel
+def test_bf16_checkpoint_in_fp32_decodes_the_same_through_bf16_copies(monkeypatch):
+    """The bundled model is stored in bf16; run in fp32, the kernel reads bf16 copies of every weight it
+    takes (the MTP layer's included) and tokens and logprobs are exactly those of reading fp32 weights."""
+    prompts = [[(5 * i + 11 * j) % 4000 + 2 for j in range(4 + 5 * i)] for i in range(6)]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2)
+    outs = {}
+    for bf16 in (True, False):
+        monkeypatch.setenv("PDSERVE_CPU_KERNEL_BF16", "1" if bf16 else "0")
+        llm = LLM(dtype="float32", speculative="mtp", kv_cache_memory_gb=0.05)
+        model = llm.engine.executor.runner.model
+        want = torch.bfloat16 if bf16 else torch.float32
+        experts = [m for m in model.modules() if isinstance(m, Experts)]
+        assert experts and {m.w13_kernel.dtype for m in experts} == {m.w2_kernel.dtype for m in experts} == {want}
+        attention = [m for m in model.modules() if isinstance(m, MLA)]
+        assert {m.w_uk_t.dtype for m in attention} == {m.w_uv_kernel.dtype for m in attention} == {want}
+        linears = {n: m for n, m in model.named_modules() if isinstance(m, (layers._Linear, layers.ParallelLMHead, Gate))}
+        assert all(m.kernel_weight is None for n, m in linears.items() if n.endswith("kv_b_proj"))
+        assert {m.kernel_weight.dtype for n, m in linears.items() if not n.endswith("kv_b_proj")} == {want}
+        outs[bf16] = [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in llm.generate(prompts, params)]
+    assert outs[True] == outs[False]
+
+
+@needs_kernel
+def test_expert_slot_rewrites_keep_the_kernel_copies_true():
+    """Live rebalancing writes expert slots: the bf16 copies follow; a slot whose new weights are not bf16
+    values sends the kernel back to the fp32 weights, and the result stays the plain matmuls'."""
+    torch.manual_seed(0)
+    e, d, inter = 4, 64, 32
+    experts = Experts(e, d, inter, torch.float32)
+    with torch.no_grad():
+        experts.w13.copy_((torch.randn_like(experts.w13) / 8).to(torch.bfloat16))
+        experts.w2.copy_((torch.randn_like(experts.w2) / 8).to(torch.bfloat16))
+    assert experts.use_cpu_kernel(cpu_gemm.kernel())
+    assert experts.w13_kernel.dtype == torch.bfloat16
+    counts = [2, 1, 0, 3]
+    x = torch.randn(sum(counts), d)
+
+    def plain():
+        out, start = [], 0
+        for i, n in enumerate(counts):
+            if n:
+                g, u = F.linear(x[start:start + n], experts.w13[i]).chunk(2, -1)
+                out.append(F.linear(F.silu(g) * u, experts.w2[i]))
+                start += n
+        return torch.cat(out)
+
+    new = {"w13": (torch.randn(2 * inter, d) / 8).to(torch.bfloat16).float(),
+           "w2": (torch.randn(d, inter) / 8).to(torch.bfloat16).float()}
+    experts.set_slot(1, new)
+    assert experts.w13_kernel.dtype == torch.bfloat16 and torch.equal(experts.w13_kernel[1].float(), new["w13"])
+    with torch.inference_mode():
+        torch.testing.assert_close(experts(x, counts), plain(), rtol=1e-5, atol=1e-5)
+    experts.set_slot(3, {"w13": torch.randn(2 * inter, d) / 8, "w2": torch.randn(d, inter) / 8})  # not bf16 values
+    assert experts.w13_kernel is experts.w13 and experts.w2_kernel is experts.w2
+    with torch.inference_mode():
+        torch.testing.assert_close(experts(x, counts), plain(), rtol=1e-5, atol=1e-5)

@@ -3,6 +3,9 @@
 //
 // y[t, n] = sum_k x[t, k] * w[e(t), n, k]: the rows of x are grouped by expert (counts[e] rows each,
 // in expert order), w is [E, N, K] row-major (a stack of nn.Linear weights), y is [T, N].
+// w is fp32, or bf16 holding values that are exactly bf16 (a bf16 checkpoint run in fp32): each bf16
+// weight widens to the same fp32 value in a register (its 16 bits shifted up), so the FMAs, their
+// order and the result are the fp32 kernel's, bit for bit, from half the bytes read.
 //
 // Work items are (active expert, block of kBlockN weight rows), spread over torch's intra-op threads.
 // An item walks its weight rows two at a time; for each pair it takes the expert's rows four at a
@@ -24,6 +27,13 @@ constexpr int64_t kBlockN = 64;       // weight rows per work item
 constexpr int kPairs = 2;             // weight rows per tile
 constexpr int kPrefetchTiles = 2;     // prefetch the rows this many tiles ahead
 
+// 8 weights as fp32 lanes: fp32 loaded as is, bf16 widened exactly (bf16 is fp32's upper half)
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const at::BFloat16* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -32,16 +42,17 @@ inline float hsum(__m256 v) {
 }
 
 // y[m * ldy + n] = dot(x row m, w[n]) for m < MB, n < NB; K % 8 == 0. `ahead` is where NB rows
-// K floats apart that a later tile reads start (prefetched), or null.
-template <int MB, int NB>
-inline void tile(const float* x, const float* const* w, int64_t K, float* y, int64_t ldy, const float* ahead) {
+// K weights apart that a later tile reads start (prefetched), or null.
+template <int MB, int NB, typename W>
+inline void tile(const float* x, const W* const* w, int64_t K, float* y, int64_t ldy, const W* ahead) {
+  constexpr int64_t kLine = 64 / sizeof(W);  // weights per 64-byte cache line
   __m256 acc[MB][NB];
   for (int m = 0; m < MB; ++m)
     for (int n = 0; n < NB; ++n) acc[m][n] = _mm256_setzero_ps();
   for (int64_t k = 0; k < K; k += 8) {
     __m256 wv[NB];
-    for (int n = 0; n < NB; ++n) wv[n] = _mm256_loadu_ps(w[n] + k);
-    if (ahead != nullptr && (k & 15) == 0)  // one prefetch per 64-byte line
+    for (int n = 0; n < NB; ++n) wv[n] = load8(w[n] + k);
+    if (ahead != nullptr && (k & (kLine - 1)) == 0)  // one prefetch per 64-byte line
       for (int n = 0; n < NB; ++n) _mm_prefetch(reinterpret_cast<const char*>(ahead + n * K + k), _MM_HINT_T0);
     for (int m = 0; m < MB; ++m) {
       const __m256 xv = _mm256_loadu_ps(x + m * K + k);
@@ -52,9 +63,9 @@ inline void tile(const float* x, const float* const* w, int64_t K, float* y, int
     for (int n = 0; n < NB; ++n) y[m * ldy + n] = hsum(acc[m][n]);
 }
 
-template <int NB>
-inline void row_tile(int64_t mb, const float* x, const float* const* w, int64_t K, float* y, int64_t ldy,
-                     const float* ahead) {
+template <int NB, typename W>
+inline void row_tile(int64_t mb, const float* x, const W* const* w, int64_t K, float* y, int64_t ldy,
+                     const W* ahead) {
   switch (mb) {
     case 1: tile<1, NB>(x, w, K, y, ldy, ahead); break;
     case 2: tile<2, NB>(x, w, K, y, ldy, ahead); break;
@@ -64,18 +75,19 @@ inline void row_tile(int64_t mb, const float* x, const float* const* w, int64_t 
 }
 
 // rows x [rows, K] times weight rows [n0, n1) of w [N, K] -> columns [n0, n1) of y [rows, N]
-void block(const float* x, int64_t rows, const float* w, int64_t n0, int64_t n1, int64_t N, int64_t K, float* y) {
+template <typename W>
+void block(const float* x, int64_t rows, const W* w, int64_t n0, int64_t n1, int64_t N, int64_t K, float* y) {
   for (int64_t n = n0; n < n1;) {
     const int nb = n + kPairs <= n1 ? kPairs : 1;
     const int64_t next = n + kPrefetchTiles * kPairs;
-    const float* ahead = next + nb <= N ? w + next * K : nullptr;
-    const float* pair[kPairs] = {w + n * K, w + (n + 1) * K};  // the second only read when nb == kPairs
+    const W* ahead = next + nb <= N ? w + next * K : nullptr;
+    const W* pair[kPairs] = {w + n * K, w + (n + 1) * K};  // the second only read when nb == kPairs
     for (int64_t r = 0; r < rows; r += 4) {
       const int64_t mb = std::min<int64_t>(4, rows - r);
       if (nb == kPairs)
-        row_tile<kPairs>(mb, x + r * K, pair, K, y + r * N + n, N, r == 0 ? ahead : nullptr);
+        row_tile<kPairs, W>(mb, x + r * K, pair, K, y + r * N + n, N, r == 0 ? ahead : nullptr);
       else
-        row_tile<1>(mb, x + r * K, pair, K, y + r * N + n, N, nullptr);
+        row_tile<1, W>(mb, x + r * K, pair, K, y + r * N + n, N, nullptr);
     }
     n += nb;
   }
@@ -83,7 +95,9 @@ void block(const float* x, int64_t rows, const float* w, int64_t n0, int64_t n1,
 
 torch::Tensor grouped_gemm(const torch::Tensor& x, const torch::Tensor& w, const std::vector<int64_t>& counts) {
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "grouped_gemm: CPU tensors only");
-  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && w.scalar_type() == torch::kFloat32, "grouped_gemm: float32 only");
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 &&
+              (w.scalar_type() == torch::kFloat32 || w.scalar_type() == torch::kBFloat16),
+              "grouped_gemm: x float32, w float32 or bfloat16");
   TORCH_CHECK(x.dim() == 2 && w.dim() == 3, "grouped_gemm: x [T, K] and w [E, N, K]");
   // w's experts may sit apart (stride(0) >= N * K: per-head blocks of a larger matrix), each one dense
   TORCH_CHECK(x.is_contiguous() && w.stride(2) == 1 && w.stride(1) == w.size(2) && w.stride(0) >= w.size(1) * w.size(2),
@@ -103,14 +117,19 @@ torch::Tensor grouped_gemm(const torch::Tensor& x, const torch::Tensor& w, const
   auto y = torch::empty({x.size(0), N}, x.options());
   const int64_t blocks = (N + kBlockN - 1) / kBlockN;
   const float* xp = x.data_ptr<float>();
-  const float* wp = w.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, static_cast<int64_t>(active.size()) * blocks, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t e = active[b / blocks], n0 = (b % blocks) * kBlockN;
-      block(xp + start[e] * K, counts[e], wp + e * ldE, n0, std::min(N, n0 + kBlockN), N, K, yp + start[e] * N);
-    }
-  });
+  auto run = [&](const auto* wp) {
+    at::parallel_for(0, static_cast<int64_t>(active.size()) * blocks, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t e = active[b / blocks], n0 = (b % blocks) * kBlockN;
+        block(xp + start[e] * K, counts[e], wp + e * ldE, n0, std::min(N, n0 + kBlockN), N, K, yp + start[e] * N);
+      }
+    });
+  };
+  if (w.scalar_type() == torch::kBFloat16)
+    run(w.data_ptr<at::BFloat16>());
+  else
+    run(w.data_ptr<float>());
   return y;
 }
 
@@ -150,8 +169,8 @@ void attend(const float* q, int64_t heads, int64_t D, const float* const* keys, 
   for (int64_t h = 0; h < heads; h += 4) {  // scores
     const int64_t mb = std::min<int64_t>(4, heads - h);
     int64_t j = 0;
-    for (; j + 2 <= n; j += 2) row_tile<2>(mb, q + h * D, keys + j, D, p + h * n + j, n, nullptr);
-    if (j < n) row_tile<1>(mb, q + h * D, keys + j, D, p + h * n + j, n, nullptr);
+    for (; j + 2 <= n; j += 2) row_tile<2, float>(mb, q + h * D, keys + j, D, p + h * n + j, n, nullptr);
+    if (j < n) row_tile<1, float>(mb, q + h * D, keys + j, D, p + h * n + j, n, nullptr);
   }
   for (int64_t h = 0; h < heads; ++h) {  // softmax, in place
     float* row = p + h * n;

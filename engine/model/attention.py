@@ -149,14 +149,16 @@ class MLAWeights:
     w_uk_t: torch.Tensor | None = None  # [H, R, Dn], given with ``kernel``
     # the same module's MLA decode attention over an fp32 cache (``cpu_gemm.mla_decode``)
     decode_attention: Callable[..., torch.Tensor] | None = None
+    w_uv_kernel: torch.Tensor | None = None  # ``w_uv`` as ``kernel`` reads it (a bf16 copy); None: ``w_uv``
 
     @classmethod
     def from_kv_b_proj(cls, weight: torch.Tensor, num_heads: int, nope: int, v: int, scale: float,
                        kernel: Kernel | None = None, w_uk_t: torch.Tensor | None = None,
-                       decode_attention: Callable[..., torch.Tensor] | None = None) -> "MLAWeights":
+                       decode_attention: Callable[..., torch.Tensor] | None = None,
+                       w_uv_kernel: torch.Tensor | None = None) -> "MLAWeights":
         w = weight.view(num_heads, nope + v, -1)  # [H, Dn+Dv, R]
         return cls(w_uk=w[:, :nope], w_uv=w[:, nope:], scale=scale, kv_b=weight, kernel=kernel, w_uk_t=w_uk_t,
-                   decode_attention=decode_attention)
+                   decode_attention=decode_attention, w_uv_kernel=w_uv_kernel)
 
     @staticmethod
     def kernel_layout(weight: torch.Tensor, num_heads: int, nope: int, v: int) -> torch.Tensor:
@@ -253,7 +255,7 @@ def _absorb_query(q_nope: torch.Tensor, q_pe: torch.Tensor, w: MLAWeights) -> to
 def _absorb_output(o_lat: torch.Tensor, w: MLAWeights) -> torch.Tensor:
     """o_lat [..., H, R] -> [..., H, Dv] through ``W_UV``."""
     if _few_rows(o_lat, w):
-        return _per_head(o_lat, w.w_uv, w.kernel)
+        return _per_head(o_lat, w.w_uv if w.w_uv_kernel is None else w.w_uv_kernel, w.kernel)
     return torch.einsum("...hr,hvr->...hv", o_lat, w.w_uv)
 
 

@@ -34,6 +34,7 @@ tensor-parallel plan.
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Callable, Iterable
 
@@ -55,6 +56,7 @@ from engine.model.layers import (
     RowParallelLinear,
     VocabParallelEmbedding,
     _Linear,
+    kernel_copy,
     kernel_fits,
     pack_weight,
 )
@@ -62,6 +64,8 @@ from engine.model.moe import Experts, Gate, MoE
 from engine.model.parallel import ParallelContext
 from engine.model.rope import RotaryEmbedding
 from engine.model.token_split import TokenSplit
+
+log = logging.getLogger(__name__)
 
 
 class MLA(nn.Module):
@@ -92,21 +96,24 @@ class MLA(nn.Module):
         self.o_proj = RowParallelLinear(cfg.num_attention_heads * cfg.v_head_dim, h, dtype, tp, fp8)
         self.softmax_scale = cfg.softmax_scale
         self.kernel: Kernel | None = None  # use_cpu_kernel(): the absorbed products of few rows per head
-        self.w_uk_t: torch.Tensor | None = None  # its copy of W_UK, [H, R, Dn]
+        self.w_uk_t: torch.Tensor | None = None  # its copy of W_UK, [H, R, Dn] (layers.kernel_copy: bf16 when exact)
+        self.w_uv_kernel: torch.Tensor | None = None  # W_UV as the kernel reads it, [H, Dv, R] (likewise)
         self.decode_attention = None  # and the same module's decode attention (cpu_gemm.mla_decode)
 
     def use_cpu_kernel(self, kernel: Kernel | None) -> bool:
         """Run the absorbed ``q · W_UK`` and ``o · W_UV`` of decode-sized batches through ``kernel``
-        (``cpu_gemm.grouped_gemm``; ``None``: drop it and its copy of W_UK), and decode attention over an
-        fp32 cache through ``cpu_gemm.mla_decode``; whether it applies (fp32 weights on the CPU)."""
+        (``cpu_gemm.grouped_gemm``; ``None``: drop it and its copies of W_UK and W_UV), and decode attention
+        over an fp32 cache through ``cpu_gemm.mla_decode``; whether it applies (fp32 weights on the CPU)."""
         w = self.kv_b_proj
         if kernel is None or w.fp8 or not kernel_fits(w.weight) or self.nope % 8 or self.kv_lora_rank % 16 \
                 or self.rope_dim % 8:
-            self.kernel = self.w_uk_t = self.decode_attention = None
+            self.kernel = self.w_uk_t = self.w_uv_kernel = self.decode_attention = None
             return False
         from engine.kernels import cpu_gemm
 
-        self.kernel, self.w_uk_t = kernel, MLAWeights.kernel_layout(w.weight, self.heads, self.nope, self.v_dim)
+        self.kernel = kernel
+        self.w_uk_t = kernel_copy(MLAWeights.kernel_layout(w.weight, self.heads, self.nope, self.v_dim))
+        self.w_uv_kernel = kernel_copy(w.weight).view(self.heads, self.nope + self.v_dim, -1)[:, self.nope:]
         self.decode_attention = cpu_gemm.mla_decode
         return True
 
@@ -123,7 +130,8 @@ class MLA(nn.Module):
         q_pe = self.rope(q_pe, positions)  # [T, H, Dr]
         k_pe = self.rope(k_pe, positions)  # [T, Dr]
         w = MLAWeights.from_kv_b_proj(self.kv_b_proj.dense_weight(x.dtype), self.heads, self.nope, self.v_dim,
-                                      self.softmax_scale, self.kernel, self.w_uk_t, self.decode_attention)
+                                      self.softmax_scale, self.kernel, self.w_uk_t, self.decode_attention,
+                                      self.w_uv_kernel)
         out = mla_attention(q_nope, q_pe, latent, k_pe, w, meta, self.layer_idx)  # [T, H*Dv]
         return self.o_proj(out)
 
@@ -302,24 +310,44 @@ class DeepseekV3ForCausalLM(nn.Module):
         fits is the kernel loaded (built once; a reason logged if it cannot be)."""
         from engine.kernels import cpu_gemm
 
-        linears = [m for m in self.modules() if isinstance(m, (_Linear, ParallelLMHead, Gate))
-                   and not getattr(m, "fp8", False) and kernel_fits(m.weight)]
+        named = [(n, m) for n, m in self.named_modules() if isinstance(m, (_Linear, ParallelLMHead, Gate))
+                 and not getattr(m, "fp8", False) and kernel_fits(m.weight)]
         experts = [m for m in self.modules() if isinstance(m, Experts)]
         attention = [m for m in self.modules() if isinstance(m, MLA)]
-        fits = bool(linears) or any(m.kernel_fits for m in experts)  # attention's kv_b_proj is one of the linears
+        fits = bool(named) or any(m.kernel_fits for m in experts)  # attention's kv_b_proj is one of the linears
         kernel = cpu_gemm.kernel() if fits else None
-        for m in linears:
+        for name, m in named:
             m.kernel = kernel
+            # kv_b_proj never runs as a linear: MLA keeps its own copies of W_UK and W_UV for the kernel
+            m.kernel_weight = kernel_copy(m.weight) if kernel is not None and not name.endswith("kv_b_proj") else None
         for m in experts + attention:
             m.use_cpu_kernel(kernel)
+        copies = sum(t.numel() * t.element_size() for t in self._kernel_copies() if t.dtype == torch.bfloat16)
+        if copies:
+            log.info("the CPU kernel reads %.1f MiB of weights as bf16 copies: the checkpoint's values are bf16, "
+                     "so its fp32 products are the same, from half the bytes", copies / 2**20)
         return kernel is not None
 
-    def _drop_weight_copies(self) -> None:
-        """Forget the prepacked weights and the attention kernel's W_UK copies (stale once weights change)."""
-        for _, m in self._matmul_modules():
-            m.packed = None
+    def _kernel_copies(self):
+        """Every weight the CPU kernel reads (``layers.kernel_copy``: bf16 copies or the weights themselves)."""
         for m in self.modules():
-            if isinstance(m, MLA):
+            if isinstance(m, (_Linear, ParallelLMHead, Gate)) and m.kernel_weight is not None:
+                yield m.kernel_weight
+            elif isinstance(m, Experts) and m.w13_kernel is not None:
+                yield from (m.w13_kernel, m.w2_kernel)
+            elif isinstance(m, MLA) and m.w_uk_t is not None:
+                yield from (m.w_uk_t, m.w_uv_kernel)
+
+    def _drop_weight_copies(self) -> None:
+        """Forget the prepacked weights and the CPU kernel's copies (stale once weights change)."""
+        for m in self.modules():
+            if isinstance(m, (_Linear, ParallelLMHead)):
+                m.packed = None
+            if isinstance(m, (_Linear, ParallelLMHead, Gate)):
+                m.kernel_weight = None  # the kernel, if on, reads the weight itself
+            elif isinstance(m, Experts) and m.kernel is not None:
+                m.w13_kernel, m.w2_kernel = m.w13, m.w2
+            elif isinstance(m, MLA):
                 m.use_cpu_kernel(None)
 
     def _matmul_modules(self):

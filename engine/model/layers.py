@@ -17,6 +17,7 @@ collective runs.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Callable
 
 import torch
@@ -126,16 +127,31 @@ Kernel = Callable[[torch.Tensor, torch.Tensor, list[int]], torch.Tensor]  # engi
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None = None,
-           kernel: Kernel | None = None) -> torch.Tensor:
+           kernel: Kernel | None = None, kernel_weight: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight)``; for inputs of few rows through ``kernel`` (``cpu_gemm.grouped_gemm``, where
-    the weight fits it) or ``packed`` (``pack_weight(weight)``)."""
+    the weight fits it; reading ``kernel_weight``, ``kernel_copy(weight)``, where given) or ``packed``
+    (``pack_weight(weight)``)."""
     if x.dim() == 2 and x.dtype == torch.float32:
         rows = x.shape[0]
         if kernel is not None and 0 < rows <= KERNEL_MAX_ROWS:
-            return kernel(x, weight[None], [rows])
+            return kernel(x, (weight if kernel_weight is None else kernel_weight)[None], [rows])
         if packed is not None and 0 < rows <= PACKED_MAX_ROWS:
             return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, None, "none", [], "")
     return F.linear(x, weight)
+
+
+def kernel_copy(weight: torch.Tensor) -> torch.Tensor:
+    """What pdserve's CPU kernel reads for an fp32 ``weight``: a bf16 copy when every value is exactly a
+    bf16 (a bf16 checkpoint run in fp32), else ``weight`` itself. The kernel widens each bf16 to the same
+    fp32 value in a register, so its products are the fp32 weight's bit for bit, from half the bytes: a
+    decode step is bound by reading weights. Costs half the weight's size in memory beside it.
+    ``PDSERVE_CPU_KERNEL_BF16=0``: always ``weight``."""
+    if os.environ.get("PDSERVE_CPU_KERNEL_BF16", "1") == "0" or weight.dtype != torch.float32:
+        return weight
+    w = weight.detach()
+    if torch.any(w.view(torch.int32) & 0xFFFF):  # bits below bf16's mantissa: not a bf16 value
+        return weight
+    return w.to(torch.bfloat16, memory_format=torch.contiguous_format)
 
 
 def kernel_fits(weight: torch.Tensor) -> bool:
@@ -164,6 +180,7 @@ class _Linear(nn.Module):
         self.fp8 = fp8
         self.packed: torch.Tensor | None = None  # pack_weights(): oneDNN's copy of ``weight`` (CPU, fp32)
         self.kernel: Kernel | None = None  # use_cpu_kernels(): pdserve's CPU kernel for few rows
+        self.kernel_weight: torch.Tensor | None = None  # use_cpu_kernels(): kernel_copy(weight)
         if not fp8:
             self.weight = _param(shape, dtype, shard_dim, tp)
             return
@@ -174,7 +191,7 @@ class _Linear(nn.Module):
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         if not self.fp8:
-            return linear(x, self.weight, self.packed, self.kernel)
+            return linear(x, self.weight, self.packed, self.kernel, self.kernel_weight)
         return fp8_linear(x, self.weight, self.weight_scale_inv)
 
     def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
@@ -244,9 +261,11 @@ class ParallelLMHead(nn.Module):
         self.weight = _param((tp.split(vocab_size, "vocab_size"), dim), dtype, 0, tp)
         self.packed: torch.Tensor | None = None  # as _Linear's
         self.kernel: Kernel | None = None  # as _Linear's
+        self.kernel_weight: torch.Tensor | None = None  # as _Linear's
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.tp.all_gather_last_dim(linear(h, self.weight, self.packed, self.kernel)).float()  # [N, V]
+        out = linear(h, self.weight, self.packed, self.kernel, self.kernel_weight)
+        return self.tp.all_gather_last_dim(out).float()  # [N, V]
 
 
 class RMSNorm(nn.Module):

@@ -39,7 +39,7 @@ from torch import nn
 from engine.model.config import ModelConfig
 from engine.model.dispatch import MoEDispatcher
 from engine.model.fp8 import FP8, fp8_linear, scale_shape
-from engine.model.layers import MLP, Kernel, ParallelGroup, _param, kernel_fits, linear
+from engine.model.layers import MLP, Kernel, ParallelGroup, _param, kernel_copy, kernel_fits, linear
 from engine.model.placement import ExpertPlacement
 from engine.model.token_split import TokenSplit
 
@@ -54,11 +54,12 @@ class Gate(nn.Module):
             _param((e,), torch.float32, None) if cfg.topk_method == "noaux_tc" else None
         )
         self.kernel: Kernel | None = None  # as _Linear's (layers.py)
+        self.kernel_weight: torch.Tensor | None = None  # as _Linear's
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, D] -> (topk_ids [T, k] int64, topk_weights [T, k] fp32)."""
         cfg = self.cfg
-        logits = linear(x.float(), self.weight, kernel=self.kernel)  # [T, E]
+        logits = linear(x.float(), self.weight, kernel=self.kernel, kernel_weight=self.kernel_weight)  # [T, E]
         k, groups = cfg.num_experts_per_tok, cfg.n_group
         if cfg.scoring_func == "sigmoid":
             scores = logits.sigmoid()
@@ -103,6 +104,9 @@ class Experts(nn.Module):
         self.inter = inter
         self.fp8 = fp8
         self.kernel: Kernel | None = None  # use_cpu_kernel(): engine/kernels/cpu_gemm.py's, for few rows per expert
+        # what the kernel reads: layers.kernel_copy() of w13 / w2 (a bf16 copy, or the weights themselves)
+        self.w13_kernel: torch.Tensor | None = None
+        self.w2_kernel: torch.Tensor | None = None
         if not fp8:
             self.w13 = _param((num_local, 2 * inter, hidden), dtype, None)
             self.w2 = _param((num_local, hidden, inter), dtype, None)
@@ -134,6 +138,13 @@ class Experts(nn.Module):
     def set_slot(self, slot: int, weights: Mapping[str, torch.Tensor]) -> None:
         for name, p in self.named_parameters():
             p.data[slot].copy_(weights[name])
+        if self.kernel is not None and self.w13_kernel is not self.w13:  # the kernel's bf16 copies
+            new13, new2 = kernel_copy(self.w13.data[slot]), kernel_copy(self.w2.data[slot])
+            if new13.dtype == new2.dtype == torch.bfloat16:
+                self.w13_kernel[slot].copy_(new13)
+                self.w2_kernel[slot].copy_(new2)
+            else:  # weights that are not bf16 values: the kernel reads the fp32 weights from now on
+                self.w13_kernel, self.w2_kernel = self.w13, self.w2
 
     # Below this many rows per expert, all experts run as one padded bmm: many tiny per-expert
     # matmuls are far slower on CPU (measured 8x at decode batch 32 on the bench preset) -- unless
@@ -154,7 +165,14 @@ class Experts(nn.Module):
         """Route few-rows-per-expert batches through ``kernel`` (``engine.kernels.cpu_gemm.kernel()``;
         None: torch's matmuls) where it applies; returns whether it does."""
         self.kernel = kernel if self.kernel_fits else None
+        self.w13_kernel, self.w2_kernel = (None, None) if self.kernel is None else self._kernel_copies()
         return self.cpu_kernel
+
+    def _kernel_copies(self) -> tuple[torch.Tensor, torch.Tensor]:
+        w13, w2 = kernel_copy(self.w13), kernel_copy(self.w2)
+        if w13.dtype != w2.dtype:  # one stack of bf16 values, the other not: both as they are
+            return self.w13, self.w2
+        return w13, w2
 
     @property
     def cpu_kernel(self) -> bool:
@@ -164,8 +182,8 @@ class Experts(nn.Module):
         """x [N, D] sorted by expert, counts[e] rows each -> [N, D]."""
         most = max(counts)
         if self.kernel is not None and 0 < most <= self.GROUPED_MAX_ROWS:
-            gate, up = self.kernel(x, self.w13, counts).chunk(2, dim=-1)
-            return self.kernel(F.silu(gate) * up, self.w2, counts)
+            gate, up = self.kernel(x, self.w13_kernel, counts).chunk(2, dim=-1)
+            return self.kernel(F.silu(gate) * up, self.w2_kernel, counts)
         active = sum(1 for n in counts if n)
         if not self.fp8 and 0 < most <= self.PADDED_MAX_ROWS and 2 * active > len(counts):
             return self._padded(x, counts)
