@@ -44,6 +44,7 @@ import yaml
 
 from engine.args import EngineArgs
 from engine.model.dispatch import padded_fits
+from engine.model.layers import KERNEL_MAX_ROWS
 from planner.hardware import (CollectiveProbe, CPUProbe, cpu_device, cpu_flags, cpu_model_name, probe_collectives,
                               probe_cpu)
 from planner.model_shape import ModelShape
@@ -58,6 +59,7 @@ LOCAL_YAML = os.path.join(REPO, "deploy", "examples", "local-cpu.yaml")
 class OpCount:
     in_model_per_layer: float  # torch calls per decode step inside the model, per layer (MTP layer included)
     outside_model: float  # torch calls per decode step outside the model (input prep, sampling)
+    weight_read_dtype: str = "float32"  # what the engine's CPU kernel reads weights as (bf16 copies of a bf16 checkpoint)
 
 
 def count_ops(model_dir: str, batch: int, input_len: int, threads: int) -> OpCount:
@@ -97,7 +99,8 @@ def count_ops(model_dir: str, batch: int, input_len: int, threads: int) -> OpCou
     pre.remove()
     post.remove()
     layers = model.num_cache_layers
-    return OpCount(counts["in"] / steps / layers, counts["out"] / steps)
+    read = "bfloat16" if any(w.dtype == torch.bfloat16 for w in model.kernel_weights()) else "float32"
+    return OpCount(counts["in"] / steps / layers, counts["out"] / steps, read)
 
 
 def router_popularity_cv(model_dir: str, tokens: int = 8192) -> float:
@@ -195,7 +198,8 @@ def predict(shape: ModelShape, probe: CPUProbe, comm: CollectiveProbe | None, op
 
     def sim(par: Parallel, step_collectives: int = 0, dispatch_collectives: int = 2) -> Simulator:
         device = cpu_device(probe, round(count.in_model_per_layer), count.outside_model,
-                            comm if par.gpus > 1 else None, step_collectives, dispatch_collectives)
+                            comm if par.gpus > 1 else None, step_collectives, dispatch_collectives,
+                            count.weight_read_dtype, KERNEL_MAX_ROWS)
         return Simulator(shape, device, par, feat)
 
     per_replica = math.ceil(concurrency / local.decode.dp)
@@ -360,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
           f"decode {_layout(local.decode)}, prefill {_layout(local.prefill)}, {threads} thread(s) per rank")
     counts = ", ".join(f"C={c}: {o.in_model_per_layer:.0f} torch calls/layer + {o.outside_model:.0f} outside"
                        for c, o in ops.items())
+    counts += f"; decode-sized matmuls read {next(iter(ops.values())).weight_read_dtype} weights"
     gloo = f"; gloo all_to_all {comm.latency_s * 1e6:.0f} us + {comm.gbps:.2f} GB/s ({comm.ranks} ranks)" if comm else ""
     print(f"engine: {counts}; router popularity cv {cv:.2f}{gloo}")
     report = {"mode": args.mode, "cpu": cpu_model_name(), "flags": cpu_flags(), "cores": cores,

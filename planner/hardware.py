@@ -109,6 +109,10 @@ class Device:
     backend: Backend
     sources: dict[str, str]
     compute_dtype: str = "bfloat16"  # what non-FP8 GEMMs and attention run in
+    # what a GEMM of at most ``weight_read_max_rows`` rows per weight reads its compute_dtype weights as, where
+    # narrower: pdserve's CPU kernel reads bf16 copies of a bf16 checkpoint run in fp32 (None: compute_dtype)
+    weight_read_dtype: str | None = None
+    weight_read_max_rows: int = 0
 
     def matmul_tflops(self, dtype: str) -> float:
         if dtype == "fp8" and self.fp8_tflops:
@@ -339,14 +343,16 @@ def probe_collectives(ranks: int = 2) -> CollectiveProbe:
 
 def cpu_device(probe: CPUProbe, small_kernels_per_layer: int, outside_calls_per_step: float,
                comm: CollectiveProbe | None = None, step_collectives: int = 0,
-               dispatch_collectives: int = 2) -> Device:
+               dispatch_collectives: int = 2, weight_read_dtype: str | None = None,
+               weight_read_max_rows: int = 0) -> Device:
     """This machine as a device: the probe's figures are what kernels reach (fractions 1, rows term measured).
 
     ``comm``: ranks in processes of this machine talking over gloo (pdserve's multi-rank CPU
     instances): every all_to_all costs its latency plus bytes at its rate; a dispatch is
     ``dispatch_collectives`` of them (counts, rows; or one padded exchange where the ranks agree on
     a bound: ``engine.model.dispatch.padded_fits``); ``step_collectives`` more per step (DP
-    lock-step's "anyone busy")."""
+    lock-step's "anyone busy"). ``weight_read_dtype``: what the kernel reads weights as at up to
+    ``weight_read_max_rows`` rows per weight (``Device.weight_read_dtype``)."""
     # M/(M + h) = small / large at the probe's row count
     rows_half = 8 * max(probe.matmul_gflops / probe.small_matmul_gflops - 1, 0.0)
     bmm_half = 4 * max(probe.matmul_gflops / probe.small_bmm_gflops - 1, 0.0)
@@ -364,7 +370,8 @@ def cpu_device(probe: CPUProbe, small_kernels_per_layer: int, outside_calls_per_
     return Device(name="cpu", fp8_tflops=None, bf16_tflops=tflops, fp32_tflops=tflops, memory_gb=_memory_gb(),
                   hbm_gbps=probe.read_gbps, scale_up_gbps=link, scale_out_gbps=link,
                   gpus_per_node=1024, sms=1, price_per_hour=0.0, efficiency=eff, backend=backend,
-                  compute_dtype="float32",
+                  compute_dtype="float32", weight_read_dtype=weight_read_dtype,
+                  weight_read_max_rows=weight_read_max_rows,
                   sources={"all": f"measured by planner.hardware.probe_cpu on {probe.cpu} ({probe.threads} threads, "
                                   f"{' '.join(probe.flags)})"})
 

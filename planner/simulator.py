@@ -154,9 +154,11 @@ class Simulator:
         """Time of ``count`` [m x k] @ [k x n] GEMMs reading [k x n] weights of ``dtype`` on ``share`` of the SMs."""
         if m <= 0 or count <= 0:
             return 0.0
-        a, e = BYTES[self.act], self.eff
+        a, e, d = BYTES[self.act], self.eff, self.device
         flops = 2.0 * m * n * k * count
-        nbytes = count * (n * k * BYTES[dtype] + m * k * a + m * n * a)
+        read = d.weight_read_dtype if d.weight_read_dtype and dtype == d.compute_dtype and m <= d.weight_read_max_rows \
+            else dtype
+        nbytes = count * (n * k * BYTES[read] + m * k * a + m * n * a)
         if e.tile_waves:
             use = tile_use(count, m, n, self.device.sms * share)
         else:

@@ -345,6 +345,29 @@ def test_cpu_prediction_counts_pdserve_collectives(tiny_checkpoint):
     assert base.tpot_s >= base.decode_step_s and base.decode_tok_s == pytest.approx(8 / base.tpot_s)
 
 
+def test_cpu_kernel_reading_bf16_copies_halves_decode_weight_bytes_only(tiny_checkpoint):
+    """A bf16 checkpoint run in fp32: the engine's CPU kernel reads bf16 copies at decode sizes, and the
+    profile says so (count_ops); memory-bound decode GEMMs read half the weight bytes, prefill-sized
+    ones (oneDNN, fp32 weights) the same."""
+    from planner import cpu_check
+    from planner.hardware import CPUProbe, cpu_device
+
+    count = cpu_check.count_ops(tiny_checkpoint, batch=2, input_len=16, threads=1)  # the tiny preset is stored bf16
+    assert count.weight_read_dtype == "bfloat16"
+    probe = CPUProbe(matmul_gflops=1e6, small_matmul_gflops=1e6, small_bmm_gflops=1e6, read_gbps=10.0, op_us=0.0,
+                     threads=1, cpu="test", flags=())  # compute free: GEMMs cost their bytes
+    shape = ModelShape.load(tiny_checkpoint)
+    par = Parallel()
+    feat = Features(dbo=False, fp8=False, mtp_drafts=0, popularity_cv=0.0)
+    fp32, bf16 = (Simulator(shape, cpu_device(probe, 0, 0.0, weight_read_dtype=dtype, weight_read_max_rows=16), par,
+                            feat) for dtype in (None, "bfloat16"))
+    n, k = 4096, 1024
+    weights, rows = n * k * 4 / 10e9, (n + k) * 4 / 10e9  # fp32 weights; one row in and out, fp32
+    assert fp32.gemm(1, n, k, "float32") == pytest.approx(weights + rows)
+    assert bf16.gemm(1, n, k, "float32") == pytest.approx(weights / 2 + rows)
+    assert bf16.gemm(256, n, k, "float32") == pytest.approx(fp32.gemm(256, n, k, "float32"))
+
+
 @pytest.mark.parametrize("mode", ["up", "serve"])
 def test_cpu_check_predicts_on_the_tiny_preset(tiny_checkpoint, tmp_path, mode):
     from planner import cpu_check

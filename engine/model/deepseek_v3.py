@@ -322,13 +322,13 @@ class DeepseekV3ForCausalLM(nn.Module):
             m.kernel_weight = kernel_copy(m.weight) if kernel is not None and not name.endswith("kv_b_proj") else None
         for m in experts + attention:
             m.use_cpu_kernel(kernel)
-        copies = sum(t.numel() * t.element_size() for t in self._kernel_copies() if t.dtype == torch.bfloat16)
+        copies = sum(t.numel() * t.element_size() for t in self.kernel_weights() if t.dtype == torch.bfloat16)
         if copies:
             log.info("the CPU kernel reads %.1f MiB of weights as bf16 copies: the checkpoint's values are bf16, "
                      "so its fp32 products are the same, from half the bytes", copies / 2**20)
         return kernel is not None
 
-    def _kernel_copies(self):
+    def kernel_weights(self):
         """Every weight the CPU kernel reads (``layers.kernel_copy``: bf16 copies or the weights themselves)."""
         for m in self.modules():
             if isinstance(m, (_Linear, ParallelLMHead, Gate)) and m.kernel_weight is not None:
