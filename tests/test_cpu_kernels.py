@@ -338,3 +338,22 @@ def test_expert_slot_rewrites_keep_the_kernel_copies_true():
     assert experts.w13_kernel is experts.w13 and experts.w2_kernel is experts.w2
     with torch.inference_mode():
         torch.testing.assert_close(experts(x, counts), plain(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not HAS_PACKED, reason="this torch build has no oneDNN prepacked fp32 matmul")
+@pytest.mark.parametrize("ctx_len", [7, layers.PACKED_MAX_ROWS, layers.PACKED_MAX_ROWS + 44])
+def test_naive_prefill_expands_the_latent_through_the_packed_kv_b(ctx_len):
+    """The naive prefill pass expands a context's latent with oneDNN's prepacked ``kv_b`` (up to
+    PACKED_MAX_ROWS context rows; F.linear above): the same attention output as the plain weight."""
+    from engine.model.attention import MLAWeights, _naive
+
+    torch.manual_seed(ctx_len)
+    heads, nope, v, rank, rope = 16, 128, 128, 512, 64  # the bench preset's kv_b: 4096 x 512, worth packing
+    weight = torch.randn(heads * (nope + v), rank) / 24
+    packed = layers.pack_weight(weight)
+    assert packed is not None
+    plain = MLAWeights.from_kv_b_proj(weight, heads, nope, v, 0.1)
+    fast = MLAWeights.from_kv_b_proj(weight, heads, nope, v, 0.1, kv_b_packed=packed)
+    q_nope, q_pe, ctx = torch.randn(ctx_len, heads, nope), torch.randn(ctx_len, heads, rope), torch.randn(ctx_len, rank + rope)
+    with torch.inference_mode():
+        torch.testing.assert_close(_naive(q_nope, q_pe, ctx, fast), _naive(q_nope, q_pe, ctx, plain), rtol=1e-4, atol=1e-4)

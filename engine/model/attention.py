@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.model.kv_cache_fp8 import read_rows, write_rows
-from engine.model.layers import KERNEL_MAX_ROWS, Kernel
+from engine.model.layers import KERNEL_MAX_ROWS, Kernel, linear
 
 
 # Sequences with at most this many new tokens (decode, speculative verify) share one batched
@@ -150,15 +150,17 @@ class MLAWeights:
     # the same module's MLA decode attention over an fp32 cache (``cpu_gemm.mla_decode``)
     decode_attention: Callable[..., torch.Tensor] | None = None
     w_uv_kernel: torch.Tensor | None = None  # ``w_uv`` as ``kernel`` reads it (a bf16 copy); None: ``w_uv``
+    kv_b_packed: torch.Tensor | None = None  # oneDNN's prepacked ``kv_b`` (``layers.pack_weight``), for the naive pass
 
     @classmethod
     def from_kv_b_proj(cls, weight: torch.Tensor, num_heads: int, nope: int, v: int, scale: float,
                        kernel: Kernel | None = None, w_uk_t: torch.Tensor | None = None,
                        decode_attention: Callable[..., torch.Tensor] | None = None,
-                       w_uv_kernel: torch.Tensor | None = None) -> "MLAWeights":
+                       w_uv_kernel: torch.Tensor | None = None,
+                       kv_b_packed: torch.Tensor | None = None) -> "MLAWeights":
         w = weight.view(num_heads, nope + v, -1)  # [H, Dn+Dv, R]
         return cls(w_uk=w[:, :nope], w_uv=w[:, nope:], scale=scale, kv_b=weight, kernel=kernel, w_uk_t=w_uk_t,
-                   decode_attention=decode_attention, w_uv_kernel=w_uv_kernel)
+                   decode_attention=decode_attention, w_uv_kernel=w_uv_kernel, kv_b_packed=kv_b_packed)
 
     @staticmethod
     def kernel_layout(weight: torch.Tensor, num_heads: int, nope: int, v: int) -> torch.Tensor:
@@ -214,8 +216,10 @@ def _naive(q_nope: torch.Tensor, q_pe: torch.Tensor, ctx: torch.Tensor, w: MLAWe
     heads, nope, r = w.w_uk.shape
     ctx_len = ctx.shape[0]
     c_lat, c_pe = ctx[:, :r].to(q_nope.dtype), ctx[:, r:].to(q_nope.dtype)
-    # one matmul through kv_b_proj's weight as stored (per-head einsums copied the weight each call)
-    kv = F.linear(c_lat, w.kv_b).view(ctx_len, heads, -1).transpose(0, 1)  # [H, L, Dn+Dv]
+    # one matmul through kv_b_proj's weight as stored (per-head einsums copied the weight each call); oneDNN's
+    # prepacked copy where there is one: 1.1-1.8x F.linear's MKL sgemm at 64-1024 rows of this shape on the
+    # bench preset (AMD EPYC, 2 cores, AVX2 + FMA, fp32), ~even at 2048
+    kv = linear(c_lat, w.kv_b, w.kv_b_packed).view(ctx_len, heads, -1).transpose(0, 1)  # [H, L, Dn+Dv]
     k_nope, v = kv[..., :nope], kv[..., nope:]
     k = torch.cat([k_nope, c_pe[None].expand(heads, ctx_len, -1)], dim=-1)  # [H, L, Dn+Dr]
     q = torch.cat([q_nope, q_pe], dim=-1).transpose(0, 1)  # [H, Q, Dn+Dr]

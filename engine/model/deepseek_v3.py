@@ -131,7 +131,7 @@ class MLA(nn.Module):
         k_pe = self.rope(k_pe, positions)  # [T, Dr]
         w = MLAWeights.from_kv_b_proj(self.kv_b_proj.dense_weight(x.dtype), self.heads, self.nope, self.v_dim,
                                       self.softmax_scale, self.kernel, self.w_uk_t, self.decode_attention,
-                                      self.w_uv_kernel)
+                                      self.w_uv_kernel, self.kv_b_proj.packed)
         out = mla_attention(q_nope, q_pe, latent, k_pe, w, meta, self.layer_idx)  # [T, H*Dv]
         return self.o_proj(out)
 
@@ -294,10 +294,10 @@ class DeepseekV3ForCausalLM(nn.Module):
     def pack_weights(self) -> int:
         """Hold oneDNN-prepacked copies of the projections and heads that run as matmuls (CPU, fp32:
         ``layers.pack_weight``) beside the weights; returns the bytes they take (0 where none applies).
-        ``kv_b_proj`` is left out: attention reads it as per-head matrices, never as a matmul."""
+        ``kv_b_proj``'s serves the naive prefill pass, which expands a context's latent through it in one matmul."""
         total = 0
-        for name, m in self._matmul_modules():
-            if not name.endswith("kv_b_proj") and not getattr(m, "fp8", False):
+        for _, m in self._matmul_modules():
+            if not getattr(m, "fp8", False):
                 m.packed = pack_weight(m.weight)
                 if m.packed is not None:
                     total += m.weight.numel() * m.weight.element_size()
