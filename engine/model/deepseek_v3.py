@@ -296,8 +296,8 @@ class DeepseekV3ForCausalLM(nn.Module):
         ``layers.pack_weight``) beside the weights; returns the bytes they take (0 where none applies).
         ``kv_b_proj``'s serves the naive prefill pass, which expands a context's latent through it in one matmul."""
         total = 0
-        for _, m in self._matmul_modules():
-            if not getattr(m, "fp8", False):
+        for m in self.modules():
+            if isinstance(m, (_Linear, ParallelLMHead)) and not getattr(m, "fp8", False):
                 m.packed = pack_weight(m.weight)
                 if m.packed is not None:
                     total += m.weight.numel() * m.weight.element_size()
@@ -349,10 +349,6 @@ class DeepseekV3ForCausalLM(nn.Module):
                 m.w13_kernel, m.w2_kernel = m.w13, m.w2
             elif isinstance(m, MLA):
                 m.use_cpu_kernel(None)
-
-    def _matmul_modules(self):
-        """(name, module) of every layer whose weight may hold a prepacked copy (``packed``)."""
-        return ((n, m) for n, m in self.named_modules() if isinstance(m, (_Linear, ParallelLMHead)))
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copy checkpoint tensors (by checkpoint name) into parameters; returns the names loaded.
