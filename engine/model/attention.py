@@ -218,7 +218,7 @@ def _naive(q_nope: torch.Tensor, q_pe: torch.Tensor, ctx: torch.Tensor, w: MLAWe
     c_lat, c_pe = ctx[:, :r].to(q_nope.dtype), ctx[:, r:].to(q_nope.dtype)
     # one matmul through kv_b_proj's weight as stored (per-head einsums copied the weight each call); oneDNN's
     # prepacked copy where there is one: 1.1-1.8x F.linear's MKL sgemm at 64-1024 rows of this shape on the
-    # bench preset (AMD EPYC, 2 cores, AVX2 + FMA, fp32), ~even at 2048
+    # bench preset (side by side on an AMD EPYC, 2 cores, AVX2 + FMA, no AVX512-BF16 / AMX; fp32), ~even at 2048
     kv = linear(c_lat, w.kv_b, w.kv_b_packed).view(ctx_len, heads, -1).transpose(0, 1)  # [H, L, Dn+Dv]
     k_nope, v = kv[..., :nope], kv[..., nope:]
     k = torch.cat([k_nope, c_pe[None].expand(heads, ctx_len, -1)], dim=-1)  # [H, L, Dn+Dr]

@@ -113,7 +113,7 @@ class MLA(nn.Module):
 
         self.kernel = kernel
         self.w_uk_t = kernel_copy(MLAWeights.kernel_layout(w.weight, self.heads, self.nope, self.v_dim))
-        self.w_uv_kernel = kernel_copy(w.weight).view(self.heads, self.nope + self.v_dim, -1)[:, self.nope:]
+        self.w_uv_kernel = kernel_copy(w.weight.view(self.heads, self.nope + self.v_dim, -1)[:, self.nope:])
         self.decode_attention = cpu_gemm.mla_decode
         return True
 
@@ -310,16 +310,17 @@ class DeepseekV3ForCausalLM(nn.Module):
         fits is the kernel loaded (built once; a reason logged if it cannot be)."""
         from engine.kernels import cpu_gemm
 
-        named = [(n, m) for n, m in self.named_modules() if isinstance(m, (_Linear, ParallelLMHead, Gate))
-                 and not getattr(m, "fp8", False) and kernel_fits(m.weight)]
+        linears = [m for m in self.modules() if isinstance(m, (_Linear, ParallelLMHead, Gate))
+                   and not getattr(m, "fp8", False) and kernel_fits(m.weight)]
         experts = [m for m in self.modules() if isinstance(m, Experts)]
         attention = [m for m in self.modules() if isinstance(m, MLA)]
-        fits = bool(named) or any(m.kernel_fits for m in experts)  # attention's kv_b_proj is one of the linears
+        fits = bool(linears) or any(m.kernel_fits for m in experts)  # attention's kv_b_proj is one of the linears
         kernel = cpu_gemm.kernel() if fits else None
-        for name, m in named:
+        # kv_b_proj never runs through the kernel as a linear: MLA keeps its own copies of W_UK and W_UV
+        per_head = {id(m.kv_b_proj) for m in attention}
+        for m in linears:
             m.kernel = kernel
-            # kv_b_proj never runs as a linear: MLA keeps its own copies of W_UK and W_UV for the kernel
-            m.kernel_weight = kernel_copy(m.weight) if kernel is not None and not name.endswith("kv_b_proj") else None
+            m.kernel_weight = kernel_copy(m.weight) if kernel is not None and id(m) not in per_head else None
         for m in experts + attention:
             m.use_cpu_kernel(kernel)
         copies = sum(t.numel() * t.element_size() for t in self.kernel_weights() if t.dtype == torch.bfloat16)
