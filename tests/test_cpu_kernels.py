@@ -357,3 +357,14 @@ def test_naive_prefill_expands_the_latent_through_the_packed_kv_b(ctx_len):
     q_nope, q_pe, ctx = torch.randn(ctx_len, heads, nope), torch.randn(ctx_len, heads, rope), torch.randn(ctx_len, rank + rope)
     with torch.inference_mode():
         torch.testing.assert_close(_naive(q_nope, q_pe, ctx, fast), _naive(q_nope, q_pe, ctx, plain), rtol=1e-4, atol=1e-4)
+
+
+def test_rmsnorm_fused_on_cpu_fp32_is_the_formula_bit_for_bit():
+    torch.manual_seed(0)
+    for dim, rows, strided in [(7, 1, False), (256, 1, True), (512, 8, True), (1024, 33, False), (7168, 3, False)]:
+        norm = layers.RMSNorm(dim, 1e-6, torch.float32)
+        norm.weight.data.normal_()
+        x = torch.randn(rows, dim + 64 if strided else dim) * 5
+        x = x[:, :dim]  # a view, as the latent split off kv_a_proj's output is
+        formula = norm.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps))
+        assert torch.equal(norm(x), formula)

@@ -24,6 +24,7 @@ sequence, where their rows go, and which rows each sequence attends to.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import Callable
 
 import torch
@@ -96,42 +97,39 @@ class AttentionMetadata:
         prefill_mode: str = "naive",
         layer_done: Callable[[int], None] | None = None,
     ) -> "AttentionMetadata":
-        """A step over the paged cache: sequence i has query_lens[i] new tokens ending its context_lens[i]."""
+        """A step over the paged cache: sequence i has query_lens[i] new tokens ending its context_lens[i].
+
+        Built every step (and at batch 1 a decode step is a few ms on a CPU), so the index lists are made in
+        Python and each becomes one tensor: a dozen torch calls instead of one per intermediate."""
         b = len(query_lens)
-        width = max(len(t) for t in block_tables)
-        tables = torch.zeros(b, width, dtype=torch.long)  # [B, max_blocks]
-        for i, t in enumerate(block_tables):
-            tables[i, : len(t)] = torch.tensor(t, dtype=torch.long)
-        ctx = torch.tensor(context_lens, dtype=torch.long)  # [B]
-        q = torch.tensor(query_lens, dtype=torch.long)  # [B]
-        lmax = int(ctx.max())
-        pos = torch.arange(lmax)  # [Lmax]
-        slots = tables[:, pos // block_size] * block_size + pos % block_size  # [B, Lmax]
-        valid = pos[None, :] < ctx[:, None]  # [B, Lmax]
-        new = valid & (pos[None, :] >= (ctx - q)[:, None])  # [B, Lmax] rows written this step
-        slot_mapping = slots[new]  # [T] in sequence order, positions ascending
-        starts = torch.cumsum(q, 0) - q
-        is_dec = q <= MAX_BATCHED_QUERY
-        spans = [
-            SeqSpan(int(starts[i]), int(starts[i]) + query_lens[i], slots[i, : context_lens[i]].to(device))
-            for i in range(b) if not is_dec[i]
-        ]
+        lmax = max(context_lens)
+        nblk = -(-lmax // block_size)
+        tables = torch.tensor([t[:nblk] + [0] * (nblk - len(t)) for t in block_tables], dtype=torch.long)
+        slots = (tables[:, :, None] * block_size + torch.arange(block_size)).view(b, -1)[:, :lmax]  # [B, Lmax]
+        starts = list(itertools.accumulate(query_lens, initial=0))
+        slot_mapping = torch.tensor([t[p // block_size] * block_size + p % block_size  # [T] in sequence order
+                                     for t, q, c in zip(block_tables, query_lens, context_lens) for p in range(c - q, c)],
+                                    dtype=torch.long)
+        spans = [SeqSpan(starts[i], starts[i + 1], slots[i, :context_lens[i]].to(device))
+                 for i in range(b) if query_lens[i] > MAX_BATCHED_QUERY]
+        idx = [i for i in range(b) if query_lens[i] <= MAX_BATCHED_QUERY]
         decode = None
-        if bool(is_dec.any()):
-            idx = is_dec.nonzero().flatten()
-            qd, cd, sd = q[idx], ctx[idx], starts[idx]
-            qi = torch.arange(int(qd.max()))  # [Qmax]
-            query_valid = qi[None, :] < qd[:, None]  # [Bd, Qmax]
-            token_index = sd[:, None] + torch.minimum(qi[None, :], qd[:, None] - 1)  # [Bd, Qmax]
-            q_pos = (cd - qd)[:, None] + qi[None, :]  # [Bd, Qmax] position of each query
-            dmax = int(cd.max())
-            key = torch.arange(dmax)
-            key_mask = (key[None, None, :] <= q_pos[:, :, None]) & (key[None, None, :] < cd[:, None, None])
-            seq = torch.arange(len(idx))[:, None].expand_as(query_valid)
-            decode = DecodeBatch(token_index.to(device), query_valid.to(device), slots[idx, :dmax].to(device),
-                                 key_mask.to(device), token_index[query_valid].to(device),
-                                 seq[query_valid].to(device), (q_pos + 1)[query_valid].to(device))
-        return cls(num_tokens=int(q.sum()), spans=spans, decode=decode, slot_mapping=slot_mapping.to(device),
+        if idx:
+            qd, cd = [query_lens[i] for i in idx], [context_lens[i] for i in idx]
+            qmax, dmax = max(qd), max(cd)
+            # padding repeats a sequence's last query (its token, its position), so its mask is that query's
+            last = [[min(j, q - 1) for j in range(qmax)] for q in qd]
+            token_index = torch.tensor([[starts[i] + j for j in row] for i, row in zip(idx, last)])  # [Bd, Qmax]
+            q_pos = torch.tensor([[c - q + j for j in row] for q, c, row in zip(qd, cd, last)])  # [Bd, Qmax]
+            key_mask = torch.arange(dmax)[None, None, :] <= q_pos[:, :, None]  # [Bd, Qmax, Lmax] causal, in context
+            query_valid = torch.tensor([[j < q for j in range(qmax)] for q in qd])
+            d_slots = slots if len(idx) == b and dmax == lmax else slots[torch.tensor(idx), :dmax]
+            decode = DecodeBatch(
+                token_index.to(device), query_valid.to(device), d_slots.to(device), key_mask.to(device),
+                torch.tensor([starts[i] + j for i, q in zip(idx, qd) for j in range(q)], device=device),
+                torch.tensor([k for k, q in enumerate(qd) for _ in range(q)], device=device),
+                torch.tensor([c - q + j + 1 for q, c in zip(qd, cd) for j in range(q)], device=device))
+        return cls(num_tokens=starts[-1], spans=spans, decode=decode, slot_mapping=slot_mapping.to(device),
                    kv_caches=kv_caches, prefill_mode=prefill_mode, layer_done=layer_done)
 
 
