@@ -4,7 +4,8 @@
 
 1. Profile the CPU with the threads one rank uses (``planner.hardware.probe_cpu``: fp32 GEMM
    GFLOP/s at 256 and 8 rows, a small batched GEMM, GEMV read bandwidth, one tiny torch op;
-   ``probe_collectives``: gloo all_to_all latency and rate between two processes).
+   ``probe_collectives``: gloo all_to_all between two processes: its cost between compute segments,
+   as lock-step ranks call it, and its idle latency and rate).
 2. Count, from pdserve's own engine, the torch calls one decode step makes inside the model and
    outside it at the batch one decode replica runs (a structural count: what ops the code
    launches, no timing), and route random hidden states through the checkpoint's gates for the
@@ -365,7 +366,8 @@ def main(argv: list[str] | None = None) -> int:
     counts = ", ".join(f"C={c}: {o.in_model_per_layer:.0f} torch calls/layer + {o.outside_model:.0f} outside"
                        for c, o in ops.items())
     counts += f"; decode-sized matmuls read {next(iter(ops.values())).weight_read_dtype} weights"
-    gloo = f"; gloo all_to_all {comm.latency_s * 1e6:.0f} us + {comm.gbps:.2f} GB/s ({comm.ranks} ranks)" if comm else ""
+    gloo = (f"; gloo all_to_all {comm.latency_s * 1e6:.0f} us between compute ({comm.idle_latency_s * 1e6:.0f} us "
+            f"idle) + {comm.gbps:.2f} GB/s ({comm.ranks} ranks)" if comm else "")
     print(f"engine: {counts}; router popularity cv {cv:.2f}{gloo}")
     report = {"mode": args.mode, "cpu": cpu_model_name(), "flags": cpu_flags(), "cores": cores,
               "ops": {c: dataclasses.asdict(o) for c, o in ops.items()}, "popularity_cv": cv,

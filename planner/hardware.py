@@ -273,17 +273,20 @@ def probe_cpu(seconds: float = 1.0, threads: int | None = None) -> CPUProbe:
 # expert by expert: fewer weights read); decode attention gathers the context rows
 # (a read and a write) then reads them in two bmm (engine/model/attention.py): 4 passes.
 # Torch calls of one decode step of pdserve's engine, counted (not timed) by planner.cpu_check.count_ops
-# on the bench preset at batch 8: 155 per layer inside the model, ~120 outside it (inputs, sampling).
-PDSERVE_CPU_BACKEND = {"small_kernels_per_layer": 155, "outside_calls_per_step": 120}
+# on the bench preset at batch 8 (2026-12-02): 187 per layer inside the model, 53 outside it (inputs, sampling).
+PDSERVE_CPU_BACKEND = {"small_kernels_per_layer": 187, "outside_calls_per_step": 53}
 
 
 @dataclasses.dataclass(frozen=True)
 class CollectiveProbe:
     """gloo between processes of this machine (one torch thread each), as pdserve's ranks talk."""
 
-    latency_s: float  # all_to_all_single of one 1,024-float row per peer
-    gbps: float  # bytes one rank sends per second beyond that latency (1 MB per peer)
+    # what one all_to_all_single of a few 1,024-float rows per peer adds to a step: every rank computes
+    # between calls, as lock-step ranks do (time per segment + call, minus per segment alone)
+    latency_s: float
+    gbps: float  # bytes one rank sends per second beyond the idle latency (1 MB per peer)
     ranks: int
+    idle_latency_s: float | None = None  # the same call on idle ranks, straight after a barrier
 
 
 def _collective_rank(rank: int, ranks: int, init_method: str, out) -> None:
@@ -307,13 +310,35 @@ def _collective_rank(rank: int, ranks: int, init_method: str, out) -> None:
         return sorted(times)[len(times) // 2]
 
     small, large = timed(1), timed(256)
+    # Between compute: a decode-sized matmul (4 rows over 16 MB of weights, from DRAM) before each call.
+    # Idle ranks answer a call at once; busy ones do not, and a rank that reaches the call first waits for
+    # its peer to finish computing and for its gloo thread to get a core: on a 2-core VM that is several
+    # times the idle latency (docs/PLANNER.md, run 10).
+    weights = [torch.full((4096, 1024), 0.5) for _ in range(4)]
+    x, a = torch.ones(4, 1024), torch.ones(ranks * 4, 1024)
+    b = torch.empty_like(a)
+
+    def per_segment(call: bool) -> float:
+        dist.barrier()
+        t0 = time.perf_counter()
+        for i in range(40):
+            torch.nn.functional.linear(x, weights[i % 4])
+            if call:
+                dist.all_to_all_single(b, a)
+        return (time.perf_counter() - t0) / 40
+
+    alone, busy = [], []
+    for _ in range(3):
+        alone.append(per_segment(False))
+        busy.append(per_segment(True))
     if rank == 0:
-        out.put((small, large))
+        out.put((small, large, max(min(busy) - min(alone), small)))
     dist.destroy_process_group()
 
 
 def probe_collectives(ranks: int = 2) -> CollectiveProbe:
-    """Median all_to_all_single time over gloo on 127.0.0.1 at 1 and 256 rows of 1,024 floats per peer."""
+    """gloo on 127.0.0.1: all_to_all_single's cost between compute segments on every rank (``latency_s``),
+    and its median time on idle ranks at 1 and 256 rows of 1,024 floats per peer (idle latency, rate)."""
     import multiprocessing
     import socket
 
@@ -334,11 +359,12 @@ def probe_collectives(ranks: int = 2) -> CollectiveProbe:
             del os.environ["GLOO_SOCKET_IFNAME"]
         else:
             os.environ["GLOO_SOCKET_IFNAME"] = saved
-    small, large = out.get(timeout=120)
+    small, large, busy = out.get(timeout=120)
     for p in procs:
         p.join(timeout=30)
     sent = 256 * 1024 * 4 * (ranks - 1)  # bytes a rank sends to its peers in the large call
-    return CollectiveProbe(latency_s=small, gbps=sent / max(large - small, 1e-9) / 1e9, ranks=ranks)
+    return CollectiveProbe(latency_s=busy, gbps=sent / max(large - small, 1e-9) / 1e9, ranks=ranks,
+                           idle_latency_s=small)
 
 
 def cpu_device(probe: CPUProbe, small_kernels_per_layer: int, outside_calls_per_step: float,
