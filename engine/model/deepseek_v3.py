@@ -127,8 +127,9 @@ class MLA(nn.Module):
         q_nope, q_pe = q.split([self.nope, self.rope_dim], dim=-1)
         latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
         latent = self.kv_a_layernorm(latent)  # [T, R]
-        q_pe = self.rope(q_pe, positions)  # [T, H, Dr]
-        k_pe = self.rope(k_pe, positions)  # [T, Dr]
+        # the queries' heads and the shared key rotate in one call (elementwise: the same numbers as two)
+        pe = self.rope(torch.cat([q_pe, k_pe[:, None]], dim=1), positions)  # [T, H+1, Dr]
+        q_pe, k_pe = pe[:, :-1], pe[:, -1]  # [T, H, Dr], [T, Dr]
         w = MLAWeights.from_kv_b_proj(self.kv_b_proj.dense_weight(x.dtype), self.heads, self.nope, self.v_dim,
                                       self.softmax_scale, self.kernel, self.w_uk_t, self.decode_attention,
                                       self.w_uv_kernel, self.kv_b_proj.packed)
