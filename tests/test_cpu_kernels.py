@@ -368,3 +368,28 @@ def test_rmsnorm_fused_on_cpu_fp32_is_the_formula_bit_for_bit():
         x = x[:, :dim]  # a view, as the latent split off kv_a_proj's output is
         formula = norm.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps))
         assert torch.equal(norm(x), formula)
+
+
+def test_mla_weights_are_kept_until_what_they_view_changes():
+    """``MLA.mla_weights`` builds the attention's weights once, and again when the kernel, its copies, the
+    packing or the weight's storage change; an FP8 kv_b_proj is dequantized on every call."""
+    from engine.model.config import ModelConfig
+    from engine.model.rope import RotaryEmbedding
+
+    cfg = ModelConfig.from_dir("models/pdserve-mini")
+    mla = MLA(cfg, 0, RotaryEmbedding(cfg, 64), torch.float32, layers.ParallelGroup.single())
+    first = mla.mla_weights(torch.float32)
+    assert mla.mla_weights(torch.float32) is first and first.kernel is None
+    if CAN_BUILD:
+        assert mla.use_cpu_kernel(cpu_gemm.kernel())
+        fast = mla.mla_weights(torch.float32)
+        assert fast is not first and fast.kernel is not None and fast.w_uk_t is mla.w_uk_t
+        assert mla.mla_weights(torch.float32) is fast
+        mla.use_cpu_kernel(None)
+        assert mla.mla_weights(torch.float32).kernel is None
+    kept = mla.mla_weights(torch.float32)
+    mla.kv_b_proj.weight.data = torch.randn_like(mla.kv_b_proj.weight)  # new storage: the old views are stale
+    fresh = mla.mla_weights(torch.float32)
+    assert fresh is not kept and fresh.kv_b.data_ptr() == mla.kv_b_proj.weight.data_ptr()
+    fp8 = MLA(cfg, 0, RotaryEmbedding(cfg, 64), torch.float32, layers.ParallelGroup.single(), fp8=True)
+    assert fp8.mla_weights(torch.float32) is not fp8.mla_weights(torch.float32)

@@ -99,6 +99,7 @@ class MLA(nn.Module):
         self.w_uk_t: torch.Tensor | None = None  # its copy of W_UK, [H, R, Dn] (layers.kernel_copy: bf16 when exact)
         self.w_uv_kernel: torch.Tensor | None = None  # W_UV as the kernel reads it, [H, Dv, R] (likewise)
         self.decode_attention = None  # and the same module's decode attention (cpu_gemm.mla_decode)
+        self._weights: tuple[tuple, MLAWeights] | None = None  # mla_weights(): what it was built from, and it
 
     def use_cpu_kernel(self, kernel: Kernel | None) -> bool:
         """Run the absorbed ``q · W_UK`` and ``o · W_UV`` of decode-sized batches through ``kernel``
@@ -130,11 +131,24 @@ class MLA(nn.Module):
         # the queries' heads and the shared key rotate in one call (elementwise: the same numbers as two)
         pe = self.rope(torch.cat([q_pe, k_pe[:, None]], dim=1), positions)  # [T, H+1, Dr]
         q_pe, k_pe = pe[:, :-1], pe[:, -1]  # [T, H, Dr], [T, Dr]
-        w = MLAWeights.from_kv_b_proj(self.kv_b_proj.dense_weight(x.dtype), self.heads, self.nope, self.v_dim,
-                                      self.softmax_scale, self.kernel, self.w_uk_t, self.decode_attention,
-                                      self.w_uv_kernel, self.kv_b_proj.packed)
-        out = mla_attention(q_nope, q_pe, latent, k_pe, w, meta, self.layer_idx)  # [T, H*Dv]
+        out = mla_attention(q_nope, q_pe, latent, k_pe, self.mla_weights(x.dtype), meta, self.layer_idx)  # [T, H*Dv]
         return self.o_proj(out)
+
+    def mla_weights(self, dtype: torch.dtype) -> MLAWeights:
+        """The attention's view of ``kv_b_proj`` and of the kernel's copies, built again only when one of them
+        (or the weight's storage) changed; an FP8 ``kv_b_proj`` is dequantized on every call, as a kept dense
+        copy would hold that layer's largest weight twice."""
+        proj = self.kv_b_proj
+        key = (proj.weight.data_ptr(), dtype, proj.packed, self.kernel, self.w_uk_t, self.decode_attention,
+               self.w_uv_kernel)
+        if self._weights is not None:
+            held, w = self._weights
+            if key[0] == held[0] and all(a is b for a, b in zip(key[1:], held[1:])):
+                return w
+        w = MLAWeights.from_kv_b_proj(proj.dense_weight(dtype), self.heads, self.nope, self.v_dim, self.softmax_scale,
+                                      self.kernel, self.w_uk_t, self.decode_attention, self.w_uv_kernel, proj.packed)
+        self._weights = None if proj.fp8 else (key, w)
+        return w
 
 
 class DecoderLayer(nn.Module):
