@@ -315,8 +315,8 @@ def _collective_rank(rank: int, ranks: int, init_method: str, out) -> None:
     # its peer to finish computing and for its gloo thread to get a core: on a 2-core VM that is several
     # times the idle latency (docs/PLANNER.md, run 10).
     weights = [torch.full((4096, 1024), 0.5) for _ in range(4)]
-    x, a = torch.ones(4, 1024), torch.ones(ranks * 4, 1024)
-    b = torch.empty_like(a)
+    x, send = torch.ones(4, 1024), torch.ones(ranks * 4, 1024)
+    recv = torch.empty_like(send)
 
     def per_segment(call: bool) -> float:
         dist.barrier()
@@ -324,7 +324,7 @@ def _collective_rank(rank: int, ranks: int, init_method: str, out) -> None:
         for i in range(30):
             torch.nn.functional.linear(x, weights[i % 4])
             if call:
-                dist.all_to_all_single(b, a)
+                dist.all_to_all_single(recv, send)
         return (time.perf_counter() - t0) / 30
 
     alone, busy = [], []

@@ -373,10 +373,11 @@ def test_rmsnorm_fused_on_cpu_fp32_is_the_formula_bit_for_bit():
 def test_mla_weights_are_kept_until_what_they_view_changes():
     """``MLA.mla_weights`` builds the attention's weights once, and again when the kernel, its copies, the
     packing or the weight's storage change; an FP8 kv_b_proj is dequantized on every call."""
+    from engine.args import default_model
     from engine.model.config import ModelConfig
     from engine.model.rope import RotaryEmbedding
 
-    cfg = ModelConfig.from_dir("models/pdserve-mini")
+    cfg = ModelConfig.from_dir(default_model())
     mla = MLA(cfg, 0, RotaryEmbedding(cfg, 64), torch.float32, layers.ParallelGroup.single())
     first = mla.mla_weights(torch.float32)
     assert mla.mla_weights(torch.float32) is first and first.kernel is None
