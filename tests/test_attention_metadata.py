@@ -46,6 +46,7 @@ def test_paged_metadata_points_each_query_at_its_own_context():
         want = [(starts[i] + j, k, context_lens[i] - query_lens[i] + j) for k, i in enumerate(short)
                 for j in range(query_lens[i])]  # (step row, decode sequence, position) of each real query
         assert d.tokens.tolist() == [r for r, _, _ in want]
+        assert d.every_token == (d.tokens.tolist() == list(range(meta.num_tokens)))  # attention skips the gather
         assert d.query_seq.tolist() == [k for _, k, _ in want]
         assert d.query_keys.tolist() == [p + 1 for _, _, p in want]
         assert d.token_index[d.query_valid].tolist() == d.tokens.tolist()

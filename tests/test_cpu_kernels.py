@@ -109,7 +109,8 @@ def test_absorbed_attention_through_the_kernel_matches_einsum(batch, queries):
     heads, nope, rope, v, rank, ctx_len = 4, 16, 8, 24, 32, 11
     weight = torch.randn(heads * (nope + v), rank) / 8
     plain = MLAWeights.from_kv_b_proj(weight, heads, nope, v, 0.1)
-    fast = MLAWeights.from_kv_b_proj(weight, heads, nope, v, 0.1, cpu_gemm.kernel(),
+    cpu_gemm.load()
+    fast = MLAWeights.from_kv_b_proj(weight, heads, nope, v, 0.1, cpu_gemm.head_gemm,
                                      MLAWeights.kernel_layout(weight, heads, nope, v))
     q_nope, q_pe = torch.randn(batch, queries, heads, nope), torch.randn(batch, queries, heads, rope)
     ctx = torch.randn(batch, ctx_len, rank + rope)
@@ -123,20 +124,23 @@ def test_absorbed_attention_through_the_kernel_matches_einsum(batch, queries):
 
 
 @needs_kernel
-@pytest.mark.parametrize("query_lens", [[1], [1, 1, 1, 1, 1], [2, 1, 3], [1] * 17])
-def test_decode_attention_kernel_matches_torch(query_lens):
+@pytest.mark.parametrize("query_lens, longer", [([1], 0), ([1, 1, 1, 1, 1], 0), ([2, 1, 3], 0), ([1] * 17, 0),
+                                                ([1, 3], 130)])
+def test_decode_attention_kernel_matches_torch(query_lens, longer):
     """MLA decode attention by the kernel, reading rows where they lie in the paged cache (contexts of
-    different lengths across blocks, speculative queries attending causal prefixes, more heads than a
-    group), equals the gathered-rows torch path; the other rows of the cache are never read."""
+    different lengths across blocks, speculative queries attending causal prefixes, heads split over
+    items when the queries are few, contexts of several key blocks: the online softmax), equals the
+    gathered-rows torch path; the other rows of the cache are never read."""
     from engine.model.attention import AttentionMetadata, MLAWeights, mla_attention
 
     torch.manual_seed(len(query_lens) * 7 + sum(query_lens))
     heads, nope, rope, v, rank, block = 12, 16, 8, 24, 32, 4
     weight = torch.randn(heads * (nope + v), rank) / 8
     plain = MLAWeights.from_kv_b_proj(weight, heads, nope, v, 0.2)
-    fast = MLAWeights.from_kv_b_proj(weight, heads, nope, v, 0.2, cpu_gemm.kernel(),
+    cpu_gemm.load()
+    fast = MLAWeights.from_kv_b_proj(weight, heads, nope, v, 0.2, cpu_gemm.head_gemm,
                                      MLAWeights.kernel_layout(weight, heads, nope, v), cpu_gemm.mla_decode)
-    context_lens = [q + 3 + 5 * i % 23 for i, q in enumerate(query_lens)]
+    context_lens = [q + 3 + 5 * i % 23 + longer for i, q in enumerate(query_lens)]
     free = torch.randperm(128).tolist()  # blocks in no order
     tables = [[free.pop() for _ in range(-(-n // block))] for n in context_lens]
     t = sum(query_lens)
@@ -152,6 +156,31 @@ def test_decode_attention_kernel_matches_torch(query_lens):
         with torch.inference_mode():
             outs.append(mla_attention(q_nope, q_pe, latent, k_pe, w, meta, 0))
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-4)
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 5, 16])
+@pytest.mark.parametrize("bf16", [False, True])
+def test_head_gemm_reads_and_writes_strided_views(rows, bf16):
+    """Per head x[m, h] @ w[h].T, with x a slice of a wider tensor (as q_nope is of q_b_proj's output), w's
+    heads apart (as W_UV is in kv_b_proj's weight) or a bf16 copy of exact values, and the result written
+    into a slice of a wider tensor (the absorbed query's latent part); nothing outside the slice changes."""
+    cpu_gemm.load()
+    torch.manual_seed(rows)
+    heads, k, n = 3, 40, 70
+    x = torch.randn(rows, heads, k + 24)[..., :k]
+    w = torch.randn(heads, n + 10, k)[:, 10:]
+    if bf16:
+        w = w.to(torch.bfloat16)
+    want = torch.einsum("mhk,hnk->mhn", x, w.float())
+    wide = torch.full((rows, heads, n + 8), 7.0)
+    got = cpu_gemm.head_gemm(x, w, wide[..., :n])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(wide[..., :n], want, rtol=1e-5, atol=1e-5)
+    assert bool((wide[..., n:] == 7.0).all())
+    torch.testing.assert_close(cpu_gemm.head_gemm(x, w), want, rtol=1e-5, atol=1e-5)  # a new tensor
+    with pytest.raises(RuntimeError, match="do not agree"):
+        cpu_gemm.head_gemm(x, w, torch.empty(rows, heads, n + 1))
 
 
 @needs_kernel
@@ -235,8 +264,8 @@ def test_engine_tokens_same_with_and_without_prepacking():
 @needs_kernel
 def test_engine_tokens_same_with_and_without_the_cpu_kernel():
     """The bundled model with MTP (batches of 1-6 sequences, 1-2 rows per expert per step): the kernel is
-    on for every routed-expert layer, projection, head, router and attention, the MTP layer's included,
-    and greedy tokens do not change."""
+    on for every routed-expert layer, projection, head, router, attention and norm, the MTP layer's
+    included, and greedy tokens do not change."""
     prompts = [[(5 * i + 11 * j) % 4000 + 2 for j in range(4 + 5 * i)] for i in range(6)]
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     outs = {}
@@ -247,6 +276,8 @@ def test_engine_tokens_same_with_and_without_the_cpu_kernel():
         assert experts and all(m.cpu_kernel is on for m in experts)
         others = [m for m in model.modules() if isinstance(m, (layers._Linear, layers.ParallelLMHead, Gate, MLA))]
         assert {m.kernel is not None for m in others} == {on}
+        norms = [m for m in model.modules() if isinstance(m, layers.RMSNorm)]
+        assert norms and {m.kernel is not None for m in norms} == {on}
         outs[on] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
     assert outs[True] == outs[False]
 
@@ -359,15 +390,42 @@ def test_naive_prefill_expands_the_latent_through_the_packed_kv_b(ctx_len):
         torch.testing.assert_close(_naive(q_nope, q_pe, ctx, fast), _naive(q_nope, q_pe, ctx, plain), rtol=1e-4, atol=1e-4)
 
 
-def test_rmsnorm_fused_on_cpu_fp32_is_the_formula_bit_for_bit():
+def _norm_cases():
     torch.manual_seed(0)
-    for dim, rows, strided in [(7, 1, False), (256, 1, True), (512, 8, True), (1024, 33, False), (7168, 3, False)]:
+    for dim, lead, strided in [(7, (1,), False), (256, (1,), True), (512, (8,), True), (1024, (33,), False),
+                               (7168, (3,), False), (24, (2, 3), False), (1024, (200,), False)]:
+        x = torch.randn(*lead, dim + 64 if strided else dim) * 5
+        yield dim, x[..., :dim]  # a view, as the latent split off kv_a_proj's output is
+
+
+def _formula(norm, x):
+    return norm.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps))
+
+
+def test_rmsnorm_fused_on_cpu_fp32_is_the_formula_bit_for_bit():
+    """Without the kernel, RMSNorm is ATen's one fused op: the formula's numbers exactly."""
+    for dim, x in _norm_cases():
         norm = layers.RMSNorm(dim, 1e-6, torch.float32)
         norm.weight.data.normal_()
-        x = torch.randn(rows, dim + 64 if strided else dim) * 5
-        x = x[:, :dim]  # a view, as the latent split off kv_a_proj's output is
-        formula = norm.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps))
-        assert torch.equal(norm(x), formula)
+        assert torch.equal(norm(x), _formula(norm, x))
+
+
+@needs_kernel
+def test_rmsnorm_through_the_kernel_is_the_formula():
+    """With the kernel (what use_cpu_kernels sets), one call per norm: the formula within fp32 rounding, on
+    rows that sit apart, leading dims, lengths that are not a multiple of the vector width, rows over threads."""
+    cpu_gemm.load()
+    for dim, x in _norm_cases():
+        norm = layers.RMSNorm(dim, 1e-6, torch.float32)
+        norm.weight.data.normal_()
+        norm.kernel = cpu_gemm.rms_norm
+        got = norm(x)
+        assert got.shape == x.shape
+        torch.testing.assert_close(got, _formula(norm, x), rtol=2e-6, atol=1e-6)
+    with pytest.raises(RuntimeError, match="float32 only"):
+        cpu_gemm.rms_norm(torch.ones(2, 8, dtype=torch.bfloat16), torch.ones(8), 1e-6)
+    with pytest.raises(RuntimeError, match="w \\[D\\]"):
+        cpu_gemm.rms_norm(torch.ones(2, 8), torch.ones(4), 1e-6)
 
 
 def test_mla_weights_are_kept_until_what_they_view_changes():
@@ -394,3 +452,48 @@ def test_mla_weights_are_kept_until_what_they_view_changes():
     assert fresh is not kept and fresh.kv_b.data_ptr() == mla.kv_b_proj.weight.data_ptr()
     fp8 = MLA(cfg, 0, RotaryEmbedding(cfg, 64), torch.float32, layers.ParallelGroup.single(), fp8=True)
     assert fp8.mla_weights(torch.float32) is not fp8.mla_weights(torch.float32)
+
+
+@needs_kernel
+@pytest.mark.parametrize("experts, groups, keep, k, bias, renormalize", [
+    (32, 4, 2, 4, True, True), (256, 8, 4, 8, True, True), (16, 1, 1, 2, False, True), (64, 8, 3, 6, True, False),
+    (384, 1, 1, 8, True, True)])
+def test_routing_through_the_kernel_matches_the_gate(experts, groups, keep, k, bias, renormalize):
+    """DeepSeek-V3's sigmoid routing (bias for the choice, group-limited) in one kernel call chooses the
+    experts Gate's torch ops choose, with the same weights, for 1 to 300 tokens (rows over threads)."""
+    import types
+
+    from engine.model.moe import Gate
+
+    cpu_gemm.load()
+    torch.manual_seed(experts + k)
+    cfg = types.SimpleNamespace(n_routed_experts=experts, hidden_size=64, topk_method="noaux_tc" if bias else "greedy",
+                                num_experts_per_tok=k, n_group=groups, topk_group=keep, scoring_func="sigmoid",
+                                norm_topk_prob=renormalize, routed_scaling_factor=2.5)
+    gate = Gate(cfg)
+    gate.weight.data.normal_(std=0.05)  # logits ~N(0, 0.4^2): no sigmoid saturating to a tie at 1.0
+    if bias:
+        gate.e_score_correction_bias.data.normal_(std=0.1)
+    for tokens in (1, 8, 300):
+        x = torch.randn(tokens, 64)
+        gate.route = None
+        want_ids, want_w = gate(x)
+        gate.use_cpu_route(True)
+        assert gate.route is not None
+        ids, w = gate(x)
+        assert ids.dtype == torch.long and w.dtype == torch.float32 and ids.shape == w.shape == (tokens, k)
+        ids, order = ids.sort(-1)
+        want_ids, want_order = want_ids.sort(-1)
+        assert torch.equal(ids, want_ids)
+        torch.testing.assert_close(w.gather(1, order), want_w.gather(1, want_order), rtol=1e-5, atol=1e-6)
+
+
+@needs_kernel
+def test_routing_kernel_survives_nan_logits_and_refuses_bad_shapes():
+    cpu_gemm.load()
+    ids, w = cpu_gemm.route(torch.full((3, 32), float("nan")), None, 4, 2, 4, True, 1.0)
+    assert ids.shape == (3, 4) and bool(((ids >= 0) & (ids < 32)).all())
+    with pytest.raises(RuntimeError, match="choosing 5"):
+        cpu_gemm.route(torch.randn(2, 8), None, 4, 1, 5, True, 1.0)  # 2 experts left in one group, 5 asked
+    with pytest.raises(RuntimeError, match="float32"):
+        cpu_gemm.route(torch.randn(2, 8, dtype=torch.float64), None, 1, 1, 2, True, 1.0)

@@ -44,7 +44,7 @@ inline float hsum(__m256 v) {
 // y[m * ldy + n] = dot(x row m, w[n]) for m < MB, n < NB; K % 8 == 0. `ahead` is where NB rows
 // K weights apart that a later tile reads start (prefetched), or null.
 template <int MB, int NB, typename W>
-inline void tile(const float* x, const W* const* w, int64_t K, float* y, int64_t ldy, const W* ahead) {
+inline void tile(const float* x, int64_t ldx, const W* const* w, int64_t K, float* y, int64_t ldy, const W* ahead) {
   constexpr int64_t kLine = 64 / sizeof(W);  // weights per 64-byte cache line
   __m256 acc[MB][NB];
   for (int m = 0; m < MB; ++m)
@@ -55,7 +55,7 @@ inline void tile(const float* x, const W* const* w, int64_t K, float* y, int64_t
     if (ahead != nullptr && (k & (kLine - 1)) == 0)  // one prefetch per 64-byte line
       for (int n = 0; n < NB; ++n) _mm_prefetch(reinterpret_cast<const char*>(ahead + n * K + k), _MM_HINT_T0);
     for (int m = 0; m < MB; ++m) {
-      const __m256 xv = _mm256_loadu_ps(x + m * K + k);
+      const __m256 xv = _mm256_loadu_ps(x + m * ldx + k);
       for (int n = 0; n < NB; ++n) acc[m][n] = _mm256_fmadd_ps(xv, wv[n], acc[m][n]);
     }
   }
@@ -64,19 +64,21 @@ inline void tile(const float* x, const W* const* w, int64_t K, float* y, int64_t
 }
 
 template <int NB, typename W>
-inline void row_tile(int64_t mb, const float* x, const W* const* w, int64_t K, float* y, int64_t ldy,
+inline void row_tile(int64_t mb, const float* x, int64_t ldx, const W* const* w, int64_t K, float* y, int64_t ldy,
                      const W* ahead) {
   switch (mb) {
-    case 1: tile<1, NB>(x, w, K, y, ldy, ahead); break;
-    case 2: tile<2, NB>(x, w, K, y, ldy, ahead); break;
-    case 3: tile<3, NB>(x, w, K, y, ldy, ahead); break;
-    default: tile<4, NB>(x, w, K, y, ldy, ahead); break;
+    case 1: tile<1, NB>(x, ldx, w, K, y, ldy, ahead); break;
+    case 2: tile<2, NB>(x, ldx, w, K, y, ldy, ahead); break;
+    case 3: tile<3, NB>(x, ldx, w, K, y, ldy, ahead); break;
+    default: tile<4, NB>(x, ldx, w, K, y, ldy, ahead); break;
   }
 }
 
-// rows x [rows, K] times weight rows [n0, n1) of w [N, K] -> columns [n0, n1) of y [rows, N]
+// rows x [rows, K] (rows ldx apart) times weight rows [n0, n1) of w [N, K] -> columns [n0, n1) of y [rows, N]
+// (rows ldy apart)
 template <typename W>
-void block(const float* x, int64_t rows, const W* w, int64_t n0, int64_t n1, int64_t N, int64_t K, float* y) {
+void block(const float* x, int64_t ldx, int64_t rows, const W* w, int64_t n0, int64_t n1, int64_t N, int64_t K,
+           float* y, int64_t ldy) {
   for (int64_t n = n0; n < n1;) {
     const int nb = n + kPairs <= n1 ? kPairs : 1;
     const int64_t next = n + kPrefetchTiles * kPairs;
@@ -85,9 +87,9 @@ void block(const float* x, int64_t rows, const W* w, int64_t n0, int64_t n1, int
     for (int64_t r = 0; r < rows; r += 4) {
       const int64_t mb = std::min<int64_t>(4, rows - r);
       if (nb == kPairs)
-        row_tile<kPairs, W>(mb, x + r * K, pair, K, y + r * N + n, N, r == 0 ? ahead : nullptr);
+        row_tile<kPairs, W>(mb, x + r * ldx, ldx, pair, K, y + r * ldy + n, ldy, r == 0 ? ahead : nullptr);
       else
-        row_tile<1, W>(mb, x + r * K, pair, K, y + r * N + n, N, nullptr);
+        row_tile<1, W>(mb, x + r * ldx, ldx, pair, K, y + r * ldy + n, ldy, nullptr);
     }
     n += nb;
   }
@@ -122,7 +124,7 @@ torch::Tensor grouped_gemm(const torch::Tensor& x, const torch::Tensor& w, const
     at::parallel_for(0, static_cast<int64_t>(active.size()) * blocks, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t e = active[b / blocks], n0 = (b % blocks) * kBlockN;
-        block(xp + start[e] * K, counts[e], wp + e * ldE, n0, std::min(N, n0 + kBlockN), N, K, yp + start[e] * N);
+        block(xp + start[e] * K, K, counts[e], wp + e * ldE, n0, std::min(N, n0 + kBlockN), N, K, yp + start[e] * N, N);
       }
     });
   };
@@ -133,23 +135,66 @@ torch::Tensor grouped_gemm(const torch::Tensor& x, const torch::Tensor& w, const
   return y;
 }
 
+// y[m, h] = w[h] @ x[m, h] for every row m and head h: x [M, H, K] and y [M, H, N] with any row and head
+// strides (their last dims dense), w [H, N, K]. The absorbed MLA products per head (q_nope . W_UK into the
+// query's latent part, the latent output . W_UV), read and written in place: no copy of x into head-major
+// rows and none of y back, and y may be a slice of a wider tensor. Items are (head, block of kBlockN weight
+// rows) as in grouped_gemm.
+void head_gemm(const torch::Tensor& x, const torch::Tensor& w, torch::Tensor& y) {
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu() && y.device().is_cpu(), "head_gemm: CPU tensors only");
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && y.scalar_type() == torch::kFloat32 &&
+              (w.scalar_type() == torch::kFloat32 || w.scalar_type() == torch::kBFloat16),
+              "head_gemm: x and y float32, w float32 or bfloat16");
+  TORCH_CHECK(x.dim() == 3 && w.dim() == 3 && y.dim() == 3, "head_gemm: x [M, H, K], w [H, N, K], y [M, H, N]");
+  const int64_t M = x.size(0), H = x.size(1), K = x.size(2), N = w.size(1);
+  TORCH_CHECK(w.size(0) == H && w.size(2) == K && y.size(0) == M && y.size(1) == H && y.size(2) == N,
+              "head_gemm: x ", x.sizes(), ", w ", w.sizes(), ", y ", y.sizes(), " do not agree");
+  TORCH_CHECK(x.stride(2) == 1 && y.stride(2) == 1 && w.stride(2) == 1 && w.stride(1) == K && K % 8 == 0,
+              "head_gemm: last dims dense, w's rows dense, K a multiple of 8");
+  const int64_t blocks = (N + kBlockN - 1) / kBlockN;
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  auto run = [&](const auto* wp) {
+    at::parallel_for(0, H * blocks, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t h = b / blocks, n0 = (b % blocks) * kBlockN;
+        block(xp + h * x.stride(1), x.stride(0), M, wp + h * w.stride(0), n0, std::min(N, n0 + kBlockN), N, K,
+              yp + h * y.stride(1), y.stride(0));
+      }
+    });
+  };
+  if (M == 0) return;
+  if (w.scalar_type() == torch::kBFloat16)
+    run(w.data_ptr<at::BFloat16>());
+  else
+    run(w.data_ptr<float>());
+}
+
 // ---- MLA decode attention over the paged latent cache ---------------------------------------------
 //
 // Absorbed MLA is multi-query attention with one latent "head" of width D = R + Dr shared by every
 // query head: for query m (heads h), keys are the first keys[m] cache rows listed in slots[seq[m]],
 //   p[h, j] = softmax_j(scale * q[m, h] . row_j)        out[m, h] = sum_j p[h, j] * row_j[:R]
-// Items are (query, group of kHeadGroup heads), over torch's threads. Each item reads its rows from
-// the cache where they lie (no gathered copy) into two small GEMMs: scores with grouped_gemm's tiles
-// (4 heads x 2 rows of accumulators), the output with 4 heads x 16 columns, the item's probabilities in a per-item buffer.
+// Items are (query, group of heads), over torch's threads: all of a query's heads in one item where
+// there are queries enough to keep the threads busy, else halves, quarters (at least 4 heads). An item
+// walks its rows in blocks of kKeyBlock, reading each row from the cache where it lies (no gathered
+// copy), once: the block's scores for every head of the item (grouped_gemm's tiles, 4 heads x 2 rows of
+// accumulators), then the block's values while the rows are still in L2 (4 heads x 16 columns), with an
+// online softmax (running maximum and sum per head, the output rescaled when the maximum grows). A
+// query's rows (~2.3 KB each at DeepSeek's D = 576) are read from memory once per item instead of once
+// per 4 heads for the scores and again for the values.
 
-constexpr int64_t kHeadGroup = 8;
+constexpr int64_t kKeyBlock = 64;  // rows per block: 147 KB at D = 576, inside a 512 KB L2
 
-// out[h * R + c .. + 16] = sum_j p[h * ldp + j] * keys[j][c .. + 16] for h < MB.
+// out[h * R + c .. + 16] += sum_j p[h * ldp + j] * keys[j][c .. + 16] for h < MB, j < n.
 template <int MB>
 inline void value_tile(const float* p, int64_t ldp, const float* const* keys, int64_t n, int64_t c, float* out,
                        int64_t R) {
   __m256 acc[MB][2];
-  for (int m = 0; m < MB; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+  for (int m = 0; m < MB; ++m) {
+    acc[m][0] = _mm256_loadu_ps(out + m * R + c);
+    acc[m][1] = _mm256_loadu_ps(out + m * R + c + 8);
+  }
   for (int64_t j = 0; j < n; ++j) {
     const __m256 v0 = _mm256_loadu_ps(keys[j] + c), v1 = _mm256_loadu_ps(keys[j] + c + 8);
     for (int m = 0; m < MB; ++m) {
@@ -164,33 +209,88 @@ inline void value_tile(const float* p, int64_t ldp, const float* const* keys, in
   }
 }
 
+// e^x for 8 lanes (x <= 88.7; far below -87 gives 0): x = n ln2 + r, |r| <= ln2 / 2, e^r by a degree-6
+// polynomial (Cephes' expf coefficients), 2^n through the exponent bits. Within 2 ulp of std::exp; a scalar
+// std::exp per score was ~a third of this kernel's time.
+inline __m256 exp8(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));  // e^-87.3 is ~1e-38: flushes to a tiny normal, never denormal
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  // ln2 in two parts: exact n * hi
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+// row[j] = e^(row[j] * scale - top) for j < n; returns their sum
+inline float exp_row(float* row, int64_t n, float scale, float top) {
+  const __m256 vs = _mm256_set1_ps(scale), vt = _mm256_set1_ps(top);
+  __m256 acc = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 v = exp8(_mm256_fmsub_ps(_mm256_loadu_ps(row + j), vs, vt));
+    _mm256_storeu_ps(row + j, v);
+    acc = _mm256_add_ps(acc, v);
+  }
+  float sum = hsum(acc);
+  for (; j < n; ++j) sum += (row[j] = std::exp(row[j] * scale - top));
+  return sum;
+}
+
+// One item: heads query rows q [heads, D] over rows keys[0 .. n) -> out [heads, R]. s: [heads, kKeyBlock]
+// scratch; top, sum: [heads] scratch.
 void attend(const float* q, int64_t heads, int64_t D, const float* const* keys, int64_t n, int64_t R, float scale,
-            float* p, float* out) {
-  for (int64_t h = 0; h < heads; h += 4) {  // scores
-    const int64_t mb = std::min<int64_t>(4, heads - h);
-    int64_t j = 0;
-    for (; j + 2 <= n; j += 2) row_tile<2, float>(mb, q + h * D, keys + j, D, p + h * n + j, n, nullptr);
-    if (j < n) row_tile<1, float>(mb, q + h * D, keys + j, D, p + h * n + j, n, nullptr);
-  }
-  for (int64_t h = 0; h < heads; ++h) {  // softmax, in place
-    float* row = p + h * n;
-    float top = -INFINITY;
-    for (int64_t j = 0; j < n; ++j) top = std::max(top, row[j] * scale);
-    float sum = 0.f;
-    for (int64_t j = 0; j < n; ++j) sum += (row[j] = std::exp(row[j] * scale - top));
-    const float inv = 1.f / sum;
-    for (int64_t j = 0; j < n; ++j) row[j] *= inv;
-  }
-  for (int64_t h = 0; h < heads; h += 4) {  // p @ values
-    const int64_t mb = std::min<int64_t>(4, heads - h);
-    for (int64_t c = 0; c < R; c += 16) {
-      switch (mb) {
-        case 1: value_tile<1>(p + h * n, n, keys, n, c, out + h * R, R); break;
-        case 2: value_tile<2>(p + h * n, n, keys, n, c, out + h * R, R); break;
-        case 3: value_tile<3>(p + h * n, n, keys, n, c, out + h * R, R); break;
-        default: value_tile<4>(p + h * n, n, keys, n, c, out + h * R, R); break;
+            float* s, float* top, float* sum, float* out) {
+  std::fill(out, out + heads * R, 0.f);
+  std::fill(top, top + heads, -INFINITY);
+  std::fill(sum, sum + heads, 0.f);
+  for (int64_t j0 = 0; j0 < n; j0 += kKeyBlock) {
+    const int64_t nb = std::min(kKeyBlock, n - j0);
+    const float* const* block_keys = keys + j0;
+    for (int64_t j = 0; j < nb; j += 2) {  // scores: each pair of rows against every head, from L1
+      for (int64_t h = 0; h < heads; h += 4) {
+        const int64_t mb = std::min<int64_t>(4, heads - h);
+        if (j + 2 <= nb)
+          row_tile<2, float>(mb, q + h * D, D, block_keys + j, D, s + h * kKeyBlock + j, kKeyBlock, nullptr);
+        else
+          row_tile<1, float>(mb, q + h * D, D, block_keys + j, D, s + h * kKeyBlock + j, kKeyBlock, nullptr);
       }
     }
+    for (int64_t h = 0; h < heads; ++h) {  // online softmax: the block's probabilities against the running maximum
+      float* row = s + h * kKeyBlock;
+      float block_top = -INFINITY;
+      for (int64_t j = 0; j < nb; ++j) block_top = std::max(block_top, row[j] * scale);
+      if (block_top > top[h]) {
+        const float shrink = std::exp(top[h] - block_top);  // 0 for the first block
+        sum[h] *= shrink;
+        if (top[h] != -INFINITY)
+          for (int64_t c = 0; c < R; ++c) out[h * R + c] *= shrink;
+        top[h] = block_top;
+      }
+      sum[h] += exp_row(row, nb, scale, top[h]);
+    }
+    for (int64_t h = 0; h < heads; h += 4) {  // out += p @ values, the rows still in L2
+      const int64_t mb = std::min<int64_t>(4, heads - h);
+      for (int64_t c = 0; c < R; c += 16) {
+        switch (mb) {
+          case 1: value_tile<1>(s + h * kKeyBlock, kKeyBlock, block_keys, nb, c, out + h * R, R); break;
+          case 2: value_tile<2>(s + h * kKeyBlock, kKeyBlock, block_keys, nb, c, out + h * R, R); break;
+          case 3: value_tile<3>(s + h * kKeyBlock, kKeyBlock, block_keys, nb, c, out + h * R, R); break;
+          default: value_tile<4>(s + h * kKeyBlock, kKeyBlock, block_keys, nb, c, out + h * R, R); break;
+        }
+      }
+    }
+  }
+  for (int64_t h = 0; h < heads; ++h) {
+    const float inv = 1.f / sum[h];
+    for (int64_t c = 0; c < R; ++c) out[h * R + c] *= inv;
   }
 }
 
@@ -220,21 +320,147 @@ torch::Tensor mla_decode(const torch::Tensor& q, const torch::Tensor& cache, con
   const float* qp = q.data_ptr<float>();
   const float* cp = cache.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  const int64_t groups = (H + kHeadGroup - 1) / kHeadGroup;
+  // heads per item: all of them while the queries alone give each thread two items, else halves, quarters
+  int64_t group = H;
+  while (group % 2 == 0 && group / 2 >= 4 && M * (H / group) < 2 * at::get_num_threads()) group /= 2;
+  const int64_t groups = H / group;
   at::parallel_for(0, M * groups, 1, [&](int64_t i0, int64_t i1) {
     std::vector<const float*> rows;
-    std::vector<float> p;
+    std::vector<float> s(group * kKeyBlock), top(group), sum(group);
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t m = i / groups, h0 = (i % groups) * kHeadGroup, hn = std::min(H, h0 + kHeadGroup) - h0;
+      const int64_t m = i / groups, h0 = (i % groups) * group;
       const int64_t n = kn[m];
       rows.resize(n);
       for (int64_t j = 0; j < n; ++j) rows[j] = cp + sl[sq[m] * L + j] * D;
-      p.resize(hn * n);
-      attend(qp + (m * H + h0) * D, hn, D, rows.data(), n, R, static_cast<float>(scale), p.data(),
-             op + (m * H + h0) * R);
+      attend(qp + (m * H + h0) * D, group, D, rows.data(), n, R, static_cast<float>(scale), s.data(), top.data(),
+             sum.data(), op + (m * H + h0) * R);
     }
   });
   return out;
+}
+
+// ---- RMSNorm ---------------------------------------------------------------------------------------
+//
+// y = w * (x * 1 / sqrt(mean(x^2) + eps)) per row, fp32. ATen's CPU rms_norm is a chain of six ops (pow,
+// mean, add, rsqrt, mul, mul): at decode sizes each costs a dispatch and, right after a weight-streaming
+// matmul, a cold start, ~110 us per norm where this takes ~17 (AMD EPYC, 2 cores, AVX2 + FMA, fp32; a
+// decode step runs ~17 norms). The sum of squares is taken in 16 lanes, so the result differs from the
+// formula's in the last bits (within 1e-6 relative); rows may sit apart (a view into a wider tensor).
+
+torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& w, double eps) {
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "rms_norm: CPU tensors only");
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && w.scalar_type() == torch::kFloat32, "rms_norm: float32 only");
+  TORCH_CHECK(x.dim() >= 1 && w.dim() == 1 && w.is_contiguous() && x.size(-1) == w.size(0),
+              "rms_norm: x [..., D] and w [D], got ", x.sizes(), " and ", w.sizes());
+  const bool direct = x.dim() == 2 && x.stride(1) == 1 && x.stride(0) >= x.size(1);  // dense rows, maybe apart
+  const auto rows = direct ? x : x.reshape({-1, x.size(-1)}).contiguous();
+  const int64_t T = rows.size(0), D = rows.size(1), ld = rows.stride(0);
+  auto y = torch::empty({T, D}, x.options());
+  const float* xp = rows.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const float feps = static_cast<float>(eps);
+  at::parallel_for(0, T, 64, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const float* r = xp + t * ld;
+      float* o = yp + t * D;
+      __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+      int64_t k = 0;
+      for (; k + 16 <= D; k += 16) {
+        const __m256 v0 = _mm256_loadu_ps(r + k), v1 = _mm256_loadu_ps(r + k + 8);
+        a0 = _mm256_fmadd_ps(v0, v0, a0);
+        a1 = _mm256_fmadd_ps(v1, v1, a1);
+      }
+      float squares = hsum(_mm256_add_ps(a0, a1));
+      for (; k < D; ++k) squares += r[k] * r[k];
+      const float inv = 1.f / std::sqrt(squares / static_cast<float>(D) + feps);
+      const __m256 vi = _mm256_set1_ps(inv);
+      for (k = 0; k + 8 <= D; k += 8)
+        _mm256_storeu_ps(o + k, _mm256_mul_ps(_mm256_loadu_ps(wp + k), _mm256_mul_ps(_mm256_loadu_ps(r + k), vi)));
+      for (; k < D; ++k) o[k] = wp[k] * (r[k] * inv);
+    }
+  });
+  return y.view(x.sizes());
+}
+
+// ---- DeepSeek-V3 routing (sigmoid scores, correction bias, group-limited top-k) ----------------------
+//
+// engine/model/moe.py's Gate.forward after the router matmul, per token in one call instead of ~17 small
+// ATen ops (~350 us per MoE layer in a decode step on a 2-core AMD EPYC, AVX2 + FMA, fp32): scores =
+// sigmoid(logits); choice = scores + bias; the topk_groups groups with the largest sum of their two best
+// choices stay; the k best choices among them are the experts, weighted by their scores (renormalized to
+// sum 1 when asked) times `scaling`. Ties go to the lower index.
+
+void route_row(const float* logits, const float* bias, int64_t E, int64_t groups, int64_t topk_groups, int64_t k,
+               bool renormalize, float scaling, float* scores, float* choice, float* group_score, int64_t* ids,
+               float* weights) {
+  for (int64_t e = 0; e < E; ++e) {
+    scores[e] = 1.f / (1.f + std::exp(-logits[e]));
+    choice[e] = bias != nullptr ? scores[e] + bias[e] : scores[e];
+  }
+  if (groups > 1) {
+    const int64_t size = E / groups;
+    for (int64_t g = 0; g < groups; ++g) {
+      float best = -INFINITY, second = -INFINITY;
+      for (int64_t e = g * size; e < (g + 1) * size; ++e) {
+        if (choice[e] > best) { second = best; best = choice[e]; }
+        else if (choice[e] > second) second = choice[e];
+      }
+      group_score[g] = best + second;
+    }
+    for (int64_t kept = 0; kept < topk_groups; ++kept) {  // the best groups, marked by +inf
+      int64_t top = -1;
+      for (int64_t g = 0; g < groups; ++g)
+        if (group_score[g] != INFINITY && (top < 0 || group_score[g] > group_score[top] || std::isnan(group_score[g])))
+          top = g;  // NaN (from NaN logits) counts as the largest, as in torch.topk
+      group_score[top] = INFINITY;
+    }
+    for (int64_t g = 0; g < groups; ++g)
+      if (group_score[g] != INFINITY)
+        for (int64_t e = g * size; e < (g + 1) * size; ++e) choice[e] = -INFINITY;
+  }
+  float total = 0.f;
+  for (int64_t i = 0; i < k; ++i) {  // k passes: k is small (8 for DeepSeek-V3)
+    int64_t top = -1;
+    for (int64_t e = 0; e < E; ++e)
+      if (choice[e] != -INFINITY && (top < 0 || choice[e] > choice[top] || std::isnan(choice[e]))) top = e;
+    ids[i] = top;
+    weights[i] = scores[top];
+    total += scores[top];
+    choice[top] = -INFINITY;
+  }
+  for (int64_t i = 0; i < k; ++i) weights[i] = (renormalize ? weights[i] / (total + 1e-20f) : weights[i]) * scaling;
+}
+
+std::tuple<torch::Tensor, torch::Tensor> route(const torch::Tensor& logits, const c10::optional<torch::Tensor>& bias,
+                                               int64_t groups, int64_t topk_groups, int64_t k, bool renormalize,
+                                               double scaling) {
+  TORCH_CHECK(logits.device().is_cpu() && logits.scalar_type() == torch::kFloat32 && logits.dim() == 2,
+              "route: logits [T, E] float32 on the CPU");
+  const int64_t T = logits.size(0), E = logits.size(1);
+  TORCH_CHECK(groups >= 1 && E % groups == 0 && (groups == 1 || E / groups >= 2) && topk_groups >= 1 &&
+              topk_groups <= groups && k >= 1 && k <= topk_groups * (E / groups),
+              "route: ", E, " experts in ", groups, " groups, keeping ", topk_groups, ", choosing ", k);
+  const float* bp = nullptr;
+  torch::Tensor b;
+  if (bias.has_value()) {
+    b = bias->contiguous();
+    TORCH_CHECK(b.scalar_type() == torch::kFloat32 && b.numel() == E, "route: bias [E] float32");
+    bp = b.data_ptr<float>();
+  }
+  const auto l = logits.contiguous();
+  auto ids = torch::empty({T, k}, logits.options().dtype(torch::kLong));
+  auto weights = torch::empty({T, k}, logits.options());
+  const float* lp = l.data_ptr<float>();
+  int64_t* ip = ids.data_ptr<int64_t>();
+  float* wp = weights.data_ptr<float>();
+  at::parallel_for(0, T, 256, [&](int64_t t0, int64_t t1) {
+    std::vector<float> scratch(2 * E + groups);
+    for (int64_t t = t0; t < t1; ++t)
+      route_row(lp + t * E, bp, E, groups, topk_groups, k, renormalize, static_cast<float>(scaling), scratch.data(),
+                scratch.data() + E, scratch.data() + 2 * E, ip + t * k, wp + t * k);
+  });
+  return {ids, weights};
 }
 
 // How many threads grouped_gemm's at::parallel_for runs on over `items` work items: the number torch
@@ -251,6 +477,9 @@ int64_t parallel_threads(int64_t items) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("grouped_gemm", &grouped_gemm, "y[t] = x[t] @ w[expert of t].T, rows of x grouped by expert");
+  m.def("head_gemm", &head_gemm, "y[m, h] = w[h] @ x[m, h], strided x and y (the absorbed MLA products)");
   m.def("mla_decode", &mla_decode, "absorbed MLA decode attention over the paged latent cache");
+  m.def("rms_norm", &rms_norm, "RMSNorm of fp32 rows: w * x / sqrt(mean(x^2) + eps)");
+  m.def("route", &route, "DeepSeek-V3 routing: sigmoid scores, bias, group-limited top-k -> (ids, weights)");
   m.def("parallel_threads", &parallel_threads, "threads grouped_gemm's parallel_for spreads `items` over");
 }

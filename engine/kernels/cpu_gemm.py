@@ -7,10 +7,12 @@ the bench preset; the projections and heads: one row per sequence), and MKL's ``
 oneDNN's prepacked matmul at 1-16 rows run far below the machine's memory bandwidth. The kernel streams
 each weight's rows once, skips experts with no rows (no padding) and spreads (expert, block of weight
 rows) items over torch's intra-op threads (compiled with OpenMP: without it ``at::parallel_for`` is a
-serial loop). Used by the routed experts (``engine/model/moe.py``), every fp32 projection, head and
-router at up to ``layers.KERNEL_MAX_ROWS`` rows (``engine/model/layers.py``) and the absorbed MLA
-products per head (``engine/model/attention.py``); ``mla_decode`` is decode attention itself, reading
-the latent rows where they lie in the paged cache (``cpu_gemm.cpp`` says how). Measured side by side
+serial loop). Used by the routed experts (``engine/model/moe.py``) and every fp32 projection, head and
+router at up to ``layers.KERNEL_MAX_ROWS`` rows (``engine/model/layers.py``). The same module holds
+what a decode step calls around them, each one call where torch makes several: ``head_gemm`` (the
+absorbed MLA products per head, on strided views, ``engine/model/attention.py``), ``mla_decode`` (decode
+attention itself, reading the latent rows where they lie in the paged cache), ``rms_norm`` and
+``route`` (the V3 router's top-k after its matmul); ``cpu_gemm.cpp`` says how each works. Measured side by side
 on a 2-core AMD EPYC (AVX2 + FMA, no AVX-512 / AVX512-BF16 / AMX), fp32: 32 experts of the bench preset's ``w13``
 [512, 1024] (67 MB, from DRAM), 4 rows per expert 3.6 ms vs ``bmm`` 7.7 ms, 1 row 3.3 vs 3.6 ms,
 32 rows 21.6 vs 17.2 ms (hence ``GROUPED_MAX_ROWS`` in ``engine/model/moe.py``); the projections:
@@ -116,6 +118,16 @@ def grouped_gemm(x: torch.Tensor, w: torch.Tensor, counts: list[int]) -> torch.T
     return _module().grouped_gemm(x.contiguous(), w, counts)  # type: ignore[attr-defined]
 
 
+def head_gemm(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``x [M, H, K]`` times each head's ``w [H, N, K]`` transposed -> ``[M, H, N]``, written into ``out`` where
+    given (any row and head strides, the last dim dense: e.g. a slice of a wider tensor), read from ``x`` in
+    place. fp32 ``x``/``out``; ``w`` fp32 or bf16 holding exact values. ``load()`` must have succeeded."""
+    if out is None:
+        out = x.new_empty(x.shape[0], x.shape[1], w.shape[1])
+    _module().head_gemm(x, w, out)  # type: ignore[attr-defined]
+    return out
+
+
 def mla_decode(q: torch.Tensor, cache_rows: torch.Tensor, slots: torch.Tensor, seq: torch.Tensor, keys: torch.Tensor,
                rank: int, scale: float) -> torch.Tensor:
     """Absorbed MLA decode attention, reading the latent rows where they lie in the paged cache:
@@ -124,6 +136,21 @@ def mla_decode(q: torch.Tensor, cache_rows: torch.Tensor, slots: torch.Tensor, s
     before ``W_UV``). fp32; ``load()`` must have succeeded."""
     return _module().mla_decode(q.contiguous(), cache_rows, slots.contiguous(), seq, keys, rank,  # type: ignore[attr-defined]
                                 scale)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of fp32 rows ``x [..., D]`` (rows may sit apart, the last dim dense) with ``weight [D]``: one
+    call instead of ATen's six on the CPU (``cpu_gemm.cpp`` says what it saves). ``load()`` must have succeeded."""
+    return _module().rms_norm(x, weight, eps)  # type: ignore[attr-defined]
+
+
+def route(logits: torch.Tensor, bias: torch.Tensor | None, groups: int, topk_groups: int, k: int, renormalize: bool,
+          scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V3's routing after the router matmul, one call for all tokens: ``logits [T, E]`` fp32 ->
+    (``ids [T, k]`` int64, ``weights [T, k]`` fp32), what ``Gate.forward``'s sigmoid path computes (sigmoid
+    scores, ``bias`` added for the choice, ``topk_groups`` of ``groups`` kept, the ``k`` best, their scores
+    renormalized or not, times ``scaling``). ``load()`` must have succeeded."""
+    return _module().route(logits, bias, groups, topk_groups, k, renormalize, scaling)  # type: ignore[attr-defined]
 
 
 if __name__ == "__main__":  # build (or find) the kernel once: tools/dev.sh setup runs this

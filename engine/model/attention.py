@@ -31,8 +31,11 @@ import torch
 import torch.nn.functional as F
 
 from engine.model.kv_cache_fp8 import read_rows, write_rows
-from engine.model.layers import KERNEL_MAX_ROWS, Kernel, linear
+from engine.model.layers import KERNEL_MAX_ROWS, linear
 
+
+# x [M, H, K], w [H, N, K], out [M, H, N] or None -> x[m, h] @ w[h].T per head (``cpu_gemm.head_gemm``)
+HeadKernel = Callable[..., torch.Tensor]
 
 # Sequences with at most this many new tokens (decode, speculative verify) share one batched
 # absorbed pass; longer ones (prefill chunks) run one by one, naive by default.
@@ -62,6 +65,7 @@ class DecodeBatch:
     tokens: torch.Tensor  # [M]
     query_seq: torch.Tensor  # [M]
     query_keys: torch.Tensor  # [M]
+    every_token: bool = False  # ``tokens`` is every token of the step, in order (a decode-only step)
 
 
 @dataclasses.dataclass
@@ -128,7 +132,8 @@ class AttentionMetadata:
                 token_index.to(device), query_valid.to(device), d_slots.to(device), key_mask.to(device),
                 torch.tensor([starts[i] + j for i, q in zip(idx, qd) for j in range(q)], device=device),
                 torch.tensor([k for k, q in enumerate(qd) for _ in range(q)], device=device),
-                torch.tensor([c - q + j + 1 for q, c in zip(qd, cd) for j in range(q)], device=device))
+                torch.tensor([c - q + j + 1 for q, c in zip(qd, cd) for j in range(q)], device=device),
+                every_token=len(idx) == b)  # the batched sequences come in step order, so all of them is 0..T-1
         return cls(num_tokens=starts[-1], spans=spans, decode=decode, slot_mapping=slot_mapping.to(device),
                    kv_caches=kv_caches, prefill_mode=prefill_mode, layer_done=layer_done)
 
@@ -136,14 +141,14 @@ class AttentionMetadata:
 @dataclasses.dataclass
 class MLAWeights:
     """The per-head up-projections of one layer, views of ``kv_b_proj.weight``; with ``kernel``
-    (pdserve's CPU kernel, ``engine/kernels/cpu_gemm.py``) the absorbed products of few rows per head
-    run through it, ``q · W_UK`` with ``w_uk_t``, a copy of ``w_uk`` laid out ``[H, R, Dn]`` for it."""
+    (pdserve's CPU kernel's ``head_gemm``, ``engine/kernels/cpu_gemm.py``) the absorbed products of few rows
+    per head run through it, ``q · W_UK`` with ``w_uk_t``, a copy of ``w_uk`` laid out ``[H, R, Dn]`` for it."""
 
     w_uk: torch.Tensor  # [H, Dn, R]  latent -> key (nope part)
     w_uv: torch.Tensor  # [H, Dv, R]  latent -> value
     scale: float
     kv_b: torch.Tensor  # [H * (Dn+Dv), R]  both, as kv_b_proj holds them (one matmul for the naive pass)
-    kernel: Kernel | None = None
+    kernel: HeadKernel | None = None
     w_uk_t: torch.Tensor | None = None  # [H, R, Dn], given with ``kernel``
     # the same module's MLA decode attention over an fp32 cache (``cpu_gemm.mla_decode``)
     decode_attention: Callable[..., torch.Tensor] | None = None
@@ -152,7 +157,7 @@ class MLAWeights:
 
     @classmethod
     def from_kv_b_proj(cls, weight: torch.Tensor, num_heads: int, nope: int, v: int, scale: float,
-                       kernel: Kernel | None = None, w_uk_t: torch.Tensor | None = None,
+                       kernel: HeadKernel | None = None, w_uk_t: torch.Tensor | None = None,
                        decode_attention: Callable[..., torch.Tensor] | None = None,
                        w_uv_kernel: torch.Tensor | None = None,
                        kv_b_packed: torch.Tensor | None = None) -> "MLAWeights":
@@ -181,6 +186,12 @@ def mla_attention(
         cache = meta.kv_caches[layer_idx]  # [num_blocks, block_size, R+Dr], or packed FP8 bytes
         write_rows(cache, meta.slot_mapping, rows, rank)
     heads, dv = w.w_uv.shape[0], w.w_uv.shape[1]
+    d = meta.decode
+    # pdserve's CPU kernel reads the decode queries' rows where they lie in the cache
+    by_kernel = (d is not None and w.decode_attention is not None and cache.dtype == torch.float32
+                 and q_nope.dtype == torch.float32)
+    if by_kernel and d.every_token:  # a decode-only step: its queries are the step's tokens, nothing to gather
+        return _kernel_decode(q_nope, q_pe, cache, d, w, rank).flatten(1)
     out = q_nope.new_empty(q_nope.shape[0], heads, dv)
     for span in meta.spans:
         ctx = (rows[span.q_start:span.q_end] if span.context_slots is None
@@ -188,19 +199,22 @@ def mla_attention(
         q = slice(span.q_start, span.q_end)
         fn = _naive if meta.prefill_mode == "naive" else _absorbed_one
         out[q] = fn(q_nope[q], q_pe[q], ctx, w)
-    if meta.decode is not None:
-        d = meta.decode
-        if w.decode_attention is not None and cache.dtype == torch.float32 and q_nope.dtype == torch.float32:
-            # pdserve's CPU kernel reads the rows where they lie in the cache
-            q = _absorb_query(q_nope[d.tokens], q_pe[d.tokens], w)  # [M, H, R+Dr]
-            o_lat = w.decode_attention(q, cache.view(-1, cache.shape[-1]), d.slots, d.query_seq, d.query_keys, rank,
-                                       w.scale)  # [M, H, R]
-            out[d.tokens] = _absorb_output(o_lat, w)
-        else:
-            ctx = read_rows(cache, d.slots, rank, q_nope.dtype)  # [Bd, Lmax, R+Dr]
-            res = _absorbed_batch(q_nope[d.token_index], q_pe[d.token_index], ctx, d.key_mask, w)  # [Bd, Qmax, H, Dv]
-            out[d.tokens] = res[d.query_valid]
+    if by_kernel:
+        out[d.tokens] = _kernel_decode(q_nope[d.tokens], q_pe[d.tokens], cache, d, w, rank)
+    elif d is not None:
+        ctx = read_rows(cache, d.slots, rank, q_nope.dtype)  # [Bd, Lmax, R+Dr]
+        res = _absorbed_batch(q_nope[d.token_index], q_pe[d.token_index], ctx, d.key_mask, w)  # [Bd, Qmax, H, Dv]
+        out[d.tokens] = res[d.query_valid]
     return out.flatten(1)
+
+
+def _kernel_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, d: DecodeBatch, w: MLAWeights,
+                   rank: int) -> torch.Tensor:
+    """The decode queries ``q [M, H, *]`` (``d.tokens``' rows) by ``w.decode_attention`` -> ``[M, H, Dv]``."""
+    q = _absorb_query(q_nope, q_pe, w)  # [M, H, R+Dr]
+    o_lat = w.decode_attention(q, cache.view(-1, cache.shape[-1]), d.slots, d.query_seq, d.query_keys, rank,
+                               w.scale)  # [M, H, R]
+    return _absorb_output(o_lat, w)
 
 
 def _causal_mask(q_len: int, ctx_len: int, device: torch.device) -> torch.Tensor:
@@ -232,32 +246,30 @@ def _naive(q_nope: torch.Tensor, q_pe: torch.Tensor, ctx: torch.Tensor, w: MLAWe
     return o.transpose(0, 1)  # [Q, H, Dv]
 
 
-def _per_head(x: torch.Tensor, weight: torch.Tensor, kernel: Kernel) -> torch.Tensor:
-    """x [..., H, K] times each head's ``weight [H, N, K]`` transposed -> [..., H, N], by ``kernel``."""
-    lead, heads = x.shape[:-2], x.shape[-2]
-    rows = x.reshape(-1, heads, x.shape[-1]).transpose(0, 1).reshape(-1, x.shape[-1])  # [H * n, K] head by head
-    n = rows.shape[0] // heads
-    y = kernel(rows, weight, [n] * heads)  # [H * n, N]
-    return y.view(heads, n, -1).transpose(0, 1).reshape(*lead, heads, -1)
-
-
 def _few_rows(x: torch.Tensor, w: MLAWeights) -> bool:
     """Whether ``w.kernel`` takes x [..., H, K]: at most KERNEL_MAX_ROWS rows per head."""
     return w.kernel is not None and 0 < x[..., 0, 0].numel() <= KERNEL_MAX_ROWS and x.dtype == torch.float32
 
 
 def _absorb_query(q_nope: torch.Tensor, q_pe: torch.Tensor, w: MLAWeights) -> torch.Tensor:
+    """[..., H, R+Dr]: the latent part ``q_nope · W_UK`` per head, then ``q_pe``."""
     if _few_rows(q_nope, w):
-        q_lat = _per_head(q_nope, w.w_uk_t, w.kernel)  # [..., H, R]
-    else:
-        q_lat = torch.einsum("...hd,hdr->...hr", q_nope, w.w_uk)  # [..., H, R]
+        heads, rank = q_nope.shape[-2], w.w_uk_t.shape[1]
+        q = q_nope.new_empty(*q_nope.shape[:-1], rank + q_pe.shape[-1])
+        flat = q.view(-1, heads, q.shape[-1])
+        w.kernel(q_nope.reshape(-1, heads, q_nope.shape[-1]), w.w_uk_t, flat[..., :rank])  # written in place
+        flat[..., rank:] = q_pe.reshape(flat.shape[0], heads, -1)
+        return q
+    q_lat = torch.einsum("...hd,hdr->...hr", q_nope, w.w_uk)  # [..., H, R]
     return torch.cat([q_lat, q_pe], dim=-1)  # [..., H, R+Dr]
 
 
 def _absorb_output(o_lat: torch.Tensor, w: MLAWeights) -> torch.Tensor:
     """o_lat [..., H, R] -> [..., H, Dv] through ``W_UV``."""
     if _few_rows(o_lat, w):
-        return _per_head(o_lat, w.w_uv if w.w_uv_kernel is None else w.w_uv_kernel, w.kernel)
+        weight = w.w_uv if w.w_uv_kernel is None else w.w_uv_kernel
+        heads = o_lat.shape[-2]
+        return w.kernel(o_lat.reshape(-1, heads, o_lat.shape[-1]), weight).view(*o_lat.shape[:-1], -1)
     return torch.einsum("...hr,hvr->...hv", o_lat, w.w_uv)
 
 

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from engine.checkpoint.loader import TensorSlice
-from engine.model.attention import AttentionMetadata, MLAWeights, mla_attention
+from engine.model.attention import AttentionMetadata, HeadKernel, MLAWeights, mla_attention
 from engine.model.config import ModelConfig
 from engine.model.fp8 import FP8
 from engine.model.layers import (
@@ -95,16 +95,17 @@ class MLA(nn.Module):
             cfg.kv_lora_rank, cfg.num_attention_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), dtype, tp, fp8)
         self.o_proj = RowParallelLinear(cfg.num_attention_heads * cfg.v_head_dim, h, dtype, tp, fp8)
         self.softmax_scale = cfg.softmax_scale
-        self.kernel: Kernel | None = None  # use_cpu_kernel(): the absorbed products of few rows per head
+        self.kernel: HeadKernel | None = None  # use_cpu_kernel(): the absorbed products of few rows per head
         self.w_uk_t: torch.Tensor | None = None  # its copy of W_UK, [H, R, Dn] (layers.kernel_copy: bf16 when exact)
         self.w_uv_kernel: torch.Tensor | None = None  # W_UV as the kernel reads it, [H, Dv, R] (likewise)
         self.decode_attention = None  # and the same module's decode attention (cpu_gemm.mla_decode)
         self._weights: tuple[tuple, MLAWeights] | None = None  # mla_weights(): what it was built from, and it
 
     def use_cpu_kernel(self, kernel: Kernel | None) -> bool:
-        """Run the absorbed ``q · W_UK`` and ``o · W_UV`` of decode-sized batches through ``kernel``
-        (``cpu_gemm.grouped_gemm``; ``None``: drop it and its copies of W_UK and W_UV), and decode attention
-        over an fp32 cache through ``cpu_gemm.mla_decode``; whether it applies (fp32 weights on the CPU)."""
+        """Where ``kernel`` (``cpu_gemm.grouped_gemm``) is given, run the absorbed ``q · W_UK`` and ``o · W_UV``
+        of decode-sized batches through the same module's ``head_gemm`` and decode attention over an fp32 cache
+        through its ``mla_decode`` (``None``: drop them and the copies of W_UK and W_UV); whether it applies
+        (fp32 weights on the CPU)."""
         w = self.kv_b_proj
         if kernel is None or w.fp8 or not kernel_fits(w.weight) or self.nope % 8 or self.kv_lora_rank % 16 \
                 or self.rope_dim % 8:
@@ -112,7 +113,7 @@ class MLA(nn.Module):
             return False
         from engine.kernels import cpu_gemm
 
-        self.kernel = kernel
+        self.kernel = cpu_gemm.head_gemm
         self.w_uk_t = kernel_copy(MLAWeights.kernel_layout(w.weight, self.heads, self.nope, self.v_dim))
         self.w_uv_kernel = kernel_copy(w.weight.view(self.heads, self.nope + self.v_dim, -1)[:, self.nope:])
         self.decode_attention = cpu_gemm.mla_decode
@@ -338,6 +339,11 @@ class DeepseekV3ForCausalLM(nn.Module):
             m.kernel_weight = kernel_copy(m.weight) if kernel is not None and id(m) not in per_head else None
         for m in experts + attention:
             m.use_cpu_kernel(kernel)
+        for m in self.modules():
+            if isinstance(m, RMSNorm):
+                m.kernel = cpu_gemm.rms_norm if kernel is not None else None
+            elif isinstance(m, Gate):
+                m.use_cpu_route(kernel is not None)
         copies = sum(t.numel() * t.element_size() for t in self.kernel_weights() if t.dtype == torch.bfloat16)
         if copies:
             log.info("the CPU kernel reads %.1f MiB of weights as bf16 copies: the checkpoint's values are bf16, "

@@ -273,12 +273,16 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = _param((dim,), dtype, None)
+        # pdserve's CPU kernel's RMSNorm (``cpu_gemm.rms_norm``), set by the model's ``use_cpu_kernels``
+        self.kernel: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32 and x.device.type == "cpu":
-            # one fused ATen op: on the CPU in fp32 bit for bit the formula below (tests/test_cpu_kernels.py),
-            # in ~half its time at decode sizes, where a step runs ~17 norms (bf16 rounds between the steps
-            # below, which the fused op does not, and CUDA's is not checked: both keep the formula)
+            if self.kernel is not None:  # one call: ~17 us where ATen's chain of six takes ~110 in a decode step
+                return self.kernel(x, self.weight, self.eps)
+            # one ATen op: on the CPU in fp32 bit for bit the formula below (tests/test_cpu_kernels.py) and
+            # ~half its time at decode sizes (bf16 rounds between the steps below, which the fused op does
+            # not, and CUDA's is not checked: both keep the formula)
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         dtype = x.dtype
         x = x.float()

@@ -30,7 +30,7 @@ into the logical ones first, so logical counts span switches.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -55,12 +55,27 @@ class Gate(nn.Module):
         )
         self.kernel: Kernel | None = None  # as _Linear's (layers.py)
         self.kernel_weight: torch.Tensor | None = None  # as _Linear's
+        self.route: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None  # use_cpu_route()
+
+    def use_cpu_route(self, on: bool) -> None:
+        """The sigmoid routing below in one call of pdserve's CPU kernel (``cpu_gemm.route``) where ``on``
+        (its module loaded) and this router scores with a sigmoid."""
+        from engine.kernels import cpu_gemm
+
+        cfg = self.cfg
+        size = cfg.n_routed_experts // cfg.n_group
+        fits = (cfg.scoring_func == "sigmoid" and (cfg.n_group == 1 or size >= 2)
+                and cfg.num_experts_per_tok <= cfg.topk_group * size)  # what cpu_gemm.route checks
+        self.route = cpu_gemm.route if on and fits else None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, D] -> (topk_ids [T, k] int64, topk_weights [T, k] fp32)."""
         cfg = self.cfg
         logits = linear(x.float(), self.weight, kernel=self.kernel, kernel_weight=self.kernel_weight)  # [T, E]
         k, groups = cfg.num_experts_per_tok, cfg.n_group
+        if self.route is not None and logits.device.type == "cpu":
+            return self.route(logits, self.e_score_correction_bias, groups, cfg.topk_group, k, cfg.norm_topk_prob,
+                              cfg.routed_scaling_factor)
         if cfg.scoring_func == "sigmoid":
             scores = logits.sigmoid()
             choice = scores + self.e_score_correction_bias if self.e_score_correction_bias is not None else scores
