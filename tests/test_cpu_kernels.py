@@ -202,8 +202,8 @@ def test_grouped_gemm_refuses_inputs_it_does_not_fit():
     w, x = torch.randn(2, 16, 8), torch.randn(3, 8)
     for bad, msg in [((x, w, [1, 1]), "counts sum to 2"), ((x, w, [3]), "1 counts for 2 experts"),
                      ((torch.randn(3, 12), torch.randn(2, 16, 12), [1, 2]), "multiple of 8"),
-                     ((x.double(), w, [1, 2]), "x float32, w float32 or bfloat16"),
-                     ((x, w.half(), [1, 2]), "x float32, w float32 or bfloat16")]:
+                     ((x.double(), w, [1, 2]), "x \\[T, K\\] float32"),
+                     ((x, w.half(), [1, 2]), "weights float32 or bfloat16")]:
         with pytest.raises(RuntimeError, match=msg):
             cpu_gemm.grouped_gemm(*bad)
 
@@ -463,8 +463,6 @@ def test_routing_through_the_kernel_matches_the_gate(experts, groups, keep, k, b
     experts Gate's torch ops choose, with the same weights, for 1 to 300 tokens (rows over threads)."""
     import types
 
-    from engine.model.moe import Gate
-
     cpu_gemm.load()
     torch.manual_seed(experts + k)
     cfg = types.SimpleNamespace(n_routed_experts=experts, hidden_size=64, topk_method="noaux_tc" if bias else "greedy",
@@ -497,3 +495,38 @@ def test_routing_kernel_survives_nan_logits_and_refuses_bad_shapes():
         cpu_gemm.route(torch.randn(2, 8), None, 4, 1, 5, True, 1.0)  # 2 experts left in one group, 5 asked
     with pytest.raises(RuntimeError, match="float32"):
         cpu_gemm.route(torch.randn(2, 8, dtype=torch.float64), None, 1, 1, 2, True, 1.0)
+
+
+@needs_kernel
+@pytest.mark.parametrize("tokens, k", [(1, 1), (1, 4), (8, 4), (16, 2), (5, 8)])
+@pytest.mark.parametrize("bf16", [False, True])
+def test_small_step_experts_in_one_call_match_the_dispatcher(tokens, k, bf16):
+    """A small step's routed experts through ``moe_experts`` (sort, both GEMMs, SiLU, weighted sum, load
+    counts) give the dispatcher + expert module + combine's outputs and the same expert-load sample; with
+    bf16 copies of exact weights too."""
+    from engine.model.dispatch import MoEDispatcher
+
+    cpu_gemm.load()
+    torch.manual_seed(tokens * 10 + k)
+    slots, hidden, inter = 12, 64, 40
+    experts = Experts(slots, hidden, inter, torch.float32)
+    for p in (experts.w13, experts.w2):
+        p.data.normal_(std=0.2)
+        if bf16:
+            p.data = p.data.to(torch.bfloat16).float()  # exact bf16 values: the kernel reads bf16 copies
+    assert experts.use_cpu_kernel(cpu_gemm.kernel())
+    assert (experts.w13_kernel.dtype == torch.bfloat16) is bf16
+    x = torch.randn(tokens, hidden)
+    phys = torch.stack([torch.randperm(slots)[:k] for _ in range(tokens)])  # distinct slots per token
+    weights = torch.rand(tokens, k)
+    load = torch.zeros(slots, dtype=torch.long)
+    got = experts.whole_step(x, phys, weights, load)
+    dispatcher = MoEDispatcher(layers.ParallelGroup.single())
+    rows, counts, handle = dispatcher.dispatch(x, phys, weights, slots)
+    want = dispatcher.combine(experts(rows, counts), handle)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(load, handle.slot_counts)
+    assert experts.whole_step(torch.randn(Experts.GROUPED_MAX_ROWS + 1, hidden), phys[:1].repeat(17, 1),
+                              weights[:1].repeat(17, 1), None) is None  # more tokens: the dispatcher's path
+    with pytest.raises(RuntimeError, match="outside the 12 slots"):
+        cpu_gemm.moe_experts(x, phys + slots, weights, experts.w13_kernel, experts.w2_kernel)

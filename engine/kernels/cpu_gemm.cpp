@@ -41,6 +41,27 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// e^x for 8 lanes, x clamped to [-87.3, 88.3] (~1e-38 below, ~2e38 above: never denormal, never inf):
+// x = n ln2 + r, |r| <= ln2 / 2, e^r by a degree-6 polynomial (Cephes' expf coefficients), 2^n through the
+// exponent bits. Within 2 ulp of std::exp; a scalar std::exp per attention score was ~a third of
+// mla_decode's time.
+inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  // ln2 in two parts: exact n * hi
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
 // y[m * ldy + n] = dot(x row m, w[n]) for m < MB, n < NB; K % 8 == 0. `ahead` is where NB rows
 // K weights apart that a later tile reads start (prefetched), or null.
 template <int MB, int NB, typename W>
@@ -95,44 +116,142 @@ void block(const float* x, int64_t ldx, int64_t rows, const W* w, int64_t n0, in
   }
 }
 
-torch::Tensor grouped_gemm(const torch::Tensor& x, const torch::Tensor& w, const std::vector<int64_t>& counts) {
-  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "grouped_gemm: CPU tensors only");
-  TORCH_CHECK(x.scalar_type() == torch::kFloat32 &&
-              (w.scalar_type() == torch::kFloat32 || w.scalar_type() == torch::kBFloat16),
-              "grouped_gemm: x float32, w float32 or bfloat16");
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 3, "grouped_gemm: x [T, K] and w [E, N, K]");
-  // w's experts may sit apart (stride(0) >= N * K: per-head blocks of a larger matrix), each one dense
-  TORCH_CHECK(x.is_contiguous() && w.stride(2) == 1 && w.stride(1) == w.size(2) && w.stride(0) >= w.size(1) * w.size(2),
-              "grouped_gemm: x contiguous and w's rows dense, got w strides ", w.strides());
-  const int64_t E = w.size(0), N = w.size(1), K = w.size(2), ldE = w.stride(0);
-  TORCH_CHECK(x.size(1) == K, "grouped_gemm: x has ", x.size(1), " columns, w rows have ", K);
-  TORCH_CHECK(K % 8 == 0, "grouped_gemm: K must be a multiple of 8, got ", K);
-  TORCH_CHECK(static_cast<int64_t>(counts.size()) == E, "grouped_gemm: ", counts.size(), " counts for ", E, " experts");
+// y [T, N] = rows of x [T, K] (grouped by expert, counts[e] each, in expert order) times their expert's
+// w [E, N, K] (experts ldE apart, rows dense) transposed. Items: (active expert, block of kBlockN rows).
+template <typename W>
+void grouped(const float* xp, const std::vector<int64_t>& counts, const W* wp, int64_t ldE, int64_t N, int64_t K,
+             float* yp) {
+  const int64_t E = static_cast<int64_t>(counts.size());
   std::vector<int64_t> start(E + 1, 0);
   std::vector<int64_t> active;
   for (int64_t e = 0; e < E; ++e) {
-    TORCH_CHECK(counts[e] >= 0, "grouped_gemm: negative count");
     start[e + 1] = start[e] + counts[e];
     if (counts[e] > 0) active.push_back(e);
   }
-  TORCH_CHECK(start[E] == x.size(0), "grouped_gemm: counts sum to ", start[E], ", x has ", x.size(0), " rows");
-  auto y = torch::empty({x.size(0), N}, x.options());
   const int64_t blocks = (N + kBlockN - 1) / kBlockN;
-  const float* xp = x.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  auto run = [&](const auto* wp) {
-    at::parallel_for(0, static_cast<int64_t>(active.size()) * blocks, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        const int64_t e = active[b / blocks], n0 = (b % blocks) * kBlockN;
-        block(xp + start[e] * K, K, counts[e], wp + e * ldE, n0, std::min(N, n0 + kBlockN), N, K, yp + start[e] * N, N);
-      }
-    });
-  };
+  at::parallel_for(0, static_cast<int64_t>(active.size()) * blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t e = active[b / blocks], n0 = (b % blocks) * kBlockN;
+      block(xp + start[e] * K, K, counts[e], wp + e * ldE, n0, std::min(N, n0 + kBlockN), N, K, yp + start[e] * N, N);
+    }
+  });
+}
+
+void check_weights(const torch::Tensor& w, const char* what) {
+  TORCH_CHECK(w.device().is_cpu() && (w.scalar_type() == torch::kFloat32 || w.scalar_type() == torch::kBFloat16),
+              what, ": weights float32 or bfloat16 on the CPU");
+  // experts may sit apart (stride(0) >= N * K: per-head blocks of a larger matrix), each one dense
+  TORCH_CHECK(w.dim() == 3 && w.stride(2) == 1 && w.stride(1) == w.size(2) && w.stride(0) >= w.size(1) * w.size(2),
+              what, ": w [E, N, K] with dense rows, got strides ", w.strides());
+  TORCH_CHECK(w.size(2) % 8 == 0, what, ": K must be a multiple of 8, got ", w.size(2));
+}
+
+// grouped() over w as its dtype says
+void grouped_any(const float* xp, const std::vector<int64_t>& counts, const torch::Tensor& w, float* yp) {
   if (w.scalar_type() == torch::kBFloat16)
-    run(w.data_ptr<at::BFloat16>());
+    grouped(xp, counts, w.data_ptr<at::BFloat16>(), w.stride(0), w.size(1), w.size(2), yp);
   else
-    run(w.data_ptr<float>());
+    grouped(xp, counts, w.data_ptr<float>(), w.stride(0), w.size(1), w.size(2), yp);
+}
+
+torch::Tensor grouped_gemm(const torch::Tensor& x, const torch::Tensor& w, const std::vector<int64_t>& counts) {
+  check_weights(w, "grouped_gemm");
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(),
+              "grouped_gemm: x [T, K] float32, contiguous");
+  const int64_t E = w.size(0), N = w.size(1), K = w.size(2);
+  TORCH_CHECK(x.size(1) == K, "grouped_gemm: x has ", x.size(1), " columns, w rows have ", K);
+  TORCH_CHECK(static_cast<int64_t>(counts.size()) == E, "grouped_gemm: ", counts.size(), " counts for ", E, " experts");
+  int64_t total = 0;
+  for (int64_t c : counts) {
+    TORCH_CHECK(c >= 0, "grouped_gemm: negative count");
+    total += c;
+  }
+  TORCH_CHECK(total == x.size(0), "grouped_gemm: counts sum to ", total, ", x has ", x.size(0), " rows");
+  auto y = torch::empty({x.size(0), N}, x.options());
+  grouped_any(x.data_ptr<float>(), counts, w, y.data_ptr<float>());
   return y;
+}
+
+// ---- the routed experts of a small step, whole ------------------------------------------------------
+//
+// out[t] = sum_j weights[t, j] * expert_{slots[t, j]}(x[t]), expert_e(v) = w2[e] @ (silu(gate) * up) with
+// [gate; up] = w13[e] @ v: the copies sorted by slot (a counting sort, stable), both GEMMs through
+// grouped()'s tiles, SiLU(gate) * up in 8 lanes, then each token's copies weighted and summed in slot order
+// (the order, product and sum of the dispatcher's index_add_). One call where the dispatcher, the expert
+// module and the combine make ~18 ATen ops; for one rank's step of few tokens (engine/model/moe.py decides).
+// load [E] int64, where given, gets each slot's copies added (the expert-load sample).
+
+torch::Tensor moe_experts(const torch::Tensor& x, const torch::Tensor& slots, const torch::Tensor& weights,
+                          const torch::Tensor& w13, const torch::Tensor& w2, const c10::optional<torch::Tensor>& load) {
+  check_weights(w13, "moe_experts");
+  check_weights(w2, "moe_experts");
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(),
+              "moe_experts: x [T, D] float32, contiguous");
+  const int64_t T = x.size(0), D = x.size(1), E = w13.size(0), I = w13.size(1) / 2;
+  TORCH_CHECK(w13.size(2) == D && w13.size(1) == 2 * I && w2.size(0) == E && w2.size(1) == D && w2.size(2) == I,
+              "moe_experts: w13 [E, 2I, D] and w2 [E, D, I] for D = ", D, ", got ", w13.sizes(), " and ", w2.sizes());
+  TORCH_CHECK(slots.scalar_type() == torch::kLong && slots.dim() == 2 && slots.size(0) == T &&
+              weights.scalar_type() == torch::kFloat32 && weights.sizes() == slots.sizes(),
+              "moe_experts: slots [T, k] int64 and weights [T, k] float32");
+  const int64_t k = slots.size(1), copies = T * k;
+  const auto sc = slots.contiguous();
+  const auto wc = weights.contiguous();
+  const int64_t* sp = sc.data_ptr<int64_t>();
+  const float* wp = wc.data_ptr<float>();
+  std::vector<int64_t> counts(E, 0);
+  for (int64_t c = 0; c < copies; ++c) {
+    TORCH_CHECK(0 <= sp[c] && sp[c] < E, "moe_experts: slot ", sp[c], " outside the ", E, " slots");
+    ++counts[sp[c]];
+  }
+  std::vector<int64_t> next(E, 0), position(copies);  // position[copy]: its row in slot order
+  for (int64_t e = 1; e < E; ++e) next[e] = next[e - 1] + counts[e - 1];
+  for (int64_t c = 0; c < copies; ++c) position[c] = next[sp[c]]++;
+  auto rows = torch::empty({copies, D}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* rp = rows.data_ptr<float>();
+  for (int64_t c = 0; c < copies; ++c) std::copy(xp + (c / k) * D, xp + (c / k + 1) * D, rp + position[c] * D);
+  auto h = torch::empty({copies, 2 * I}, x.options());
+  grouped_any(rp, counts, w13, h.data_ptr<float>());
+  auto act = torch::empty({copies, I}, x.options());
+  float* hp = h.data_ptr<float>();
+  float* ap = act.data_ptr<float>();
+  for (int64_t r = 0; r < copies; ++r) {  // silu(gate) * up = gate / (1 + e^-gate) * up
+    const float* g = hp + r * 2 * I;
+    float* a = ap + r * I;
+    int64_t i = 0;
+    for (; i + 8 <= I; i += 8) {
+      const __m256 gv = _mm256_loadu_ps(g + i);
+      const __m256 den = _mm256_add_ps(_mm256_set1_ps(1.f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv)));
+      _mm256_storeu_ps(a + i, _mm256_mul_ps(_mm256_div_ps(gv, den), _mm256_loadu_ps(g + I + i)));
+    }
+    for (; i < I; ++i) a[i] = g[i] / (1.f + std::exp(-g[i])) * g[I + i];
+  }
+  auto y = torch::empty({copies, D}, x.options());
+  grouped_any(ap, counts, w2, y.data_ptr<float>());
+  auto out = torch::zeros({T, D}, x.options());
+  const float* yp = y.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  std::vector<int64_t> mine(k);
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t j = 0; j < k; ++j) mine[j] = t * k + j;
+    std::sort(mine.begin(), mine.end(), [&](int64_t a, int64_t b) { return position[a] < position[b]; });
+    float* o = op + t * D;
+    for (int64_t c : mine) {
+      const float* yr = yp + position[c] * D;
+      const __m256 wv = _mm256_set1_ps(wp[c]);
+      int64_t d = 0;
+      for (; d + 8 <= D; d += 8)
+        _mm256_storeu_ps(o + d, _mm256_add_ps(_mm256_loadu_ps(o + d), _mm256_mul_ps(_mm256_loadu_ps(yr + d), wv)));
+      for (; d < D; ++d) o[d] += yr[d] * wp[c];
+    }
+  }
+  if (load.has_value()) {
+    TORCH_CHECK(load->scalar_type() == torch::kLong && load->numel() == E && load->is_contiguous(),
+                "moe_experts: load [E] int64, contiguous");
+    int64_t* lp = load->data_ptr<int64_t>();
+    for (int64_t e = 0; e < E; ++e) lp[e] += counts[e];
+  }
+  return out;
 }
 
 // y[m, h] = w[h] @ x[m, h] for every row m and head h: x [M, H, K] and y [M, H, N] with any row and head
@@ -207,26 +326,6 @@ inline void value_tile(const float* p, int64_t ldp, const float* const* keys, in
     _mm256_storeu_ps(out + m * R + c, acc[m][0]);
     _mm256_storeu_ps(out + m * R + c + 8, acc[m][1]);
   }
-}
-
-// e^x for 8 lanes (x <= 88.7; far below -87 gives 0): x = n ln2 + r, |r| <= ln2 / 2, e^r by a degree-6
-// polynomial (Cephes' expf coefficients), 2^n through the exponent bits. Within 2 ulp of std::exp; a scalar
-// std::exp per score was ~a third of this kernel's time.
-inline __m256 exp8(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));  // e^-87.3 is ~1e-38: flushes to a tiny normal, never denormal
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  // ln2 in two parts: exact n * hi
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
-  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
 }
 
 // row[j] = e^(row[j] * scale - top) for j < n; returns their sum
@@ -477,6 +576,7 @@ int64_t parallel_threads(int64_t items) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("grouped_gemm", &grouped_gemm, "y[t] = x[t] @ w[expert of t].T, rows of x grouped by expert");
+  m.def("moe_experts", &moe_experts, "a small step's routed experts, whole: sort, both GEMMs, SiLU, weighted sum");
   m.def("head_gemm", &head_gemm, "y[m, h] = w[h] @ x[m, h], strided x and y (the absorbed MLA products)");
   m.def("mla_decode", &mla_decode, "absorbed MLA decode attention over the paged latent cache");
   m.def("rms_norm", &rms_norm, "RMSNorm of fp32 rows: w * x / sqrt(mean(x^2) + eps)");

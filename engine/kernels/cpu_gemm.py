@@ -11,8 +11,9 @@ serial loop). Used by the routed experts (``engine/model/moe.py``) and every fp3
 router at up to ``layers.KERNEL_MAX_ROWS`` rows (``engine/model/layers.py``). The same module holds
 what a decode step calls around them, each one call where torch makes several: ``head_gemm`` (the
 absorbed MLA products per head, on strided views, ``engine/model/attention.py``), ``mla_decode`` (decode
-attention itself, reading the latent rows where they lie in the paged cache), ``rms_norm`` and
-``route`` (the V3 router's top-k after its matmul); ``cpu_gemm.cpp`` says how each works. Measured side by side
+attention itself, reading the latent rows where they lie in the paged cache), ``rms_norm``, ``route``
+(the V3 router's top-k after its matmul) and ``moe_experts`` (a small step's routed experts, sort to
+weighted sum); ``cpu_gemm.cpp`` says how each works. Measured side by side
 on a 2-core AMD EPYC (AVX2 + FMA, no AVX-512 / AVX512-BF16 / AMX), fp32: 32 experts of the bench preset's ``w13``
 [512, 1024] (67 MB, from DRAM), 4 rows per expert 3.6 ms vs ``bmm`` 7.7 ms, 1 row 3.3 vs 3.6 ms,
 32 rows 21.6 vs 17.2 ms (hence ``GROUPED_MAX_ROWS`` in ``engine/model/moe.py``); the projections:
@@ -116,6 +117,15 @@ def grouped_gemm(x: torch.Tensor, w: torch.Tensor, counts: list[int]) -> torch.T
     if w.stride(2) != 1 or w.stride(1) != w.shape[2]:
         w = w.contiguous()  # experts may sit apart (a stride between them), each one's rows must be dense
     return _module().grouped_gemm(x.contiguous(), w, counts)  # type: ignore[attr-defined]
+
+
+def moe_experts(x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                load: torch.Tensor | None = None) -> torch.Tensor:
+    """A step's routed experts on one rank, whole: ``x [T, D]``, each token's ``slots [T, k]`` (int64) and
+    ``weights [T, k]`` -> ``[T, D]``, the weighted sum of its experts' SiLU MLPs (``w13 [E, 2I, D]`` = gate
+    then up, ``w2 [E, D, I]``; fp32 or bf16 holding exact values); ``load [E]`` (int64), where given, gets
+    each slot's copies added. ``load()`` must have succeeded."""
+    return _module().moe_experts(x.contiguous(), slots, weights, w13, w2, load)  # type: ignore[attr-defined]
 
 
 def head_gemm(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

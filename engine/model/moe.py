@@ -119,6 +119,7 @@ class Experts(nn.Module):
         self.inter = inter
         self.fp8 = fp8
         self.kernel: Kernel | None = None  # use_cpu_kernel(): engine/kernels/cpu_gemm.py's, for few rows per expert
+        self.whole: Callable[..., torch.Tensor] | None = None  # use_cpu_kernel(): cpu_gemm.moe_experts
         # what the kernel reads: layers.kernel_copy() of w13 / w2 (a bf16 copy, or the weights themselves)
         self.w13_kernel: torch.Tensor | None = None
         self.w2_kernel: torch.Tensor | None = None
@@ -181,7 +182,22 @@ class Experts(nn.Module):
         None: torch's matmuls) where it applies; returns whether it does."""
         self.kernel = kernel if self.kernel_fits else None
         self.w13_kernel, self.w2_kernel = (None, None) if self.kernel is None else self._kernel_copies()
+        if self.kernel is None:
+            self.whole = None
+        else:
+            from engine.kernels import cpu_gemm
+
+            self.whole = cpu_gemm.moe_experts
         return self.cpu_kernel
+
+    def whole_step(self, x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor,
+                   load: torch.Tensor | None) -> torch.Tensor | None:
+        """A step of at most GROUPED_MAX_ROWS tokens (so as many rows per expert) on a rank holding every slot
+        it routes to, in one kernel call: gather, both GEMMs, SiLU, weighted sum (``cpu_gemm.moe_experts``;
+        ``load`` += copies per slot). None where the kernel does not take it (the caller dispatches)."""
+        if self.whole is None or not 0 < x.shape[0] <= self.GROUPED_MAX_ROWS or x.dtype != torch.float32:
+            return None
+        return self.whole(x, slots, weights, self.w13_kernel, self.w2_kernel, load)
 
     def _kernel_copies(self) -> tuple[torch.Tensor, torch.Tensor]:
         w13, w2 = kernel_copy(self.w13), kernel_copy(self.w2)
@@ -267,10 +283,14 @@ class MoE(nn.Module):
         topk_ids, topk_weights = self.gate(x)  # [N, k], [N, k]
         placement = self.placement
         phys = placement.physical_ids(topk_ids)  # [N, k]
-        rows, counts, handle = self.dispatcher.dispatch(x, phys, topk_weights, placement.num_slots)
-        if self.count_load:
-            self._physical_load += handle.slot_counts
-        out = self.dispatcher.combine(self.experts(rows, counts), handle)  # [N, D]
+        out = None
+        if self.dispatcher.ep.size == 1:  # every slot here: a small step's experts in one kernel call
+            out = self.experts.whole_step(x, phys, topk_weights.float(), self._physical_load if self.count_load else None)
+        if out is None:
+            rows, counts, handle = self.dispatcher.dispatch(x, phys, topk_weights, placement.num_slots)
+            if self.count_load:
+                self._physical_load += handle.slot_counts
+            out = self.dispatcher.combine(self.experts(rows, counts), handle)  # [N, D]
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         return out if tokens is None else tokens.from_owned(out)
