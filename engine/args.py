@@ -71,8 +71,9 @@ class EngineArgs:
     num_speculative_tokens: int = 1
     # stop drafting while this many sequences or more are running: verifying drafts makes every
     # step longer, which pays only while steps are cheap (small batches). 0 = always draft.
-    # The default is where MTP k=1 stopped paying on the bundled model (docs/BENCHMARKS.md).
-    speculative_disable_by_batch_size: int = 16
+    # The default is where MTP k=1 stopped paying on the bundled model (docs/BENCHMARKS.md): 16 until the
+    # decode step's per-call cuts of 2026-12-02 made plain steps cheaper, 8 since.
+    speculative_disable_by_batch_size: int = 8
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
