@@ -182,12 +182,9 @@ class Experts(nn.Module):
         None: torch's matmuls) where it applies; returns whether it does."""
         self.kernel = kernel if self.kernel_fits else None
         self.w13_kernel, self.w2_kernel = (None, None) if self.kernel is None else self._kernel_copies()
-        if self.kernel is None:
-            self.whole = None
-        else:
-            from engine.kernels import cpu_gemm
+        from engine.kernels import cpu_gemm
 
-            self.whole = cpu_gemm.moe_experts
+        self.whole = None if self.kernel is None else cpu_gemm.moe_experts
         return self.cpu_kernel
 
     def whole_step(self, x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor,
@@ -285,7 +282,8 @@ class MoE(nn.Module):
         phys = placement.physical_ids(topk_ids)  # [N, k]
         out = None
         if self.dispatcher.ep.size == 1:  # every slot here: a small step's experts in one kernel call
-            out = self.experts.whole_step(x, phys, topk_weights.float(), self._physical_load if self.count_load else None)
+            load = self._physical_load if self.count_load else None
+            out = self.experts.whole_step(x, phys, topk_weights, load)
         if out is None:
             rows, counts, handle = self.dispatcher.dispatch(x, phys, topk_weights, placement.num_slots)
             if self.count_load:
