@@ -45,6 +45,9 @@ class EngineArgs:
     # absorbed attention) run through pdserve's own kernel (engine/kernels/cpu_gemm.py; built on first
     # use, ~40 s once, then cached); off: torch's bmm/sgemm and oneDNN
     cpu_kernels: bool = True
+    # before serving, one prefill step as large as max_num_batched_tokens (ModelRunner.warm_up): the
+    # first requests do not pay the memory's first touches or the kernels' first runs
+    warmup: bool = True
     # kv cache
     block_size: int = 64
     kv_cache_memory_gb: float = 1.0  # budget for the latent cache of every layer (MTP included)

@@ -8,6 +8,7 @@ equal to transformers' greedy generate.
 
 from __future__ import annotations
 
+import logging
 import random
 
 import pytest
@@ -146,6 +147,24 @@ def test_preemption_keeps_greedy_tokens_and_frees_blocks(tiny_checkpoint, prompt
     assert _tokens(tight.generate(subset, GREEDY)) == want
     assert tight.engine.scheduler.num_preemptions > 0
     assert tight.engine.kv.num_used_blocks == 0
+
+
+def test_start_up_warm_up_fills_the_budget_and_leaves_no_trace(tiny_checkpoint, prompts, caplog):
+    caplog.set_level(logging.INFO, "pdserve.engine")
+    warm = LLM(tiny_checkpoint, dtype="float32", seed=3)
+    assert "warm-up: one step of 2048 tokens over 64 sequences" in caplog.text
+    cold = LLM(tiny_checkpoint, dtype="float32", seed=3, warmup=False)
+    runner = warm.engine.runner
+    assert not runner.sequences and runner.experts.num_layers and not runner.experts.counts().any()
+    sampled = SamplingParams(temperature=1.0, max_tokens=16, ignore_eos=True)  # drawn from the shared generator
+    for params in (GREEDY, sampled):
+        assert _tokens(warm.generate(prompts[:8], params)) == _tokens(cold.generate(prompts[:8], params))
+    assert warm.engine.kv.num_used_blocks == 0
+    caplog.clear()  # a cache smaller than the budget: as many sequences as it holds
+    small = LLM(tiny_checkpoint, dtype="float32", block_size=16, num_kv_blocks=5)
+    assert "warm-up: one step of 64 tokens over 2 sequences" in caplog.text
+    short, params = [p[:20] for p in prompts[:2]], SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    assert _tokens(small.generate(short, params)) == _tokens(cold.generate(short, params))
 
 
 def test_abort_frees_every_block(llm, prompts):
