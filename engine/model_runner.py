@@ -173,21 +173,25 @@ class ModelRunner:
     @torch.inference_mode()
     def warm_up(self, num_tokens: int, max_seqs: int, max_model_len: int | None = None) -> None:
         """One prefill step as large as the token budget before serving, as vLLM's start-up dummy run:
-        ``num_tokens`` over ``min(num_tokens, max_seqs)`` sequences (fewer if the cache holds fewer),
-        greedy, drafting when MTP is on. The first real step then finds its working set's pages in
-        malloc's heap (``engine.cpu_memory``) instead of faulting them in one by one (on a 2-core KVM
-        guest, AMD EPYC: ~37,000-45,000 page faults in the first 8 x 256 prefill of the bench preset
-        without it, 48-1,063 after; each 1.4 us at some times and ~25 us at others), and GPU kernels
-        are built. Every rank of an instance runs it at the same point of start-up, so the MoE and TP
-        collectives meet. It leaves no trace: its sequences are forgotten, its cache rows are in blocks
-        nobody holds yet, the expert-load counts are reset and the sampler's generator is not drawn."""
-        limit = min(max_model_len or self.cfg.max_position_embeddings, self.cfg.max_position_embeddings) - 1
-        per_seq = max(1, min(num_tokens // max(1, min(num_tokens, max_seqs)), limit))
+        ``num_tokens`` over ``min(num_tokens, max_seqs)`` sequences (fewer, or shorter, if the cache holds
+        less), greedy, drafting when MTP is on. The first real step then finds its working set's pages in
+        malloc's heap (``engine.cpu_memory``) instead of faulting them in one by one (transformers' fp32
+        save of the bench preset on a 2-core AMD EPYC KVM guest: 22,971-37,884 page faults in a fresh
+        engine's first 8 x 256 prefill without it, 44-3,118 with it; a fault cost 1.4 us there at some
+        hours and ~25 us at others), and GPU kernels are built. Every rank of an instance runs it at the
+        same point of start-up, so the MoE and TP collectives meet. It leaves no trace: its sequences are
+        forgotten, its cache rows are in blocks nobody holds yet, the expert-load counts are reset and
+        the sampler's generator is not drawn."""
         lookahead = self.proposer.k if self.proposer is not None else 0  # rows the drafts write past it
+        limit = min(max_model_len or self.cfg.max_position_embeddings, self.cfg.max_position_embeddings) - 1
+        capacity = self.num_blocks * self.block_size - lookahead
+        per_seq = min(num_tokens // min(num_tokens, max_seqs), limit, capacity)
+        if per_seq < 1:
+            log.warning("warm-up skipped: the KV cache (%d blocks of %d) holds no sequence to run it with",
+                        self.num_blocks, self.block_size)
+            return
         blocks_per_seq = -(-(per_seq + lookahead) // self.block_size)
         num_seqs = min(max(1, num_tokens // per_seq), self.num_blocks // blocks_per_seq)
-        if num_seqs < 1:
-            return
         t0 = time.perf_counter()
         greedy = SamplingParams(temperature=0.0, max_tokens=1)
         vocab = self.cfg.vocab_size

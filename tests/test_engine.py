@@ -165,6 +165,9 @@ def test_start_up_warm_up_fills_the_budget_and_leaves_no_trace(tiny_checkpoint, 
     assert "warm-up: one step of 64 tokens over 2 sequences" in caplog.text
     short, params = [p[:20] for p in prompts[:2]], SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
     assert _tokens(small.generate(short, params)) == _tokens(cold.generate(short, params))
+    caplog.clear()  # one block: one sequence, as long as the block
+    LLM(tiny_checkpoint, dtype="float32", block_size=16, num_kv_blocks=1)
+    assert "warm-up: one step of 16 tokens over 1 sequences" in caplog.text
 
 
 def test_abort_frees_every_block(llm, prompts):
