@@ -176,9 +176,9 @@ class ModelRunner:
         ``num_tokens`` over ``min(num_tokens, max_seqs)`` sequences (fewer, or shorter, if the cache holds
         less), greedy, drafting when MTP is on. The first real step then finds its working set's pages in
         malloc's heap (``engine.cpu_memory``) instead of faulting them in one by one (transformers' fp32
-        save of the bench preset on a 2-core AMD EPYC KVM guest: 22,971-37,884 page faults in a fresh
-        engine's first 8 x 256 prefill without it, 44-3,118 with it; a fault cost 1.4 us there at some
-        hours and ~25 us at others), and GPU kernels are built. Every rank of an instance runs it at the
+        save of the bench preset in float32 on a 2-core AMD EPYC KVM guest, AVX2 + FMA, no AVX512-BF16 /
+        AMX: 22,971-37,884 page faults in a fresh engine's first 8 x 256 prefill without it, 44-3,118 with
+        it; a fault cost 1.4 us there at some hours and ~25 us at others), and GPU kernels are built. Every rank of an instance runs it at the
         same point of start-up, so the MoE and TP collectives meet. It leaves no trace: its sequences are
         forgotten, its cache rows are in blocks nobody holds yet, the expert-load counts are reset and
         the sampler's generator is not drawn."""

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.kernels import cpu_gemm
 from engine.model.config import ModelConfig
 from engine.model.dispatch import MoEDispatcher
 from engine.model.fp8 import FP8, fp8_linear, scale_shape
@@ -60,8 +61,6 @@ class Gate(nn.Module):
     def use_cpu_route(self, on: bool) -> None:
         """The sigmoid routing below in one call of pdserve's CPU kernel (``cpu_gemm.route``) where ``on``
         (its module loaded) and this router scores with a sigmoid."""
-        from engine.kernels import cpu_gemm
-
         cfg = self.cfg
         size = cfg.n_routed_experts // cfg.n_group
         fits = (cfg.scoring_func == "sigmoid" and (cfg.n_group == 1 or size >= 2)
@@ -119,7 +118,6 @@ class Experts(nn.Module):
         self.inter = inter
         self.fp8 = fp8
         self.kernel: Kernel | None = None  # use_cpu_kernel(): engine/kernels/cpu_gemm.py's, for few rows per expert
-        self.whole: Callable[..., torch.Tensor] | None = None  # use_cpu_kernel(): cpu_gemm.moe_experts
         # what the kernel reads: layers.kernel_copy() of w13 / w2 (a bf16 copy, or the weights themselves)
         self.w13_kernel: torch.Tensor | None = None
         self.w2_kernel: torch.Tensor | None = None
@@ -182,9 +180,6 @@ class Experts(nn.Module):
         None: torch's matmuls) where it applies; returns whether it does."""
         self.kernel = kernel if self.kernel_fits else None
         self.w13_kernel, self.w2_kernel = (None, None) if self.kernel is None else self._kernel_copies()
-        from engine.kernels import cpu_gemm
-
-        self.whole = None if self.kernel is None else cpu_gemm.moe_experts
         return self.cpu_kernel
 
     def whole_step(self, x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor,
@@ -192,9 +187,9 @@ class Experts(nn.Module):
         """A step of at most GROUPED_MAX_ROWS tokens (so as many rows per expert) on a rank holding every slot
         it routes to, in one kernel call: gather, both GEMMs, SiLU, weighted sum (``cpu_gemm.moe_experts``;
         ``load`` += copies per slot). None where the kernel does not take it (the caller dispatches)."""
-        if self.whole is None or not 0 < x.shape[0] <= self.GROUPED_MAX_ROWS or x.dtype != torch.float32:
+        if self.kernel is None or not 0 < x.shape[0] <= self.GROUPED_MAX_ROWS or x.dtype != torch.float32:
             return None
-        return self.whole(x, slots, weights, self.w13_kernel, self.w2_kernel, load)
+        return cpu_gemm.moe_experts(x, slots, weights, self.w13_kernel, self.w2_kernel, load)
 
     def _kernel_copies(self) -> tuple[torch.Tensor, torch.Tensor]:
         w13, w2 = kernel_copy(self.w13), kernel_copy(self.w2)
