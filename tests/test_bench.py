@@ -221,5 +221,5 @@ def test_offline_bench_runs_and_profiles_on_a_tiny_setting(tiny_checkpoint):
 
 def test_spec_bench_runs_on_a_tiny_setting():
     out = _run_tool("tools/bench_spec.py", "--batches", "2", "--k", "1", "--output-len", "6", "--repeats", "1",
-                    "--prompt-len", "16")
-    assert "batch 2: without MTP" in out and "greedy sequences identical 2/2" in out
+                    "--prompt-len", "16", "--sets", "2")
+    assert "batch 2 (2 sets of 2 prompts): without MTP" in out and "greedy sequences identical 4/4" in out

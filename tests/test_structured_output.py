@@ -90,9 +90,17 @@ def test_random_model_outputs_follow_their_constraints(tiny):
 
 def test_bundled_model_with_mtp_follows_constraints_and_accepts_drafts():
     """MTP drafts are cut at the first token the grammar rejects; the rest are verified under each verify
-    row's mask. (A random model's drafts are nearly all cut, so the trained one shows acceptance.)"""
+    row's mask. (A random model's drafts are nearly all cut, so the trained one shows acceptance, on a
+    constraint its own text fits: under a JSON schema its Python-like drafts are mostly cut too.)"""
     llm = LLM(BUNDLED, speculative="mtp", num_speculative_tokens=2, **SMALL)
-    _check_all(llm, "compact choice", "# settings as JSON\n")
+    _check_all(llm, "compact choice", "# settings as JSON\n")  # drafts here are Python and mostly cut
+    # a constraint the model's own text fits: its drafts pass the grammar and are accepted
+    lines = r"(import [a-z_]+\n){4}"
+    so = StructuredOutputsParams(regex=lines)
+    outs = llm.generate(["import os\n"] * 2, [SamplingParams(temperature=0.0, max_tokens=40, structured_outputs=so),
+                                              SamplingParams(temperature=1.0, seed=7, max_tokens=40, structured_outputs=so)])
+    for out in outs:
+        assert out.outputs[0].finish_reason == "stop" and re.fullmatch(lines, out.outputs[0].text), out.outputs[0].text
     stats = llm.engine.stats()
     assert stats.spec_accepted_tokens > 0
 
