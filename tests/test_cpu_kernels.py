@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from engine import LLM, SamplingParams
-from engine.dtype_choice import cpu_flags
+from engine.dtype_choice import auto_dtype, cpu_flags
 from engine.kernels import cpu_gemm
 from engine.model import layers
 from engine.model.deepseek_v3 import MLA
@@ -39,8 +39,52 @@ def test_packed_linear_matches_f_linear(rows):
 
 def test_pack_weight_declines_what_does_not_pay():
     assert layers.pack_weight(torch.zeros(64, 64)) is None  # under PACKED_MIN_NUMEL: the call overhead dominates
-    assert layers.pack_weight(torch.zeros(1024, 1024, dtype=torch.bfloat16)) is None
     assert layers.pack_weight(torch.zeros(4, 1024, 1024)) is None
+    assert layers.pack_weight(torch.zeros(1024, 1024, dtype=torch.float16)) is None
+    if auto_dtype("cpu").dtype != "bfloat16":  # no bf16 matrix instructions: bf16 stays with F.linear
+        assert layers.pack_weight(torch.zeros(1024, 1024, dtype=torch.bfloat16)) is None
+
+
+@pytest.mark.skipif(auto_dtype("cpu").dtype != "bfloat16" or not HAS_PACKED,
+                    reason="bf16 weights are prepacked only on a CPU with bf16 matrix instructions")
+@pytest.mark.parametrize("rows", [1, 8, 32, layers.PACKED_MAX_ROWS + 1])
+def test_packed_bf16_linear_matches_f_linear(rows):
+    torch.manual_seed(1)
+    w = (torch.randn(1024, 768) / 32).bfloat16()
+    packed = layers.pack_weight(w)
+    assert packed is not None
+    x = torch.randn(rows, 768).bfloat16()
+    with torch.inference_mode():
+        out = layers.linear(x, w, packed)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), F.linear(x.float(), w.float()), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_absorbed_attention_by_bmm_copies_matches_einsum_over_views(dtype):
+    """The torch path's contiguous W_UK / W_UV copies (one bmm each) and the latent columns sliced after the
+    value product give the einsum over ``kv_b_proj``'s views; a weight that trains keeps the views."""
+    import dataclasses
+
+    from engine.model.attention import MLAWeights, _absorbed_batch
+
+    torch.manual_seed(3)
+    heads, nope, rope, v, rank, ctx_len, batch, queries = 4, 16, 8, 24, 32, 11, 5, 2
+    weight = (torch.randn(heads * (nope + v), rank) / 8).to(dtype)
+    fast = MLAWeights.from_kv_b_proj(weight, heads, nope, v, 0.1)
+    assert fast.w_uk_bmm.is_contiguous() and fast.w_uv_bmm.shape == (heads, rank, v)
+    views = dataclasses.replace(fast, w_uk_bmm=None, w_uv_bmm=None)
+    q_nope, q_pe = torch.randn(batch, queries, heads, nope).to(dtype), torch.randn(batch, queries, heads, rope).to(dtype)
+    ctx = torch.randn(batch, ctx_len, rank + rope).to(dtype)
+    key_mask = torch.ones(batch, queries, ctx_len, dtype=torch.bool)
+    key_mask[:, 0, -1] = False
+    with torch.inference_mode():
+        got = _absorbed_batch(q_nope, q_pe, ctx, key_mask, fast)
+        want = _absorbed_batch(q_nope, q_pe, ctx, key_mask, views)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+    trained = MLAWeights.from_kv_b_proj(weight.float().requires_grad_(), heads, nope, v, 0.1)
+    assert trained.w_uk_bmm is None and trained.w_uv_bmm is None
 
 
 @needs_kernel
@@ -530,3 +574,34 @@ def test_small_step_experts_in_one_call_match_the_dispatcher(tokens, k, bf16):
                               weights[:1].repeat(17, 1), None) is None  # more tokens: the dispatcher's path
     with pytest.raises(RuntimeError, match="outside the 12 slots"):
         cpu_gemm.moe_experts(x, phys + slots, weights, experts.w13_kernel, experts.w2_kernel)
+
+
+@needs_kernel
+@pytest.mark.parametrize("tokens, k", [(1, 4), (8, 4), (16, 2)])
+def test_bf16_experts_through_the_kernel_are_the_fp32_products_rounded(tokens, k):
+    """A bf16 model's experts: the kernel reads the bf16 weights as they are (no copy) on inputs widened to
+    fp32, so its outputs are the fp32 model's on the same values, rounded to bf16; torch's bf16 path agrees
+    within bf16's precision."""
+    from engine.model.dispatch import MoEDispatcher
+
+    cpu_gemm.load()
+    torch.manual_seed(tokens + k)
+    slots, hidden, inter = 12, 64, 40
+    fp32, bf16 = Experts(slots, hidden, inter, torch.float32), Experts(slots, hidden, inter, torch.bfloat16)
+    for a, b in ((fp32.w13, bf16.w13), (fp32.w2, bf16.w2)):
+        b.data.copy_(torch.randn(b.shape) * 0.2)
+        a.data.copy_(b.data.float())
+    assert bf16.kernel_fits and fp32.use_cpu_kernel(cpu_gemm.kernel()) and bf16.use_cpu_kernel(cpu_gemm.kernel())
+    assert bf16.w13_kernel is bf16.w13 and bf16.w2_kernel is bf16.w2
+    x = torch.randn(tokens, hidden).bfloat16()
+    phys = torch.stack([torch.randperm(slots)[:k] for _ in range(tokens)])
+    weights = torch.rand(tokens, k)
+    got = bf16.whole_step(x, phys, weights, None)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, fp32.whole_step(x.float(), phys, weights, None).bfloat16())
+    dispatcher = MoEDispatcher(layers.ParallelGroup.single())
+    rows, counts, _ = dispatcher.dispatch(x, phys, weights, slots)
+    grouped = bf16(rows, counts)  # the dispatcher's path, few rows per expert: the grouped kernel
+    assert grouped.dtype == torch.bfloat16 and torch.equal(grouped, fp32(rows.float(), counts).bfloat16())
+    bf16.use_cpu_kernel(None)
+    torch.testing.assert_close(bf16(rows, counts).float(), grouped.float(), rtol=3e-2, atol=3e-2)

@@ -344,7 +344,9 @@ class DeepseekV3ForCausalLM(nn.Module):
                 m.kernel = cpu_gemm.rms_norm if kernel is not None else None
             elif isinstance(m, Gate):
                 m.use_cpu_route(kernel is not None)
-        copies = sum(t.numel() * t.element_size() for t in self.kernel_weights() if t.dtype == torch.bfloat16)
+        own = {id(p) for p in self.parameters()}  # a bf16 model's experts: read as they are, not copies
+        copies = sum(t.numel() * t.element_size() for t in self.kernel_weights()
+                     if t.dtype == torch.bfloat16 and id(t) not in own)
         if copies:
             log.info("the CPU kernel reads %.1f MiB of weights as bf16 copies: the checkpoint's values are bf16, "
                      "so its fp32 products are the same, from half the bytes", copies / 2**20)
@@ -371,6 +373,7 @@ class DeepseekV3ForCausalLM(nn.Module):
                 m.w13_kernel, m.w2_kernel = m.w13, m.w2
             elif isinstance(m, MLA):
                 m.use_cpu_kernel(None)
+                m._weights = None  # its contiguous copies of W_UK / W_UV (MLAWeights) are built again
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copy checkpoint tensors (by checkpoint name) into parameters; returns the names loaded.
