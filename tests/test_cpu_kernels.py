@@ -605,3 +605,40 @@ def test_bf16_experts_through_the_kernel_are_the_fp32_products_rounded(tokens, k
     assert grouped.dtype == torch.bfloat16 and torch.equal(grouped, fp32(rows.float(), counts).bfloat16())
     bf16.use_cpu_kernel(None)
     torch.testing.assert_close(bf16(rows, counts).float(), grouped.float(), rtol=3e-2, atol=3e-2)
+
+
+@needs_kernel
+@pytest.mark.parametrize("query_lens", [[1], [1, 1, 1, 1, 1], [2, 1, 3], [1] * 17])
+def test_bf16_decode_attention_through_the_kernel_is_the_fp32_one_rounded(query_lens):
+    """A bf16 model's decode attention: up to KERNEL_MAX_ROWS queries the kernel reads the bf16 cache rows and
+    weights widened to fp32 (so its output is the fp32 kernel's on the same values, rounded to bf16); more
+    queries take torch's bf16 path, which agrees within bf16's precision."""
+    from engine.model.attention import AttentionMetadata, MLAWeights, mla_attention
+
+    torch.manual_seed(sum(query_lens) + len(query_lens))
+    heads, nope, rope, v, rank, block = 12, 16, 8, 24, 32, 4
+    weight = (torch.randn(heads * (nope + v), rank) / 8).bfloat16()
+    cpu_gemm.load()
+
+    def weights(w):
+        return MLAWeights.from_kv_b_proj(w, heads, nope, v, 0.2, cpu_gemm.head_gemm,
+                                         MLAWeights.kernel_layout(w, heads, nope, v), cpu_gemm.mla_decode)
+
+    context_lens = [q + 3 + 5 * i % 23 for i, q in enumerate(query_lens)]
+    tables = [[i * 16 + j for j in range(-(-n // block))] for i, n in enumerate(context_lens)]
+    t = sum(query_lens)
+    q_nope, q_pe = torch.randn(t, heads, nope).bfloat16(), torch.randn(t, heads, rope).bfloat16()
+    latent, k_pe = torch.randn(t, rank).bfloat16(), torch.randn(t, rope).bfloat16()
+    cache = torch.randn(len(query_lens) * 16, block, rank + rope).bfloat16()
+    outs = []
+    for dtype in (torch.bfloat16, torch.float32):
+        c = cache.to(dtype)
+        meta = AttentionMetadata.paged(query_lens, context_lens, tables, block, [c], torch.device("cpu"))
+        with torch.inference_mode():
+            outs.append(mla_attention(q_nope.to(dtype), q_pe.to(dtype), latent.to(dtype), k_pe.to(dtype),
+                                      weights(weight.to(dtype)), meta, 0))
+    assert outs[0].dtype == torch.bfloat16
+    if t <= layers.KERNEL_MAX_ROWS:
+        assert torch.equal(outs[0], outs[1].bfloat16())
+    else:
+        torch.testing.assert_close(outs[0].float(), outs[1], rtol=3e-2, atol=3e-2)

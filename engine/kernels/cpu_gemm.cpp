@@ -301,13 +301,14 @@ void head_gemm(const torch::Tensor& x, const torch::Tensor& w, torch::Tensor& y)
 // accumulators), then the block's values while the rows are still in L2 (4 heads x 16 columns), with an
 // online softmax (running maximum and sum per head, the output rescaled when the maximum grows). A
 // query's rows (~2.3 KB each at DeepSeek's D = 576) are read from memory once per item instead of once
-// per 4 heads for the scores and again for the values.
+// per 4 heads for the scores and again for the values. Rows are fp32, or bf16 (a bf16 model's cache) widened
+// to fp32 in registers as grouped_gemm's weights are; queries and arithmetic are fp32 either way.
 
 constexpr int64_t kKeyBlock = 64;  // rows per block: 147 KB at D = 576, inside a 512 KB L2
 
 // out[h * R + c .. + 16] += sum_j p[h * ldp + j] * keys[j][c .. + 16] for h < MB, j < n.
-template <int MB>
-inline void value_tile(const float* p, int64_t ldp, const float* const* keys, int64_t n, int64_t c, float* out,
+template <int MB, typename W>
+inline void value_tile(const float* p, int64_t ldp, const W* const* keys, int64_t n, int64_t c, float* out,
                        int64_t R) {
   __m256 acc[MB][2];
   for (int m = 0; m < MB; ++m) {
@@ -315,7 +316,7 @@ inline void value_tile(const float* p, int64_t ldp, const float* const* keys, in
     acc[m][1] = _mm256_loadu_ps(out + m * R + c + 8);
   }
   for (int64_t j = 0; j < n; ++j) {
-    const __m256 v0 = _mm256_loadu_ps(keys[j] + c), v1 = _mm256_loadu_ps(keys[j] + c + 8);
+    const __m256 v0 = load8(keys[j] + c), v1 = load8(keys[j] + c + 8);
     for (int m = 0; m < MB; ++m) {
       const __m256 pm = _mm256_broadcast_ss(p + m * ldp + j);
       acc[m][0] = _mm256_fmadd_ps(pm, v0, acc[m][0]);
@@ -345,21 +346,22 @@ inline float exp_row(float* row, int64_t n, float scale, float top) {
 
 // One item: heads query rows q [heads, D] over rows keys[0 .. n) -> out [heads, R]. s: [heads, kKeyBlock]
 // scratch; top, sum: [heads] scratch.
-void attend(const float* q, int64_t heads, int64_t D, const float* const* keys, int64_t n, int64_t R, float scale,
+template <typename W>
+void attend(const float* q, int64_t heads, int64_t D, const W* const* keys, int64_t n, int64_t R, float scale,
             float* s, float* top, float* sum, float* out) {
   std::fill(out, out + heads * R, 0.f);
   std::fill(top, top + heads, -INFINITY);
   std::fill(sum, sum + heads, 0.f);
   for (int64_t j0 = 0; j0 < n; j0 += kKeyBlock) {
     const int64_t nb = std::min(kKeyBlock, n - j0);
-    const float* const* block_keys = keys + j0;
+    const W* const* block_keys = keys + j0;
     for (int64_t j = 0; j < nb; j += 2) {  // scores: each pair of rows against every head, from L1
       for (int64_t h = 0; h < heads; h += 4) {
         const int64_t mb = std::min<int64_t>(4, heads - h);
         if (j + 2 <= nb)
-          row_tile<2, float>(mb, q + h * D, D, block_keys + j, D, s + h * kKeyBlock + j, kKeyBlock, nullptr);
+          row_tile<2, W>(mb, q + h * D, D, block_keys + j, D, s + h * kKeyBlock + j, kKeyBlock, nullptr);
         else
-          row_tile<1, float>(mb, q + h * D, D, block_keys + j, D, s + h * kKeyBlock + j, kKeyBlock, nullptr);
+          row_tile<1, W>(mb, q + h * D, D, block_keys + j, D, s + h * kKeyBlock + j, kKeyBlock, nullptr);
       }
     }
     for (int64_t h = 0; h < heads; ++h) {  // online softmax: the block's probabilities against the running maximum
@@ -379,10 +381,10 @@ void attend(const float* q, int64_t heads, int64_t D, const float* const* keys, 
       const int64_t mb = std::min<int64_t>(4, heads - h);
       for (int64_t c = 0; c < R; c += 16) {
         switch (mb) {
-          case 1: value_tile<1>(s + h * kKeyBlock, kKeyBlock, block_keys, nb, c, out + h * R, R); break;
-          case 2: value_tile<2>(s + h * kKeyBlock, kKeyBlock, block_keys, nb, c, out + h * R, R); break;
-          case 3: value_tile<3>(s + h * kKeyBlock, kKeyBlock, block_keys, nb, c, out + h * R, R); break;
-          default: value_tile<4>(s + h * kKeyBlock, kKeyBlock, block_keys, nb, c, out + h * R, R); break;
+          case 1: value_tile<1, W>(s + h * kKeyBlock, kKeyBlock, block_keys, nb, c, out + h * R, R); break;
+          case 2: value_tile<2, W>(s + h * kKeyBlock, kKeyBlock, block_keys, nb, c, out + h * R, R); break;
+          case 3: value_tile<3, W>(s + h * kKeyBlock, kKeyBlock, block_keys, nb, c, out + h * R, R); break;
+          default: value_tile<4, W>(s + h * kKeyBlock, kKeyBlock, block_keys, nb, c, out + h * R, R); break;
         }
       }
     }
@@ -393,10 +395,34 @@ void attend(const float* q, int64_t heads, int64_t D, const float* const* keys, 
   }
 }
 
+// mla_decode's work items over the threads, for cache rows of type W.
+template <typename W>
+void decode_items(const float* qp, const W* cp, const int64_t* sq, const int64_t* kn, const int64_t* sl, int64_t M,
+                  int64_t H, int64_t D, int64_t L, int64_t R, double scale, float* op) {
+  // heads per item: all of them while the queries alone give each thread two items, else halves, quarters
+  int64_t group = H;
+  while (group % 2 == 0 && group / 2 >= 4 && M * (H / group) < 2 * at::get_num_threads()) group /= 2;
+  const int64_t groups = H / group;
+  at::parallel_for(0, M * groups, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<const W*> rows;
+    std::vector<float> s(group * kKeyBlock), top(group), sum(group);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t m = i / groups, h0 = (i % groups) * group;
+      const int64_t n = kn[m];
+      rows.resize(n);
+      for (int64_t j = 0; j < n; ++j) rows[j] = cp + sl[sq[m] * L + j] * D;
+      attend(qp + (m * H + h0) * D, group, D, rows.data(), n, R, static_cast<float>(scale), s.data(), top.data(),
+             sum.data(), op + (m * H + h0) * R);
+    }
+  });
+}
+
 torch::Tensor mla_decode(const torch::Tensor& q, const torch::Tensor& cache, const torch::Tensor& slots,
                          const torch::Tensor& seq, const torch::Tensor& keys, int64_t R, double scale) {
   TORCH_CHECK(q.device().is_cpu() && cache.device().is_cpu(), "mla_decode: CPU tensors only");
-  TORCH_CHECK(q.scalar_type() == torch::kFloat32 && cache.scalar_type() == torch::kFloat32, "mla_decode: float32 only");
+  TORCH_CHECK(q.scalar_type() == torch::kFloat32 &&
+              (cache.scalar_type() == torch::kFloat32 || cache.scalar_type() == torch::kBFloat16),
+              "mla_decode: float32 queries, a float32 or bfloat16 cache");
   TORCH_CHECK(q.dim() == 3 && q.is_contiguous(), "mla_decode: q [M, H, D] contiguous");
   TORCH_CHECK(cache.dim() == 2 && cache.is_contiguous(), "mla_decode: cache rows [S, D] contiguous");
   TORCH_CHECK(slots.dim() == 2 && slots.is_contiguous() && slots.scalar_type() == torch::kLong, "mla_decode: slots [B, L] int64");
@@ -417,24 +443,11 @@ torch::Tensor mla_decode(const torch::Tensor& q, const torch::Tensor& cache, con
   }
   auto out = torch::empty({M, H, R}, q.options());
   const float* qp = q.data_ptr<float>();
-  const float* cp = cache.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  // heads per item: all of them while the queries alone give each thread two items, else halves, quarters
-  int64_t group = H;
-  while (group % 2 == 0 && group / 2 >= 4 && M * (H / group) < 2 * at::get_num_threads()) group /= 2;
-  const int64_t groups = H / group;
-  at::parallel_for(0, M * groups, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<const float*> rows;
-    std::vector<float> s(group * kKeyBlock), top(group), sum(group);
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t m = i / groups, h0 = (i % groups) * group;
-      const int64_t n = kn[m];
-      rows.resize(n);
-      for (int64_t j = 0; j < n; ++j) rows[j] = cp + sl[sq[m] * L + j] * D;
-      attend(qp + (m * H + h0) * D, group, D, rows.data(), n, R, static_cast<float>(scale), s.data(), top.data(),
-             sum.data(), op + (m * H + h0) * R);
-    }
-  });
+  if (cache.scalar_type() == torch::kBFloat16)  // rows widened to fp32 in registers, as grouped_gemm's weights
+    decode_items(qp, cache.data_ptr<at::BFloat16>(), sq, kn, sl, M, H, D, L, R, scale, op);
+  else
+    decode_items(qp, cache.data_ptr<float>(), sq, kn, sl, M, H, D, L, R, scale, op);
   return out;
 }
 

@@ -143,7 +143,8 @@ def mla_decode(q: torch.Tensor, cache_rows: torch.Tensor, slots: torch.Tensor, s
     """Absorbed MLA decode attention, reading the latent rows where they lie in the paged cache:
     ``q [M, H, R + Dr]`` (absorbed queries), ``cache_rows [S, R + Dr]`` (a layer's cache, flat), query m
     attends the first ``keys[m]`` rows listed in ``slots[seq[m]]`` -> ``[M, H, R]`` (latent outputs,
-    before ``W_UV``). fp32; ``load()`` must have succeeded."""
+    before ``W_UV``). fp32 queries; the cache fp32, or bf16 (rows widened to fp32 in registers); ``load()`` must
+    have succeeded."""
     return _module().mla_decode(q.contiguous(), cache_rows, slots.contiguous(), seq, keys, rank,  # type: ignore[attr-defined]
                                 scale)
 

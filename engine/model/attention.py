@@ -196,9 +196,11 @@ def mla_attention(
         write_rows(cache, meta.slot_mapping, rows, rank)
     heads, dv = w.w_uv.shape[0], w.w_uv.shape[1]
     d = meta.decode
-    # pdserve's CPU kernel reads the decode queries' rows where they lie in the cache
-    by_kernel = (d is not None and w.decode_attention is not None and cache.dtype == torch.float32
-                 and q_nope.dtype == torch.float32)
+    # pdserve's CPU kernel reads the decode queries' rows where they lie in the cache: fp32, or bf16 (rows and
+    # weights widened in registers, queries in fp32) for as many queries as its absorbed products take
+    by_kernel = (d is not None and w.decode_attention is not None and cache.dtype == q_nope.dtype
+                 and (q_nope.dtype == torch.float32
+                      or (q_nope.dtype == torch.bfloat16 and d.tokens.numel() <= KERNEL_MAX_ROWS)))
     if by_kernel and d.every_token:  # a decode-only step: its queries are the step's tokens, nothing to gather
         return _kernel_decode(q_nope, q_pe, cache, d, w, rank).flatten(1)
     out = q_nope.new_empty(q_nope.shape[0], heads, dv)
@@ -219,11 +221,12 @@ def mla_attention(
 
 def _kernel_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, d: DecodeBatch, w: MLAWeights,
                    rank: int) -> torch.Tensor:
-    """The decode queries ``q [M, H, *]`` (``d.tokens``' rows) by ``w.decode_attention`` -> ``[M, H, Dv]``."""
-    q = _absorb_query(q_nope, q_pe, w)  # [M, H, R+Dr]
+    """The decode queries ``q [M, H, *]`` (``d.tokens``' rows) by ``w.decode_attention`` -> ``[M, H, Dv]``, in fp32
+    arithmetic (a bf16 model's queries widened, its output rounded back)."""
+    q = _absorb_query(q_nope.float(), q_pe.float(), w)  # [M, H, R+Dr]
     o_lat = w.decode_attention(q, cache.view(-1, cache.shape[-1]), d.slots, d.query_seq, d.query_keys, rank,
                                w.scale)  # [M, H, R]
-    return _absorb_output(o_lat, w)
+    return _absorb_output(o_lat, w).to(q_nope.dtype)
 
 
 def _causal_mask(q_len: int, ctx_len: int, device: torch.device) -> torch.Tensor:

@@ -103,11 +103,12 @@ class MLA(nn.Module):
 
     def use_cpu_kernel(self, kernel: Kernel | None) -> bool:
         """Where ``kernel`` (``cpu_gemm.grouped_gemm``) is given, run the absorbed ``q · W_UK`` and ``o · W_UV``
-        of decode-sized batches through the same module's ``head_gemm`` and decode attention over an fp32 cache
+        of decode-sized batches through the same module's ``head_gemm`` and decode attention over an fp32 or bf16 cache
         through its ``mla_decode`` (``None``: drop them and the copies of W_UK and W_UV); whether it applies
-        (fp32 weights on the CPU)."""
+        (fp32 or bf16 weights on the CPU; in bf16 for decode batches of at most ``KERNEL_MAX_ROWS`` queries,
+        computed in fp32)."""
         w = self.kv_b_proj
-        if kernel is None or w.fp8 or not kernel_fits(w.weight) or self.nope % 8 or self.kv_lora_rank % 16 \
+        if kernel is None or w.fp8 or not kernel_fits(w.weight, bf16=True) or self.nope % 8 or self.kv_lora_rank % 16 \
                 or self.rope_dim % 8:
             self.kernel = self.w_uk_t = self.w_uv_kernel = self.decode_attention = None
             return False
