@@ -74,7 +74,8 @@ def test_absorbed_attention_by_bmm_copies_matches_einsum_over_views(dtype):
     fast = MLAWeights.from_kv_b_proj(weight, heads, nope, v, 0.1)
     assert fast.w_uk_bmm.is_contiguous() and fast.w_uv_bmm.shape == (heads, rank, v)
     views = dataclasses.replace(fast, w_uk_bmm=None, w_uv_bmm=None)
-    q_nope, q_pe = torch.randn(batch, queries, heads, nope).to(dtype), torch.randn(batch, queries, heads, rope).to(dtype)
+    q_nope = torch.randn(batch, queries, heads, nope).to(dtype)
+    q_pe = torch.randn(batch, queries, heads, rope).to(dtype)
     ctx = torch.randn(batch, ctx_len, rank + rope).to(dtype)
     key_mask = torch.ones(batch, queries, ctx_len, dtype=torch.bool)
     key_mask[:, 0, -1] = False

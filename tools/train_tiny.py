@@ -442,7 +442,7 @@ def write_card(out, cfg, args, s, files, train_files, held_files) -> None:
         tune = f"""
 ## MTP tuned for chained drafting
 
-After training, `.venv/bin/python tools/tune_mtp.py --model {args.out} --steps {m['steps']} --minutes 60 --seed {m['seed']}`
+After training, `.venv/bin/python tools/tune_mtp.py --model {args.out} --steps {m['steps']} --minutes {m['minutes']:g} --seed {m['seed']}`
 trained the MTP layer's own weights ({m['steps']} steps of {m['batch']} × {m['seq_len']} tokens, lr {m['lr']:g},
 {m['train_minutes']} min on a 2-core CPU{f": {m['machine']}" if 'machine' in m else ''}) to agree with the frozen main model at both positions of a chained draft
 (the second draft reads the MTP layer's own output, as `MTPProposer` runs it). The main model's

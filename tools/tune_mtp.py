@@ -231,11 +231,12 @@ def main() -> None:
         f"chained {after['chained']:.3f} (given the first: {after['chained_given_first']:.3f})")
     dsv3.mla_attention = attn.inner
 
-    write(args, cfg, model, dict(steps=step, train_minutes=round(train_s / 60, 2), seed=args.seed, lr=args.lr,
-                                 batch=args.batch, seq_len=args.seq_len, held_out_before=before,
-                                 held_out_after=after, wall_minutes=round((time.time() - t_start) / 60, 2),
-                                 machine=f"{platform.machine()} CPU, {args.threads} torch thread(s), "
-                                         f"torch {torch.__version__}, bf16 autocast {autocast}"))
+    record = dict(steps=step, minutes=args.minutes, train_minutes=round(train_s / 60, 2), seed=args.seed, lr=args.lr,
+                  batch=args.batch, seq_len=args.seq_len, held_out_before=before, held_out_after=after,
+                  wall_minutes=round((time.time() - t_start) / 60, 2),
+                  machine=f"{platform.machine()} CPU, {args.threads} torch thread(s), torch {torch.__version__}, "
+                          f"bf16 autocast {autocast}")
+    write(args, cfg, model, record)
 
 
 def write(args, cfg, model, record: dict) -> None:
