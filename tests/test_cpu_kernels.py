@@ -643,3 +643,24 @@ def test_bf16_decode_attention_through_the_kernel_is_the_fp32_one_rounded(query_
         assert torch.equal(outs[0], outs[1].bfloat16())
     else:
         torch.testing.assert_close(outs[0].float(), outs[1], rtol=3e-2, atol=3e-2)
+
+
+@needs_kernel
+def test_bf16_linear_takes_the_kernel_only_for_weights_too_small_to_prepack():
+    """A bf16 projection of at most KERNEL_MAX_ROWS rows: an unpacked (small) weight runs through the kernel,
+    its output the fp32 kernel's on the same values rounded to bf16; a prepacked one stays with oneDNN."""
+    cpu_gemm.load()
+    kernel = cpu_gemm.kernel()
+    torch.manual_seed(5)
+    w = (torch.randn(384, 256) / 16).bfloat16()
+    x = torch.randn(8, 256).bfloat16()
+    with torch.inference_mode():
+        got = layers.linear(x, w, None, kernel, w)
+        want = layers.linear(x.float(), w.float(), None, kernel, w)  # the fp32 kernel reading the same bf16 values
+        assert got.dtype == torch.bfloat16 and torch.equal(got, want.bfloat16())
+        calls = []
+        spy = lambda *a: calls.append(a) or kernel(*a)  # noqa: E731
+        big = (torch.randn(1024, 1024) / 32).bfloat16()
+        packed = layers.pack_weight(big)
+        layers.linear(torch.randn(8, 1024).bfloat16(), big, packed, spy, big)
+        assert (calls == []) is (packed is not None)

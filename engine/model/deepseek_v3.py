@@ -323,12 +323,13 @@ class DeepseekV3ForCausalLM(nn.Module):
     def use_cpu_kernels(self) -> bool:
         """Run the matmuls of decode-sized batches through pdserve's CPU kernel (engine/kernels/cpu_gemm.py)
         where it applies -- projections, heads, router, the absorbed attention products, routed experts
-        with fp32 weights on a CPU with AVX2 + FMA whose kernel built; whether any do. Only when some weight
+        with fp32 or bf16 weights (bf16: in fp32 arithmetic; projections and heads only where too small to
+        prepack) on a CPU with AVX2 + FMA whose kernel built; whether any do. Only when some weight
         fits is the kernel loaded (built once; a reason logged if it cannot be)."""
         from engine.kernels import cpu_gemm
 
         linears = [m for m in self.modules() if isinstance(m, (_Linear, ParallelLMHead, Gate))
-                   and not getattr(m, "fp8", False) and kernel_fits(m.weight)]
+                   and not getattr(m, "fp8", False) and kernel_fits(m.weight, bf16=True)]
         experts = [m for m in self.modules() if isinstance(m, Experts)]
         attention = [m for m in self.modules() if isinstance(m, MLA)]
         fits = bool(linears) or any(m.kernel_fits for m in experts)  # attention's kv_b_proj is one of the linears

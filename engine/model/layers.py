@@ -138,8 +138,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None = 
     (``pack_weight(weight)``)."""
     if x.dim() == 2 and x.dtype == weight.dtype:
         rows = x.shape[0]
-        if kernel is not None and 0 < rows <= KERNEL_MAX_ROWS:
-            return kernel(x, (weight if kernel_weight is None else kernel_weight)[None], [rows])
+        # bf16: the kernel (x widened, the result rounded back) only for weights too small to prepack, where
+        # oneDNN's per-call cost dominates; AMX streams the large ones faster than its fp32 FMAs
+        if kernel is not None and 0 < rows <= KERNEL_MAX_ROWS and (x.dtype == torch.float32 or packed is None):
+            return kernel(x.float(), (weight if kernel_weight is None else kernel_weight)[None], [rows]).to(x.dtype)
         if packed is not None and 0 < rows <= PACKED_MAX_ROWS:
             return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, None, "none", [], "")
     return F.linear(x, weight)
