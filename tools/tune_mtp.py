@@ -43,7 +43,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 import engine.model.deepseek_v3 as dsv3  # noqa: E402
@@ -104,7 +103,7 @@ class ChainedAttention:
         return out.reshape(b * n_q, heads * dv)
 
 
-def passes(model, attn: ChainedAttention, batch: torch.Tensor, seq_len: int, with_main_logits: bool = True):
+def passes(model, attn: ChainedAttention, batch: torch.Tensor, seq_len: int):
     """batch [B, seq_len+2] -> (main logits [B, S, V], pass-1 MTP logits [B, S, V], chained [B, S-2, V])."""
     b, s = batch.shape[0], seq_len
     inp = batch[:, :s].reshape(-1)
