@@ -346,9 +346,9 @@ class DeepseekV3ForCausalLM(nn.Module):
                 m.kernel = cpu_gemm.rms_norm if kernel is not None else None
             elif isinstance(m, Gate):
                 m.use_cpu_route(kernel is not None)
-        own = {id(p) for p in self.parameters()}  # a bf16 model's experts: read as they are, not copies
+        # bf16 copies of an fp32 model's bf16-valued weights (a bf16 model's are its own weights, or layouts)
         copies = sum(t.numel() * t.element_size() for t in self.kernel_weights()
-                     if t.dtype == torch.bfloat16 and id(t) not in own)
+                     if t.dtype == torch.bfloat16) if self.dtype == torch.float32 else 0
         if copies:
             log.info("the CPU kernel reads %.1f MiB of weights as bf16 copies: the checkpoint's values are bf16, "
                      "so its fp32 products are the same, from half the bytes", copies / 2**20)
