@@ -10,7 +10,6 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from engine.checkpoint.loader import iter_checkpoint_tensors
 from engine.model.attention import AttentionMetadata
@@ -27,14 +26,6 @@ def tune_mtp():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
-
-
-def _tensors(path: str) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(os.listdir(path)):
-        if f.endswith(".safetensors"):
-            out.update(load_file(os.path.join(path, f)))
-    return out
 
 
 @pytest.mark.parametrize("t", [0, 5, 9])
@@ -75,7 +66,7 @@ def test_chained_training_pass_is_the_proposers_chained_draft(tiny_checkpoint, t
     torch.testing.assert_close(logits2[0, t], second, atol=1e-4, rtol=1e-4)
 
 
-def test_tuning_writes_only_the_mtp_layers_own_weights(tiny_checkpoint, tmp_path):
+def test_tuning_writes_only_the_mtp_layers_own_weights(tiny_checkpoint, tune_mtp, tmp_path):
     src = tmp_path / "src"
     shutil.copytree(tiny_checkpoint, src)
     out = tmp_path / "tuned"
@@ -86,7 +77,7 @@ def test_tuning_writes_only_the_mtp_layers_own_weights(tiny_checkpoint, tmp_path
         capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "held-out agreement before" in res.stdout and "held-out agreement after 3 steps" in res.stdout
-    old, new = _tensors(str(src)), _tensors(str(out))
+    old, new = tune_mtp.stored_tensors(str(src)), tune_mtp.stored_tensors(str(out))
     assert old.keys() == new.keys()
     cfg = ModelConfig.from_dir(str(src))
     layer = f"model.layers.{cfg.num_hidden_layers}."
@@ -96,5 +87,5 @@ def test_tuning_writes_only_the_mtp_layers_own_weights(tiny_checkpoint, tmp_path
                    for n in changed)
     assert any(".self_attn." in n for n in changed) and f"{layer}eh_proj.weight" in changed
     assert all(new[n].dtype == old[n].dtype for n in old)
-    assert _tensors(str(src)).keys() == old.keys()  # the source checkpoint is left as it was
-    assert all(torch.equal(_tensors(str(src))[n], old[n]) for n in old)
+    after = tune_mtp.stored_tensors(str(src))  # the source checkpoint is left as it was
+    assert after.keys() == old.keys() and all(torch.equal(after[n], old[n]) for n in old)

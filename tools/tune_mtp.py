@@ -238,15 +238,21 @@ def main() -> None:
     write(args, cfg, model, record)
 
 
+def stored_tensors(path: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint directory's shards, by name, as stored."""
+    out = {}
+    for f in sorted(os.listdir(path)):
+        if f.endswith(".safetensors"):
+            out.update(load_file(os.path.join(path, f)))
+    return out
+
+
 def write(args, cfg, model, record: dict) -> None:
     """The tuned checkpoint: new shards in a scratch directory, checked against the old, then moved in."""
     out = args.out or args.model
     if out != args.model:
         shutil.copytree(args.model, out, dirs_exist_ok=False)
-    old = {}
-    for f in sorted(os.listdir(args.model)):
-        if f.endswith(".safetensors"):
-            old.update(load_file(os.path.join(args.model, f)))
+    old = stored_tensors(args.model)
     tensors = hf_tensors(model, torch.bfloat16)
     changed = []
     for name, t in tensors.items():

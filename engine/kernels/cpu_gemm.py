@@ -113,10 +113,13 @@ def _module() -> ModuleType:
 
 def grouped_gemm(x: torch.Tensor, w: torch.Tensor, counts: list[int]) -> torch.Tensor:
     """``x [T, K]`` (rows grouped by expert, ``counts[e]`` each, in expert order) times ``w [E, N, K]``
-    -> ``[T, N]``: row t times ``w[expert of t].T``. fp32 CPU tensors; ``load()`` must have succeeded."""
+    -> ``[T, N]``: row t times ``w[expert of t].T``. CPU tensors: ``w`` fp32 or bf16, ``x`` fp32, or bf16
+    (widened for the kernel's fp32 arithmetic, the result rounded back); ``load()`` must have succeeded."""
     if w.stride(2) != 1 or w.stride(1) != w.shape[2]:
         w = w.contiguous()  # experts may sit apart (a stride between them), each one's rows must be dense
-    return _module().grouped_gemm(x.contiguous(), w, counts)  # type: ignore[attr-defined]
+    wide = x.float() if x.dtype == torch.bfloat16 else x  # any other dtype: the kernel says what it takes
+    y = _module().grouped_gemm(wide.contiguous(), w, counts)  # type: ignore[attr-defined]
+    return y if wide is x else y.to(x.dtype)
 
 
 def moe_experts(x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
@@ -124,8 +127,11 @@ def moe_experts(x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor, w13
     """A step's routed experts on one rank, whole: ``x [T, D]``, each token's ``slots [T, k]`` (int64) and
     ``weights [T, k]`` -> ``[T, D]``, the weighted sum of its experts' SiLU MLPs (``w13 [E, 2I, D]`` = gate
     then up, ``w2 [E, D, I]``; fp32 or bf16 holding exact values); ``load [E]`` (int64), where given, gets
-    each slot's copies added. ``load()`` must have succeeded."""
-    return _module().moe_experts(x.contiguous(), slots, weights, w13, w2, load)  # type: ignore[attr-defined]
+    each slot's copies added. ``x`` fp32, or bf16 (widened, the result rounded back); ``load()`` must have
+    succeeded."""
+    wide = x.float() if x.dtype == torch.bfloat16 else x  # any other dtype: the kernel says what it takes
+    y = _module().moe_experts(wide.contiguous(), slots, weights, w13, w2, load)  # type: ignore[attr-defined]
+    return y if wide is x else y.to(x.dtype)
 
 
 def head_gemm(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -226,7 +226,8 @@ def _kernel_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor
     q = _absorb_query(q_nope.float(), q_pe.float(), w)  # [M, H, R+Dr]
     o_lat = w.decode_attention(q, cache.view(-1, cache.shape[-1]), d.slots, d.query_seq, d.query_keys, rank,
                                w.scale)  # [M, H, R]
-    return _absorb_output(o_lat, w).to(q_nope.dtype)
+    out = _absorb_output(o_lat, w)
+    return out if q_nope.dtype == torch.float32 else out.to(q_nope.dtype)
 
 
 def _causal_mask(q_len: int, ctx_len: int, device: torch.device) -> torch.Tensor:

@@ -108,7 +108,7 @@ class MLA(nn.Module):
         (fp32 or bf16 weights on the CPU; in bf16 for decode batches of at most ``KERNEL_MAX_ROWS`` queries,
         computed in fp32)."""
         w = self.kv_b_proj
-        if kernel is None or w.fp8 or not kernel_fits(w.weight, bf16=True) or self.nope % 8 or self.kv_lora_rank % 16 \
+        if kernel is None or w.fp8 or not kernel_fits(w.weight) or self.nope % 8 or self.kv_lora_rank % 16 \
                 or self.rope_dim % 8:
             self.kernel = self.w_uk_t = self.w_uv_kernel = self.decode_attention = None
             return False
@@ -329,7 +329,7 @@ class DeepseekV3ForCausalLM(nn.Module):
         from engine.kernels import cpu_gemm
 
         linears = [m for m in self.modules() if isinstance(m, (_Linear, ParallelLMHead, Gate))
-                   and not getattr(m, "fp8", False) and kernel_fits(m.weight, bf16=True)]
+                   and not getattr(m, "fp8", False) and kernel_fits(m.weight)]
         experts = [m for m in self.modules() if isinstance(m, Experts)]
         attention = [m for m in self.modules() if isinstance(m, MLA)]
         fits = bool(linears) or any(m.kernel_fits for m in experts)  # attention's kv_b_proj is one of the linears

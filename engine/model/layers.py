@@ -141,7 +141,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None = 
         # bf16: the kernel (x widened, the result rounded back) only for weights too small to prepack, where
         # oneDNN's per-call cost dominates; AMX streams the large ones faster than its fp32 FMAs
         if kernel is not None and 0 < rows <= KERNEL_MAX_ROWS and (x.dtype == torch.float32 or packed is None):
-            return kernel(x.float(), (weight if kernel_weight is None else kernel_weight)[None], [rows]).to(x.dtype)
+            return kernel(x, (weight if kernel_weight is None else kernel_weight)[None], [rows])
         if packed is not None and 0 < rows <= PACKED_MAX_ROWS:
             return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, None, "none", [], "")
     return F.linear(x, weight)
@@ -161,11 +161,10 @@ def kernel_copy(weight: torch.Tensor) -> torch.Tensor:
     return w.to(torch.bfloat16, memory_format=torch.contiguous_format)
 
 
-def kernel_fits(weight: torch.Tensor, bf16: bool = False) -> bool:
-    """Whether ``cpu_gemm.grouped_gemm`` takes this weight (``[..., out, in]``): fp32 on the CPU (``bf16``:
-    or bf16, which the kernel reads as it is), rows a multiple of 8 values long."""
-    dtypes = (torch.float32, torch.bfloat16) if bf16 else (torch.float32,)
-    return weight.device.type == "cpu" and weight.dtype in dtypes and weight.shape[-1] % 8 == 0
+def kernel_fits(weight: torch.Tensor) -> bool:
+    """Whether ``cpu_gemm.grouped_gemm`` takes this weight (``[..., out, in]``): fp32 or bf16 (read as it is)
+    on the CPU, rows a multiple of 8 values long."""
+    return weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16) and weight.shape[-1] % 8 == 0
 
 
 def _param(shape: tuple[int, ...], dtype: torch.dtype, shard_dim: int | None,

@@ -175,7 +175,7 @@ class Experts(nn.Module):
         """Whether ``engine.kernels.cpu_gemm`` takes these experts: fp32 weights on the CPU, or bf16 ones, which
         it reads as they are (a bf16 model's inputs widened to fp32 for it, its outputs rounded back). In bf16
         it reads only the experts a step routes to, where the padded ``bmm`` reads them all."""
-        return not self.fp8 and kernel_fits(self.w13, bf16=True) and kernel_fits(self.w2, bf16=True)
+        return not self.fp8 and kernel_fits(self.w13) and kernel_fits(self.w2)
 
     def use_cpu_kernel(self, kernel: Kernel | None) -> bool:
         """Route few-rows-per-expert batches through ``kernel`` (``engine.kernels.cpu_gemm.kernel()``;
@@ -191,7 +191,7 @@ class Experts(nn.Module):
         ``load`` += copies per slot). None where the kernel does not take it (the caller dispatches)."""
         if self.kernel is None or not 0 < x.shape[0] <= self.GROUPED_MAX_ROWS:
             return None
-        return cpu_gemm.moe_experts(x.float(), slots, weights, self.w13_kernel, self.w2_kernel, load).to(x.dtype)
+        return cpu_gemm.moe_experts(x, slots, weights, self.w13_kernel, self.w2_kernel, load)
 
     def _kernel_copies(self) -> tuple[torch.Tensor, torch.Tensor]:
         w13, w2 = kernel_copy(self.w13), kernel_copy(self.w2)
@@ -207,7 +207,7 @@ class Experts(nn.Module):
         """x [N, D] sorted by expert, counts[e] rows each -> [N, D]."""
         most = max(counts)
         if self.kernel is not None and 0 < most <= self.GROUPED_MAX_ROWS:
-            gate, up = self.kernel(x.float(), self.w13_kernel, counts).chunk(2, dim=-1)
+            gate, up = self.kernel(x.float(), self.w13_kernel, counts).chunk(2, dim=-1)  # fp32 between the GEMMs
             return self.kernel(F.silu(gate) * up, self.w2_kernel, counts).to(x.dtype)
         active = sum(1 for n in counts if n)
         if not self.fp8 and 0 < most <= self.PADDED_MAX_ROWS and 2 * active > len(counts):
