@@ -40,3 +40,26 @@ def bench_fp8_tool():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def _bf16_dot(on: bool):
+    """The CPU kernel loaded, its AVX512-BF16 products set ``on`` for the test (refused on a CPU without them),
+    the setting restored after."""
+    from engine.kernels import cpu_gemm
+
+    cpu_gemm.load()
+    was = cpu_gemm.set_bf16_dot(on)
+    yield
+    cpu_gemm.set_bf16_dot(was)
+
+
+@pytest.fixture
+def widened_bf16():
+    """bf16 rows widened to fp32 in the CPU kernel (its AVX512-BF16 products off, where the CPU has them)."""
+    yield from _bf16_dot(False)
+
+
+@pytest.fixture
+def bf16_dot():
+    """The CPU kernel's AVX512-BF16 products on (a test that takes it needs a CPU with AVX512-BF16)."""
+    yield from _bf16_dot(True)

@@ -467,10 +467,33 @@ def test_rmsnorm_through_the_kernel_is_the_formula():
         got = norm(x)
         assert got.shape == x.shape
         torch.testing.assert_close(got, _formula(norm, x), rtol=2e-6, atol=1e-6)
-    with pytest.raises(RuntimeError, match="float32 only"):
+    with pytest.raises(RuntimeError, match="both float32 or both bfloat16"):
         cpu_gemm.rms_norm(torch.ones(2, 8, dtype=torch.bfloat16), torch.ones(8), 1e-6)
     with pytest.raises(RuntimeError, match="w \\[D\\]"):
         cpu_gemm.rms_norm(torch.ones(2, 8), torch.ones(4), 1e-6)
+
+
+def _bf16_formula(norm, x):
+    """RMSNorm.forward's own bf16 path (no kernel): widened, normalized, rounded, times the weight."""
+    xf = x.float()
+    return norm.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm.eps)).to(torch.bfloat16)
+
+
+@needs_kernel
+def test_rmsnorm_of_a_bf16_model_through_the_kernel_rounds_as_its_formula():
+    """A bf16 model's norms through the kernel: the bf16 formula's numbers (the normalized rows rounded to bf16,
+    times the weight, rounded again); a value apart at most where the fp32 sum's order tips a rounding."""
+    cpu_gemm.load()
+    for dim, x in _norm_cases():
+        norm = layers.RMSNorm(dim, 1e-6, torch.bfloat16)
+        norm.weight.data.normal_()
+        xb = x.to(torch.bfloat16)
+        want = _bf16_formula(norm, xb)
+        norm.kernel = cpu_gemm.rms_norm
+        got = norm(xb)
+        assert got.dtype == torch.bfloat16 and got.shape == xb.shape
+        torch.testing.assert_close(got.float(), want.float(), rtol=8e-3, atol=1e-5)  # one bf16 ulp
+        assert (got != want).float().mean() < 0.01
 
 
 def test_mla_weights_are_kept_until_what_they_view_changes():
@@ -579,13 +602,12 @@ def test_small_step_experts_in_one_call_match_the_dispatcher(tokens, k, bf16):
 
 @needs_kernel
 @pytest.mark.parametrize("tokens, k", [(1, 4), (8, 4), (16, 2)])
-def test_bf16_experts_through_the_kernel_are_the_fp32_products_rounded(tokens, k):
-    """A bf16 model's experts: the kernel reads the bf16 weights as they are (no copy) on inputs widened to
-    fp32, so its outputs are the fp32 model's on the same values, rounded to bf16; torch's bf16 path agrees
-    within bf16's precision."""
+def test_bf16_experts_through_the_kernel_are_the_fp32_products_rounded(tokens, k, widened_bf16):
+    """A bf16 model's experts without the AVX512-BF16 products: the kernel reads the bf16 weights as they are
+    (no copy) on inputs widened to fp32, so its outputs are the fp32 model's on the same values, rounded to
+    bf16; torch's bf16 path agrees within bf16's precision. (With them: tests/test_bf16_dot.py.)"""
     from engine.model.dispatch import MoEDispatcher
 
-    cpu_gemm.load()
     torch.manual_seed(tokens + k)
     slots, hidden, inter = 12, 64, 40
     fp32, bf16 = Experts(slots, hidden, inter, torch.float32), Experts(slots, hidden, inter, torch.bfloat16)
@@ -610,11 +632,16 @@ def test_bf16_experts_through_the_kernel_are_the_fp32_products_rounded(tokens, k
 
 @needs_kernel
 @pytest.mark.parametrize("query_lens", [[1], [1, 1, 1, 1, 1], [2, 1, 3], [1] * 17])
-def test_bf16_decode_attention_through_the_kernel_is_the_fp32_one_rounded(query_lens):
+@pytest.mark.parametrize("dot", [False, pytest.param(True, marks=pytest.mark.skipif(
+    "avx512_bf16" not in (cpu_flags() or set()), reason="the AVX512-BF16 products need a CPU with AVX512-BF16"))])
+def test_bf16_decode_attention_through_the_kernel_is_the_fp32_one_rounded(query_lens, dot, request):
     """A bf16 model's decode attention: up to KERNEL_MAX_ROWS queries the kernel reads the bf16 cache rows and
     weights widened to fp32 (so its output is the fp32 kernel's on the same values, rounded to bf16); more
-    queries take torch's bf16 path, which agrees within bf16's precision."""
+    queries take torch's bf16 path, which agrees within bf16's precision. With the kernel's AVX512-BF16
+    products it takes every decode query, in bf16 arithmetic: within bf16's precision too."""
     from engine.model.attention import AttentionMetadata, MLAWeights, mla_attention
+
+    request.getfixturevalue("bf16_dot" if dot else "widened_bf16")
 
     torch.manual_seed(sum(query_lens) + len(query_lens))
     heads, nope, rope, v, rank, block = 12, 16, 8, 24, 32, 4
@@ -639,7 +666,7 @@ def test_bf16_decode_attention_through_the_kernel_is_the_fp32_one_rounded(query_
             outs.append(mla_attention(q_nope.to(dtype), q_pe.to(dtype), latent.to(dtype), k_pe.to(dtype),
                                       weights(weight.to(dtype)), meta, 0))
     assert outs[0].dtype == torch.bfloat16
-    if t <= layers.KERNEL_MAX_ROWS:
+    if t <= layers.KERNEL_MAX_ROWS and not dot:
         assert torch.equal(outs[0], outs[1].bfloat16())
     else:
         torch.testing.assert_close(outs[0].float(), outs[1], rtol=3e-2, atol=3e-2)

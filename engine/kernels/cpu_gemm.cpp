@@ -19,6 +19,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -116,11 +118,10 @@ void block(const float* x, int64_t ldx, int64_t rows, const W* w, int64_t n0, in
   }
 }
 
-// y [T, N] = rows of x [T, K] (grouped by expert, counts[e] each, in expert order) times their expert's
-// w [E, N, K] (experts ldE apart, rows dense) transposed. Items: (active expert, block of kBlockN rows).
-template <typename W>
-void grouped(const float* xp, const std::vector<int64_t>& counts, const W* wp, int64_t ldE, int64_t N, int64_t K,
-             float* yp) {
+// item(e, r, n0, n1) for every active expert e (its rows r .. r + counts[e] of the grouped rows) and block
+// [n0, n1) of kBlockN of its weight rows, over torch's threads
+template <typename Item>
+void expert_blocks(const std::vector<int64_t>& counts, int64_t N, const Item& item) {
   const int64_t E = static_cast<int64_t>(counts.size());
   std::vector<int64_t> start(E + 1, 0);
   std::vector<int64_t> active;
@@ -132,8 +133,160 @@ void grouped(const float* xp, const std::vector<int64_t>& counts, const W* wp, i
   at::parallel_for(0, static_cast<int64_t>(active.size()) * blocks, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t e = active[b / blocks], n0 = (b % blocks) * kBlockN;
-      block(xp + start[e] * K, K, counts[e], wp + e * ldE, n0, std::min(N, n0 + kBlockN), N, K, yp + start[e] * N, N);
+      item(e, start[e], n0, std::min(N, n0 + kBlockN));
     }
+  });
+}
+
+// y [T, N] = rows of x [T, K] (grouped by expert, counts[e] each, in expert order) times their expert's
+// w [E, N, K] (experts ldE apart, rows dense) transposed.
+template <typename W>
+void grouped(const float* xp, const std::vector<int64_t>& counts, const W* wp, int64_t ldE, int64_t N, int64_t K,
+             float* yp) {
+  expert_blocks(counts, N, [&](int64_t e, int64_t r, int64_t n0, int64_t n1) {
+    block(xp + r * K, K, counts[e], wp + e * ldE, n0, n1, N, K, yp + r * N, N);
+  });
+}
+
+// ---- AVX512-BF16: a bf16 model's rows times bf16 weights ---------------------------------------------
+//
+// Where the CPU has AVX512-BF16 (AMD Zen 4 and later, Intel Cooper Lake and Sapphire Rapids and later) and
+// the model runs in bf16, VDPBF16PS multiplies 32 bf16 pairs and adds them into 16 fp32 lanes: one
+// instruction where the AVX2 tiles widen 8 weights and issue one FMA per row, ~4x fewer instructions per
+// weight, which is what bounds the AVX2 tiles at 8-32 rows. The rows are bf16, as a bf16 model's
+// activations are in torch's own bf16 matmul (fp32 rows, e.g. the SiLU product between the experts' GEMMs,
+// are rounded to nearest even first); the sums are fp32, in another order than the AVX2 tiles' (the
+// results agree to bf16 rounding, not bit for bit). These functions carry a target attribute (the rest of
+// the file stays AVX2 + FMA, the build has no -march) and run only where the CPU reports the instructions
+// (bf16_dot_enabled()); an fp32 model, or bf16 rows on a CPU without them, take the AVX2 tiles as before.
+
+#define PDSERVE_BF16_DOT __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16")))
+
+bool g_bf16_dot = __builtin_cpu_supports("avx512bf16");  // set_bf16_dot() turns it off (and on) for A/B runs
+
+bool bf16_dot_enabled() { return g_bf16_dot; }
+
+bool set_bf16_dot(bool on) {
+  TORCH_CHECK(!on || __builtin_cpu_supports("avx512bf16"), "set_bf16_dot: this CPU has no AVX512-BF16");
+  const bool was = g_bf16_dot;
+  g_bf16_dot = on;
+  return was;
+}
+
+constexpr int kDotRows = 4;  // rows per tile
+constexpr int kDotCols = 4;  // weight rows per tile: 16 accumulators, 4 weight and 1 row register of 32
+
+// The lane sums of 16 vectors as one: out[i] = sum of a[i]'s 16 lanes, ~45 shuffles and adds where 16
+// separate reductions take ~130 (a 4 x 4 tile over K = 384 spends as much on those as on its products).
+PDSERVE_BF16_DOT inline __m512 sum16(const __m512* a) {
+  __m512 v8[8], v4[4];
+  for (int i = 0; i < 8; ++i)  // in 128-bit quarters: [a0 a1 b0 b1] + [a2 a3 b2 b3]
+    v8[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                          _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  for (int i = 0; i < 4; ++i)  // quarter q of v4[i]: four partial sums of a[4i + q]
+    v4[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v8[2 * i], v8[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                          _mm512_shuffle_f32x4(v8[2 * i], v8[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+  const __m512 h1 = _mm512_add_ps(_mm512_shuffle_ps(v4[0], v4[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                  _mm512_shuffle_ps(v4[0], v4[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  const __m512 h2 = _mm512_add_ps(_mm512_shuffle_ps(v4[2], v4[3], _MM_SHUFFLE(2, 0, 2, 0)),
+                                  _mm512_shuffle_ps(v4[2], v4[3], _MM_SHUFFLE(3, 1, 3, 1)));
+  const __m512 h = _mm512_add_ps(_mm512_shuffle_ps(h1, h2, _MM_SHUFFLE(2, 0, 2, 0)),
+                                 _mm512_shuffle_ps(h1, h2, _MM_SHUFFLE(3, 1, 3, 1)));  // h[4q + j]: a[4j + q]'s sum
+  return _mm512_permutexvar_ps(_mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0), h);
+}
+
+// y[m * ldy + n] = dot(x row m, w[n]) for m < MB, n < NB over K bf16 values (K % 8 == 0: steps of 32, the
+// last one, where partial, by masked loads, the missing pairs zeros; a masked load in every step halved the
+// tile's rate on an AMD EPYC with AVX512-BF16). `ahead`: where NB rows K apart that the next tile reads
+// start (one prefetch per cache line), or null.
+template <int MB, int NB>
+PDSERVE_BF16_DOT inline void dot_tile(const at::BFloat16* x, int64_t ldx, const at::BFloat16* const* w, int64_t K,
+                                      float* y, int64_t ldy, const at::BFloat16* ahead) {
+  __m512 acc[MB * NB];
+  for (int i = 0; i < MB * NB; ++i) acc[i] = _mm512_setzero_ps();
+  auto step = [&](const __m512i* wv, const __m512i* xv) PDSERVE_BF16_DOT {
+    for (int m = 0; m < MB; ++m)
+      for (int n = 0; n < NB; ++n) acc[m * NB + n] = _mm512_dpbf16_ps(acc[m * NB + n], (__m512bh)xv[m], (__m512bh)wv[n]);
+  };
+  __m512i wv[NB], xv[MB];
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    for (int n = 0; n < NB; ++n) wv[n] = _mm512_loadu_si512(w[n] + k);
+    if (ahead != nullptr)  // 32 bf16 = one 64-byte line per row
+      for (int n = 0; n < NB; ++n) _mm_prefetch(reinterpret_cast<const char*>(ahead + n * K + k), _MM_HINT_T0);
+    for (int m = 0; m < MB; ++m) xv[m] = _mm512_loadu_si512(x + m * ldx + k);
+    step(wv, xv);
+  }
+  if (k < K) {
+    const __mmask32 mask = (__mmask32(1) << (K - k)) - 1;
+    for (int n = 0; n < NB; ++n) wv[n] = _mm512_maskz_loadu_epi16(mask, w[n] + k);
+    for (int m = 0; m < MB; ++m) xv[m] = _mm512_maskz_loadu_epi16(mask, x + m * ldx + k);
+    step(wv, xv);
+  }
+  if constexpr (MB * NB == 16) {
+    float sums[16];
+    _mm512_storeu_ps(sums, sum16(acc));
+    for (int m = 0; m < MB; ++m)
+      for (int n = 0; n < NB; ++n) y[m * ldy + n] = sums[m * NB + n];
+  } else {
+    for (int m = 0; m < MB; ++m)
+      for (int n = 0; n < NB; ++n) y[m * ldy + n] = _mm512_reduce_add_ps(acc[m * NB + n]);
+  }
+}
+
+template <int NB>
+PDSERVE_BF16_DOT inline void dot_row_tile(int64_t mb, const at::BFloat16* x, int64_t ldx,
+                                          const at::BFloat16* const* w, int64_t K, float* y, int64_t ldy,
+                                          const at::BFloat16* ahead) {
+  switch (mb) {
+    case 1: dot_tile<1, NB>(x, ldx, w, K, y, ldy, ahead); break;
+    case 2: dot_tile<2, NB>(x, ldx, w, K, y, ldy, ahead); break;
+    case 3: dot_tile<3, NB>(x, ldx, w, K, y, ldy, ahead); break;
+    default: dot_tile<4, NB>(x, ldx, w, K, y, ldy, ahead); break;
+  }
+}
+
+// block() for bf16 rows: x [rows, K] (ldx apart) times weight rows [n0, n1) of w [N, K] -> y (fp32, ldy apart)
+PDSERVE_BF16_DOT void dot_block(const at::BFloat16* x, int64_t ldx, int64_t rows, const at::BFloat16* w, int64_t n0,
+                                int64_t n1, int64_t N, int64_t K, float* y, int64_t ldy) {
+  // one or two rows (a decode step's rows per routed expert): a weight row at a time. Four weight rows read
+  // side by side streamed ~0.6x the bytes per second of one (single thread, from memory, AMD EPYC with
+  // AVX512-BF16): the hardware prefetcher follows one stream better than four, and so few rows do not need
+  // the tile's reuse of each row vector
+  const int64_t cols_per_tile = rows <= 4 ? 1 : kDotCols;
+  for (int64_t n = n0; n < n1;) {
+    const int nb = n + cols_per_tile <= n1 ? cols_per_tile : 1;
+    const at::BFloat16* cols[kDotCols];
+    for (int i = 0; i < kDotCols; ++i) cols[i] = w + std::min(n + i, N - 1) * K;
+    const at::BFloat16* ahead = n + nb + kDotCols <= N ? w + (n + nb) * K : nullptr;
+    for (int64_t r = 0; r < rows; r += kDotRows) {
+      const int64_t mb = std::min<int64_t>(kDotRows, rows - r);
+      if (nb == kDotCols)
+        dot_row_tile<kDotCols>(mb, x + r * ldx, ldx, cols, K, y + r * ldy + n, ldy, r == 0 ? ahead : nullptr);
+      else
+        dot_row_tile<1>(mb, x + r * ldx, ldx, cols, K, y + r * ldy + n, ldy, nullptr);
+    }
+    n += nb;
+  }
+}
+
+// dst[r * K + i] = bf16(src[r * lds + i]) (round to nearest even) for r < rows, i < K
+PDSERVE_BF16_DOT void round_rows(const float* src, int64_t lds, int64_t rows, int64_t K, at::BFloat16* dst) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* s = src + r * lds;
+    at::BFloat16* d = dst + r * K;
+    int64_t i = 0;
+    for (; i + 16 <= K; i += 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(s + i)));
+    for (; i < K; ++i) d[i] = at::BFloat16(s[i]);
+  }
+}
+
+// grouped() for bf16 rows and weights (bf16_dot_enabled() only)
+void dot_grouped(const at::BFloat16* xp, const std::vector<int64_t>& counts, const at::BFloat16* wp, int64_t ldE,
+                 int64_t N, int64_t K, float* yp) {
+  expert_blocks(counts, N, [&](int64_t e, int64_t r, int64_t n0, int64_t n1) {
+    dot_block(xp + r * K, K, counts[e], wp + e * ldE, n0, n1, N, K, yp + r * N, N);
   });
 }
 
@@ -154,10 +307,12 @@ void grouped_any(const float* xp, const std::vector<int64_t>& counts, const torc
     grouped(xp, counts, w.data_ptr<float>(), w.stride(0), w.size(1), w.size(2), yp);
 }
 
+// x fp32 (the AVX2 tiles), or bf16 (AVX512-BF16 products with bf16 weights where enabled, else widened to
+// fp32 first); y in x's dtype
 torch::Tensor grouped_gemm(const torch::Tensor& x, const torch::Tensor& w, const std::vector<int64_t>& counts) {
   check_weights(w, "grouped_gemm");
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(),
-              "grouped_gemm: x [T, K] float32, contiguous");
+  TORCH_CHECK(x.device().is_cpu() && (x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16) &&
+              x.dim() == 2 && x.is_contiguous(), "grouped_gemm: x [T, K] float32 or bfloat16, contiguous");
   const int64_t E = w.size(0), N = w.size(1), K = w.size(2);
   TORCH_CHECK(x.size(1) == K, "grouped_gemm: x has ", x.size(1), " columns, w rows have ", K);
   TORCH_CHECK(static_cast<int64_t>(counts.size()) == E, "grouped_gemm: ", counts.size(), " counts for ", E, " experts");
@@ -167,9 +322,16 @@ torch::Tensor grouped_gemm(const torch::Tensor& x, const torch::Tensor& w, const
     total += c;
   }
   TORCH_CHECK(total == x.size(0), "grouped_gemm: counts sum to ", total, ", x has ", x.size(0), " rows");
-  auto y = torch::empty({x.size(0), N}, x.options());
-  grouped_any(x.data_ptr<float>(), counts, w, y.data_ptr<float>());
-  return y;
+  auto y = torch::empty({x.size(0), N}, x.options().dtype(torch::kFloat32));
+  if (x.scalar_type() == torch::kFloat32) {
+    grouped_any(x.data_ptr<float>(), counts, w, y.data_ptr<float>());
+    return y;
+  }
+  if (w.scalar_type() == torch::kBFloat16 && g_bf16_dot)
+    dot_grouped(x.data_ptr<at::BFloat16>(), counts, w.data_ptr<at::BFloat16>(), w.stride(0), N, K, y.data_ptr<float>());
+  else
+    grouped_any(x.to(torch::kFloat32).data_ptr<float>(), counts, w, y.data_ptr<float>());
+  return y.to(torch::kBFloat16);
 }
 
 // ---- the routed experts of a small step, whole ------------------------------------------------------
@@ -179,14 +341,21 @@ torch::Tensor grouped_gemm(const torch::Tensor& x, const torch::Tensor& w, const
 // grouped()'s tiles, SiLU(gate) * up in 8 lanes, then each token's copies weighted and summed in slot order
 // (the order, product and sum of the dispatcher's index_add_). One call where the dispatcher, the expert
 // module and the combine make ~18 ATen ops; for one rank's step of few tokens (engine/model/moe.py decides).
-// load [E] int64, where given, gets each slot's copies added (the expert-load sample).
+// load [E] int64, where given, gets each slot's copies added (the expert-load sample). x fp32, or bf16:
+// bf16 rows and weights through the AVX512-BF16 products where enabled (the SiLU product rounded to bf16
+// between the GEMMs, as torch's bf16 experts round it), else x widened to fp32; the result in x's dtype.
 
 torch::Tensor moe_experts(const torch::Tensor& x, const torch::Tensor& slots, const torch::Tensor& weights,
                           const torch::Tensor& w13, const torch::Tensor& w2, const c10::optional<torch::Tensor>& load) {
   check_weights(w13, "moe_experts");
   check_weights(w2, "moe_experts");
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(),
-              "moe_experts: x [T, D] float32, contiguous");
+  TORCH_CHECK(x.device().is_cpu() && (x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16) &&
+              x.dim() == 2 && x.is_contiguous(), "moe_experts: x [T, D] float32 or bfloat16, contiguous");
+  const bool dot = x.scalar_type() == torch::kBFloat16 && w13.scalar_type() == torch::kBFloat16 &&
+                   w2.scalar_type() == torch::kBFloat16 && g_bf16_dot;
+  if (x.scalar_type() == torch::kBFloat16 && !dot)
+    return moe_experts(x.to(torch::kFloat32), slots, weights, w13, w2, load).to(torch::kBFloat16);
+  const auto f32 = x.options().dtype(torch::kFloat32);
   const int64_t T = x.size(0), D = x.size(1), E = w13.size(0), I = w13.size(1) / 2;
   TORCH_CHECK(w13.size(2) == D && w13.size(1) == 2 * I && w2.size(0) == E && w2.size(1) == D && w2.size(2) == I,
               "moe_experts: w13 [E, 2I, D] and w2 [E, D, I] for D = ", D, ", got ", w13.sizes(), " and ", w2.sizes());
@@ -206,13 +375,20 @@ torch::Tensor moe_experts(const torch::Tensor& x, const torch::Tensor& slots, co
   std::vector<int64_t> next(E, 0), position(copies);  // position[copy]: its row in slot order
   for (int64_t e = 1; e < E; ++e) next[e] = next[e - 1] + counts[e - 1];
   for (int64_t c = 0; c < copies; ++c) position[c] = next[sp[c]]++;
-  auto rows = torch::empty({copies, D}, x.options());
-  const float* xp = x.data_ptr<float>();
-  float* rp = rows.data_ptr<float>();
-  for (int64_t c = 0; c < copies; ++c) std::copy(xp + (c / k) * D, xp + (c / k + 1) * D, rp + position[c] * D);
-  auto h = torch::empty({copies, 2 * I}, x.options());
-  grouped_any(rp, counts, w13, h.data_ptr<float>());
-  auto act = torch::empty({copies, I}, x.options());
+  auto rows = torch::empty({copies, D}, x.options());  // x's copies in slot order
+  auto gather = [&](const auto* xp, auto* rp) {
+    for (int64_t c = 0; c < copies; ++c) std::copy(xp + (c / k) * D, xp + (c / k + 1) * D, rp + position[c] * D);
+  };
+  auto h = torch::empty({copies, 2 * I}, f32);
+  if (dot) {
+    gather(x.data_ptr<at::BFloat16>(), rows.data_ptr<at::BFloat16>());
+    dot_grouped(rows.data_ptr<at::BFloat16>(), counts, w13.data_ptr<at::BFloat16>(), w13.stride(0), 2 * I, D,
+                h.data_ptr<float>());
+  } else {
+    gather(x.data_ptr<float>(), rows.data_ptr<float>());
+    grouped_any(rows.data_ptr<float>(), counts, w13, h.data_ptr<float>());
+  }
+  auto act = torch::empty({copies, I}, f32);
   float* hp = h.data_ptr<float>();
   float* ap = act.data_ptr<float>();
   for (int64_t r = 0; r < copies; ++r) {  // silu(gate) * up = gate / (1 + e^-gate) * up
@@ -226,9 +402,16 @@ torch::Tensor moe_experts(const torch::Tensor& x, const torch::Tensor& slots, co
     }
     for (; i < I; ++i) a[i] = g[i] / (1.f + std::exp(-g[i])) * g[I + i];
   }
-  auto y = torch::empty({copies, D}, x.options());
-  grouped_any(ap, counts, w2, y.data_ptr<float>());
-  auto out = torch::zeros({T, D}, x.options());
+  auto y = torch::empty({copies, D}, f32);
+  if (dot) {
+    auto act_bf16 = torch::empty({copies, I}, x.options());
+    round_rows(ap, I, copies, I, act_bf16.data_ptr<at::BFloat16>());
+    dot_grouped(act_bf16.data_ptr<at::BFloat16>(), counts, w2.data_ptr<at::BFloat16>(), w2.stride(0), D, I,
+                y.data_ptr<float>());
+  } else {
+    grouped_any(ap, counts, w2, y.data_ptr<float>());
+  }
+  auto out = torch::zeros({T, D}, f32);
   const float* yp = y.data_ptr<float>();
   float* op = out.data_ptr<float>();
   std::vector<int64_t> mine(k);
@@ -251,19 +434,21 @@ torch::Tensor moe_experts(const torch::Tensor& x, const torch::Tensor& slots, co
     int64_t* lp = load->data_ptr<int64_t>();
     for (int64_t e = 0; e < E; ++e) lp[e] += counts[e];
   }
-  return out;
+  return dot ? out.to(torch::kBFloat16) : out;
 }
 
 // y[m, h] = w[h] @ x[m, h] for every row m and head h: x [M, H, K] and y [M, H, N] with any row and head
 // strides (their last dims dense), w [H, N, K]. The absorbed MLA products per head (q_nope . W_UK into the
 // query's latent part, the latent output . W_UV), read and written in place: no copy of x into head-major
 // rows and none of y back, and y may be a slice of a wider tensor. Items are (head, block of kBlockN weight
-// rows) as in grouped_gemm.
+// rows) as in grouped_gemm. x fp32, or bf16 (AVX512-BF16 products with bf16 weights where enabled, else
+// widened first); y fp32.
 void head_gemm(const torch::Tensor& x, const torch::Tensor& w, torch::Tensor& y) {
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu() && y.device().is_cpu(), "head_gemm: CPU tensors only");
-  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && y.scalar_type() == torch::kFloat32 &&
+  TORCH_CHECK((x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16) &&
+              y.scalar_type() == torch::kFloat32 &&
               (w.scalar_type() == torch::kFloat32 || w.scalar_type() == torch::kBFloat16),
-              "head_gemm: x and y float32, w float32 or bfloat16");
+              "head_gemm: x float32 or bfloat16, y float32, w float32 or bfloat16");
   TORCH_CHECK(x.dim() == 3 && w.dim() == 3 && y.dim() == 3, "head_gemm: x [M, H, K], w [H, N, K], y [M, H, N]");
   const int64_t M = x.size(0), H = x.size(1), K = x.size(2), N = w.size(1);
   TORCH_CHECK(w.size(0) == H && w.size(2) == K && y.size(0) == M && y.size(1) == H && y.size(2) == N,
@@ -271,9 +456,9 @@ void head_gemm(const torch::Tensor& x, const torch::Tensor& w, torch::Tensor& y)
   TORCH_CHECK(x.stride(2) == 1 && y.stride(2) == 1 && w.stride(2) == 1 && w.stride(1) == K && K % 8 == 0,
               "head_gemm: last dims dense, w's rows dense, K a multiple of 8");
   const int64_t blocks = (N + kBlockN - 1) / kBlockN;
-  const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   auto run = [&](const auto* wp) {
+    const float* xp = x.data_ptr<float>();
     at::parallel_for(0, H * blocks, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t h = b / blocks, n0 = (b % blocks) * kBlockN;
@@ -283,10 +468,22 @@ void head_gemm(const torch::Tensor& x, const torch::Tensor& w, torch::Tensor& y)
     });
   };
   if (M == 0) return;
-  if (w.scalar_type() == torch::kBFloat16)
+  if (x.scalar_type() == torch::kBFloat16) {
+    if (w.scalar_type() != torch::kBFloat16 || !g_bf16_dot) return head_gemm(x.to(torch::kFloat32), w, y);
+    const at::BFloat16* xb = x.data_ptr<at::BFloat16>();
+    const at::BFloat16* wb = w.data_ptr<at::BFloat16>();
+    at::parallel_for(0, H * blocks, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t h = b / blocks, n0 = (b % blocks) * kBlockN;
+        dot_block(xb + h * x.stride(1), x.stride(0), M, wb + h * w.stride(0), n0, std::min(N, n0 + kBlockN), N, K,
+                  yp + h * y.stride(1), y.stride(0));
+      }
+    });
+  } else if (w.scalar_type() == torch::kBFloat16) {
     run(w.data_ptr<at::BFloat16>());
-  else
+  } else {
     run(w.data_ptr<float>());
+  }
 }
 
 // ---- MLA decode attention over the paged latent cache ---------------------------------------------
@@ -302,7 +499,8 @@ void head_gemm(const torch::Tensor& x, const torch::Tensor& w, torch::Tensor& y)
 // online softmax (running maximum and sum per head, the output rescaled when the maximum grows). A
 // query's rows (~2.3 KB each at DeepSeek's D = 576) are read from memory once per item instead of once
 // per 4 heads for the scores and again for the values. Rows are fp32, or bf16 (a bf16 model's cache) widened
-// to fp32 in registers as grouped_gemm's weights are; queries and arithmetic are fp32 either way.
+// to fp32 in registers as grouped_gemm's weights are, queries and arithmetic fp32; or, for a bf16 cache where
+// bf16_dot_enabled(), by AVX512-BF16 (dot_attend: bf16 queries and probabilities, fp32 sums).
 
 constexpr int64_t kKeyBlock = 64;  // rows per block: 147 KB at D = 576, inside a 512 KB L2
 
@@ -395,6 +593,87 @@ void attend(const float* q, int64_t heads, int64_t D, const W* const* keys, int6
   }
 }
 
+// attend() for a bf16 cache by AVX512-BF16 (bf16_dot_enabled(), R % 32 == 0): the item's queries q [heads, D]
+// rounded to bf16, scores by dot_tile (4 heads x 4 rows), the block's probabilities rounded to bf16 (pb
+// [heads, kKeyBlock] scratch), then the values two rows at a time: the rows' 32 columns interleaved into
+// pairs (row j, row j+1), so one VDPBF16PS adds p[h, j] * row_j + p[h, j+1] * row_j+1 for 16 columns. The
+// interleave leaves the columns of each 32 in the order [0-3, 8-11, 16-19, 24-27 | 4-7, 12-15, 20-23, 28-31];
+// `out` is kept in that order and put back at the end.
+PDSERVE_BF16_DOT void dot_attend(const float* qf, int64_t heads, int64_t D, const at::BFloat16* const* keys, int64_t n,
+                                 int64_t R, float scale, at::BFloat16* q, float* s, at::BFloat16* pb, float* top,
+                                 float* sum, float* out) {
+  round_rows(qf, D, heads, D, q);
+  std::fill(out, out + heads * R, 0.f);
+  std::fill(top, top + heads, -INFINITY);
+  std::fill(sum, sum + heads, 0.f);
+  for (int64_t j0 = 0; j0 < n; j0 += kKeyBlock) {
+    const int64_t nb = std::min(kKeyBlock, n - j0);
+    const at::BFloat16* const* block_keys = keys + j0;
+    for (int64_t j = 0; j < nb; j += kDotCols) {  // scores
+      for (int64_t h = 0; h < heads; h += kDotRows) {
+        const int64_t mb = std::min<int64_t>(kDotRows, heads - h);
+        if (j + kDotCols <= nb)
+          dot_row_tile<kDotCols>(mb, q + h * D, D, block_keys + j, D, s + h * kKeyBlock + j, kKeyBlock, nullptr);
+        else
+          for (int64_t jj = j; jj < nb; ++jj)
+            dot_row_tile<1>(mb, q + h * D, D, block_keys + jj, D, s + h * kKeyBlock + jj, kKeyBlock, nullptr);
+      }
+    }
+    for (int64_t h = 0; h < heads; ++h) {  // online softmax, as attend()
+      float* row = s + h * kKeyBlock;
+      float block_top = -INFINITY;
+      for (int64_t j = 0; j < nb; ++j) block_top = std::max(block_top, row[j] * scale);
+      if (block_top > top[h]) {
+        const float shrink = std::exp(top[h] - block_top);
+        sum[h] *= shrink;
+        if (top[h] != -INFINITY)
+          for (int64_t c = 0; c < R; ++c) out[h * R + c] *= shrink;
+        top[h] = block_top;
+      }
+      sum[h] += exp_row(row, nb, scale, top[h]);
+      round_rows(row, kKeyBlock, 1, nb, pb + h * kKeyBlock);
+      if (nb % 2) pb[h * kKeyBlock + nb] = at::BFloat16(0.f);  // the odd row's partner: weight 0
+    }
+    for (int64_t h = 0; h < heads; h += kDotRows) {  // out += p @ values, two rows per step
+      const int64_t mb = std::min<int64_t>(kDotRows, heads - h);
+      for (int64_t c = 0; c < R; c += 32) {
+        __m512 lo[kDotRows], hi[kDotRows];
+        for (int64_t m = 0; m < mb; ++m) {
+          lo[m] = _mm512_loadu_ps(out + (h + m) * R + c);
+          hi[m] = _mm512_loadu_ps(out + (h + m) * R + c + 16);
+        }
+        for (int64_t j = 0; j < nb; j += 2) {
+          const __m512i a = _mm512_loadu_si512(block_keys[j] + c);
+          const __m512i b = _mm512_loadu_si512(block_keys[j + 1 < nb ? j + 1 : j] + c);
+          const __m512bh plo = (__m512bh)_mm512_unpacklo_epi16(a, b), phi = (__m512bh)_mm512_unpackhi_epi16(a, b);
+          for (int64_t m = 0; m < mb; ++m) {
+            int32_t pair;
+            std::memcpy(&pair, pb + (h + m) * kKeyBlock + j, sizeof(pair));
+            const __m512bh pp = (__m512bh)_mm512_set1_epi32(pair);
+            lo[m] = _mm512_dpbf16_ps(lo[m], plo, pp);
+            hi[m] = _mm512_dpbf16_ps(hi[m], phi, pp);
+          }
+        }
+        for (int64_t m = 0; m < mb; ++m) {
+          _mm512_storeu_ps(out + (h + m) * R + c, lo[m]);
+          _mm512_storeu_ps(out + (h + m) * R + c + 16, hi[m]);
+        }
+      }
+    }
+  }
+  const __m512i first = _mm512_set_epi32(23, 22, 21, 20, 7, 6, 5, 4, 19, 18, 17, 16, 3, 2, 1, 0);
+  const __m512i second = _mm512_set_epi32(31, 30, 29, 28, 15, 14, 13, 12, 27, 26, 25, 24, 11, 10, 9, 8);
+  for (int64_t h = 0; h < heads; ++h) {  // columns back in order, divided by the softmax's sum
+    const __m512 inv = _mm512_set1_ps(1.f / sum[h]);
+    for (int64_t c = 0; c < R; c += 32) {
+      float* o = out + h * R + c;
+      const __m512 lo = _mm512_loadu_ps(o), hi = _mm512_loadu_ps(o + 16);
+      _mm512_storeu_ps(o, _mm512_mul_ps(_mm512_permutex2var_ps(lo, first, hi), inv));
+      _mm512_storeu_ps(o + 16, _mm512_mul_ps(_mm512_permutex2var_ps(lo, second, hi), inv));
+    }
+  }
+}
+
 // mla_decode's work items over the threads, for cache rows of type W.
 template <typename W>
 void decode_items(const float* qp, const W* cp, const int64_t* sq, const int64_t* kn, const int64_t* sl, int64_t M,
@@ -403,14 +682,23 @@ void decode_items(const float* qp, const W* cp, const int64_t* sq, const int64_t
   int64_t group = H;
   while (group % 2 == 0 && group / 2 >= 4 && M * (H / group) < 2 * at::get_num_threads()) group /= 2;
   const int64_t groups = H / group;
+  const bool dot = std::is_same_v<W, at::BFloat16> && g_bf16_dot && R % 32 == 0;
   at::parallel_for(0, M * groups, 1, [&](int64_t i0, int64_t i1) {
     std::vector<const W*> rows;
     std::vector<float> s(group * kKeyBlock), top(group), sum(group);
+    std::vector<at::BFloat16> qb(dot ? group * D : 0), pb(dot ? group * kKeyBlock : 0);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t m = i / groups, h0 = (i % groups) * group;
       const int64_t n = kn[m];
       rows.resize(n);
       for (int64_t j = 0; j < n; ++j) rows[j] = cp + sl[sq[m] * L + j] * D;
+      if constexpr (std::is_same_v<W, at::BFloat16>) {
+        if (dot) {
+          dot_attend(qp + (m * H + h0) * D, group, D, rows.data(), n, R, static_cast<float>(scale), qb.data(),
+                     s.data(), pb.data(), top.data(), sum.data(), op + (m * H + h0) * R);
+          continue;
+        }
+      }
       attend(qp + (m * H + h0) * D, group, D, rows.data(), n, R, static_cast<float>(scale), s.data(), top.data(),
              sum.data(), op + (m * H + h0) * R);
     }
@@ -453,45 +741,74 @@ torch::Tensor mla_decode(const torch::Tensor& q, const torch::Tensor& cache, con
 
 // ---- RMSNorm ---------------------------------------------------------------------------------------
 //
-// y = w * (x * 1 / sqrt(mean(x^2) + eps)) per row, fp32. ATen's CPU rms_norm is a chain of six ops (pow,
+// y = w * (x * 1 / sqrt(mean(x^2) + eps)) per row, fp32 (or bf16 rows, rounded as below). ATen's CPU rms_norm is a chain of six ops (pow,
 // mean, add, rsqrt, mul, mul): at decode sizes each costs a dispatch and, right after a weight-streaming
 // matmul, a cold start, ~110 us per norm where this takes ~17 (timed side by side after the same matmul on
 // a 2-core AMD EPYC, AVX2 + FMA, no AVX512-BF16 / AMX, fp32; a decode step runs ~17 norms). The sum of squares is taken in 16 lanes, so the result differs from the
 // formula's in the last bits (within 1e-6 relative); rows may sit apart (a view into a wider tensor).
 
+// 8 fp32 lanes rounded to bf16 (to nearest even, NaN kept a NaN) and stored
+inline void store8(at::BFloat16* p, __m256 v) {
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
+  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+  const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
+}
+inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+
+inline float widen(float v) { return v; }
+inline float widen(at::BFloat16 v) { return static_cast<float>(v); }
+
+// one row: fp32 as the formula says; bf16 as a bf16 model's RMSNorm rounds (x * inv rounded to bf16, times
+// the weight, rounded again)
+template <typename T>
+void rms_row(const T* r, const T* wp, int64_t D, float eps, T* o) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= D; k += 16) {
+    const __m256 v0 = load8(r + k), v1 = load8(r + k + 8);
+    a0 = _mm256_fmadd_ps(v0, v0, a0);
+    a1 = _mm256_fmadd_ps(v1, v1, a1);
+  }
+  float squares = hsum(_mm256_add_ps(a0, a1));
+  for (; k < D; ++k) squares += widen(r[k]) * widen(r[k]);
+  const float inv = 1.f / std::sqrt(squares / static_cast<float>(D) + eps);
+  const __m256 vi = _mm256_set1_ps(inv);
+  for (k = 0; k + 8 <= D; k += 8) {
+    __m256 n = _mm256_mul_ps(load8(r + k), vi);
+    if constexpr (std::is_same_v<T, at::BFloat16>) {
+      at::BFloat16 rounded[8];
+      store8(rounded, n);
+      n = load8(rounded);
+    }
+    store8(o + k, _mm256_mul_ps(load8(wp + k), n));
+  }
+  for (; k < D; ++k) o[k] = static_cast<T>(widen(wp[k]) * widen(static_cast<T>(widen(r[k]) * inv)));
+}
+
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& w, double eps) {
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "rms_norm: CPU tensors only");
-  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && w.scalar_type() == torch::kFloat32, "rms_norm: float32 only");
+  TORCH_CHECK(x.scalar_type() == w.scalar_type() &&
+              (x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16),
+              "rms_norm: x and w both float32 or both bfloat16");
   TORCH_CHECK(x.dim() >= 1 && w.dim() == 1 && w.is_contiguous() && x.size(-1) == w.size(0),
               "rms_norm: x [..., D] and w [D], got ", x.sizes(), " and ", w.sizes());
   const bool direct = x.dim() == 2 && x.stride(1) == 1 && x.stride(0) >= x.size(1);  // dense rows, maybe apart
   const auto rows = direct ? x : x.reshape({-1, x.size(-1)}).contiguous();
   const int64_t T = rows.size(0), D = rows.size(1), ld = rows.stride(0);
   auto y = torch::empty({T, D}, x.options());
-  const float* xp = rows.data_ptr<float>();
-  const float* wp = w.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
   const float feps = static_cast<float>(eps);
-  at::parallel_for(0, T, 64, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const float* r = xp + t * ld;
-      float* o = yp + t * D;
-      __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-      int64_t k = 0;
-      for (; k + 16 <= D; k += 16) {
-        const __m256 v0 = _mm256_loadu_ps(r + k), v1 = _mm256_loadu_ps(r + k + 8);
-        a0 = _mm256_fmadd_ps(v0, v0, a0);
-        a1 = _mm256_fmadd_ps(v1, v1, a1);
-      }
-      float squares = hsum(_mm256_add_ps(a0, a1));
-      for (; k < D; ++k) squares += r[k] * r[k];
-      const float inv = 1.f / std::sqrt(squares / static_cast<float>(D) + feps);
-      const __m256 vi = _mm256_set1_ps(inv);
-      for (k = 0; k + 8 <= D; k += 8)
-        _mm256_storeu_ps(o + k, _mm256_mul_ps(_mm256_loadu_ps(wp + k), _mm256_mul_ps(_mm256_loadu_ps(r + k), vi)));
-      for (; k < D; ++k) o[k] = wp[k] * (r[k] * inv);
-    }
-  });
+  auto run = [&](const auto* xp, const auto* wp, auto* yp) {
+    at::parallel_for(0, T, 64, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) rms_row(xp + t * ld, wp, D, feps, yp + t * D);
+    });
+  };
+  if (x.scalar_type() == torch::kBFloat16)
+    run(rows.data_ptr<at::BFloat16>(), w.data_ptr<at::BFloat16>(), y.data_ptr<at::BFloat16>());
+  else
+    run(rows.data_ptr<float>(), w.data_ptr<float>(), y.data_ptr<float>());
   return y.view(x.sizes());
 }
 
@@ -593,7 +910,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("moe_experts", &moe_experts, "a small step's routed experts, whole: sort, both GEMMs, SiLU, weighted sum");
   m.def("head_gemm", &head_gemm, "y[m, h] = w[h] @ x[m, h], strided x and y (the absorbed MLA products)");
   m.def("mla_decode", &mla_decode, "absorbed MLA decode attention over the paged latent cache");
-  m.def("rms_norm", &rms_norm, "RMSNorm of fp32 rows: w * x / sqrt(mean(x^2) + eps)");
+  m.def("rms_norm", &rms_norm, "RMSNorm of fp32 or bf16 rows: w * x / sqrt(mean(x^2) + eps)");
   m.def("route", &route, "DeepSeek-V3 routing: sigmoid scores, bias, group-limited top-k -> (ids, weights)");
+  m.def("bf16_dot_enabled", &bf16_dot_enabled, "whether bf16 rows run through the AVX512-BF16 products");
+  m.def("set_bf16_dot", &set_bf16_dot, "turn the AVX512-BF16 products on or off (on only where the CPU has them); "
+        "returns the previous setting");
   m.def("parallel_threads", &parallel_threads, "threads grouped_gemm's parallel_for spreads `items` over");
 }

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.dtype_choice import auto_dtype
+from engine.kernels import cpu_gemm
 from engine.model.fp8 import FP8, dequant_tile, fp8_linear, scale_shape
 
 
@@ -127,6 +128,11 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor | None:
 # DRAM): 1 row 3.96 ms vs prepacked oneDNN 6.56 ms, 8 rows 5.17 vs 8.66 ms, 32 rows 16.7 vs 15.4 ms
 # (so above 16 rows oneDNN).
 KERNEL_MAX_ROWS = 16
+# In bf16 (a bf16 model) the kernel's AVX512-BF16 products (cpu_gemm.bf16_dot()) take the prepacked weights'
+# matmuls too, up to this many rows: one weight row streamed at a time, 0.5-0.9x oneDNN's time at 1 row and
+# about even at 4-8 (bench preset projections and head, side by side on a 2-core AMD EPYC with AVX512-BF16,
+# no AMX). Batch-1 decode and its speculative verification (k + 1 rows) are this size.
+DOT_MAX_ROWS = 4
 
 Kernel = Callable[[torch.Tensor, torch.Tensor, list[int]], torch.Tensor]  # engine.kernels.cpu_gemm.grouped_gemm
 
@@ -138,9 +144,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None = 
     (``pack_weight(weight)``)."""
     if x.dim() == 2 and x.dtype == weight.dtype:
         rows = x.shape[0]
-        # bf16: the kernel (x widened, the result rounded back) only for weights too small to prepack, where
-        # oneDNN's per-call cost dominates; AMX streams the large ones faster than its fp32 FMAs
-        if kernel is not None and 0 < rows <= KERNEL_MAX_ROWS and (x.dtype == torch.float32 or packed is None):
+        # bf16: the kernel for weights too small to prepack, where oneDNN's per-call cost dominates, and for
+        # up to DOT_MAX_ROWS rows by AVX512-BF16; without it (x widened to fp32 in the kernel) AMX streams
+        # the large ones faster
+        if kernel is not None and 0 < rows <= KERNEL_MAX_ROWS and (
+                x.dtype == torch.float32 or packed is None or (rows <= DOT_MAX_ROWS and cpu_gemm.bf16_dot())):
             return kernel(x, (weight if kernel_weight is None else kernel_weight)[None], [rows])
         if packed is not None and 0 < rows <= PACKED_MAX_ROWS:
             return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, None, "none", [], "")
@@ -284,11 +292,11 @@ class RMSNorm(nn.Module):
         self.kernel: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32 and self.weight.dtype == torch.float32 and x.device.type == "cpu":
+        if self.kernel is not None and x.dtype == self.weight.dtype and x.dtype in (torch.float32, torch.bfloat16):
             # one call: ~17 us where ATen's chain of six takes ~110 in a decode step (side by side, 2-core AMD
-            # EPYC, AVX2 + FMA, no AVX512-BF16 / AMX, fp32)
-            if self.kernel is not None:
-                return self.kernel(x, self.weight, self.eps)
+            # EPYC, AVX2 + FMA, no AVX512-BF16 / AMX, fp32); a bf16 model's rounded as the formula below rounds
+            return self.kernel(x, self.weight, self.eps)
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32 and x.device.type == "cpu":
             # one ATen op: on the CPU in fp32 bit for bit the formula below (tests/test_cpu_kernels.py) and
             # ~half its time at decode sizes (bf16 rounds between the steps below, which the fused op does
             # not, and CUDA's is not checked: both keep the formula)
