@@ -99,15 +99,45 @@ def test_moe_experts_of_bf16_rows(bf16_dot, tokens, k):
     load = torch.zeros(slots, dtype=torch.long)
     got = cpu_gemm.moe_experts(x, phys, weights, w13, w2, load)
     assert got.dtype == torch.bfloat16
-    want = torch.zeros(tokens, hidden)
-    for t in range(tokens):
-        for j in range(k):
+    _close(got, _experts(x, phys, weights, w13, w2))
+    assert torch.equal(load, torch.bincount(phys.flatten(), minlength=slots))
+
+
+def _experts(x, phys, weights, w13, w2):
+    """The routed experts in fp32 on the same bf16 values, the SiLU product rounded to bf16."""
+    inter = w2.shape[2]
+    want = torch.zeros(x.shape[0], x.shape[1])
+    for t in range(x.shape[0]):
+        for j in range(phys.shape[1]):
             e = phys[t, j]
             gate, up = (w13[e].float() @ x[t].float()).split(inter)
             act = (torch.nn.functional.silu(gate) * up).bfloat16().float()
             want[t] += weights[t, j] * (w2[e].float() @ act)
-    _close(got, want)
-    assert torch.equal(load, torch.bincount(phys.flatten(), minlength=slots))
+    return want
+
+
+@needs_dot
+def test_a_bf16_decode_step_of_up_to_64_tokens_runs_its_experts_whole(bf16_dot):
+    """With the products, Experts.whole_step takes bf16 steps of up to DOT_WHOLE_MAX_TOKENS tokens in one call
+    (several rows per expert); larger ones, and fp32 ones above GROUPED_MAX_ROWS, go to the dispatcher."""
+    from engine.model.moe import Experts
+
+    torch.manual_seed(3)
+    slots, hidden, inter, k = 8, 64, 32, 2
+    experts = Experts(slots, hidden, inter, torch.bfloat16)
+    experts.w13.data.copy_(torch.randn(experts.w13.shape) * 0.2)
+    experts.w2.data.copy_(torch.randn(experts.w2.shape) * 0.2)
+    assert experts.use_cpu_kernel(cpu_gemm.kernel())
+    for tokens in (Experts.GROUPED_MAX_ROWS + 1, Experts.DOT_WHOLE_MAX_TOKENS, Experts.DOT_WHOLE_MAX_TOKENS + 1):
+        x = torch.randn(tokens, hidden).bfloat16()
+        phys = torch.stack([torch.randperm(slots)[:k] for _ in range(tokens)])
+        weights = torch.rand(tokens, k)
+        got = experts.whole_step(x, phys, weights, None)
+        if tokens > Experts.DOT_WHOLE_MAX_TOKENS:
+            assert got is None
+        else:
+            _close(got, _experts(x, phys, weights, experts.w13, experts.w2))
+            assert experts.whole_step(x.float(), phys, weights, None) is None
 
 
 def _attention(q, cache, slots, keys, rank, scale):

@@ -599,6 +599,8 @@ void attend(const float* q, int64_t heads, int64_t D, const W* const* keys, int6
 // pairs (row j, row j+1), so one VDPBF16PS adds p[h, j] * row_j + p[h, j+1] * row_j+1 for 16 columns. The
 // interleave leaves the columns of each 32 in the order [0-3, 8-11, 16-19, 24-27 | 4-7, 12-15, 20-23, 28-31];
 // `out` is kept in that order and put back at the end.
+constexpr int kValueHeads = 8;  // heads per value tile: 16 accumulators, each row pair interleaved once for 8
+
 PDSERVE_BF16_DOT void dot_attend(const float* qf, int64_t heads, int64_t D, const at::BFloat16* const* keys, int64_t n,
                                  int64_t R, float scale, at::BFloat16* q, float* s, at::BFloat16* pb, float* top,
                                  float* sum, float* out) {
@@ -621,8 +623,12 @@ PDSERVE_BF16_DOT void dot_attend(const float* qf, int64_t heads, int64_t D, cons
     }
     for (int64_t h = 0; h < heads; ++h) {  // online softmax, as attend()
       float* row = s + h * kKeyBlock;
-      float block_top = -INFINITY;
-      for (int64_t j = 0; j < nb; ++j) block_top = std::max(block_top, row[j] * scale);
+      __m512 most = _mm512_set1_ps(-INFINITY);
+      int64_t j = 0;
+      for (; j + 16 <= nb; j += 16) most = _mm512_max_ps(most, _mm512_loadu_ps(row + j));
+      float block_top = _mm512_reduce_max_ps(most);
+      for (; j < nb; ++j) block_top = std::max(block_top, row[j]);
+      block_top *= scale;  // scale > 0: the largest score scaled is the largest scaled score
       if (block_top > top[h]) {
         const float shrink = std::exp(top[h] - block_top);
         sum[h] *= shrink;
@@ -634,10 +640,10 @@ PDSERVE_BF16_DOT void dot_attend(const float* qf, int64_t heads, int64_t D, cons
       round_rows(row, kKeyBlock, 1, nb, pb + h * kKeyBlock);
       if (nb % 2) pb[h * kKeyBlock + nb] = at::BFloat16(0.f);  // the odd row's partner: weight 0
     }
-    for (int64_t h = 0; h < heads; h += kDotRows) {  // out += p @ values, two rows per step
-      const int64_t mb = std::min<int64_t>(kDotRows, heads - h);
+    for (int64_t h = 0; h < heads; h += kValueHeads) {  // out += p @ values, two rows per step
+      const int64_t mb = std::min<int64_t>(kValueHeads, heads - h);
       for (int64_t c = 0; c < R; c += 32) {
-        __m512 lo[kDotRows], hi[kDotRows];
+        __m512 lo[kValueHeads], hi[kValueHeads];
         for (int64_t m = 0; m < mb; ++m) {
           lo[m] = _mm512_loadu_ps(out + (h + m) * R + c);
           hi[m] = _mm512_loadu_ps(out + (h + m) * R + c + 16);

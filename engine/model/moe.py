@@ -169,6 +169,17 @@ class Experts(nn.Module):
     # With pdserve's CPU kernel (fp32, AVX2 + FMA), up to this many rows per expert: it reads each active
     # expert's weights once and pads nothing; above it MKL's bmm/sgemm win (engine/kernels/cpu_gemm.py).
     GROUPED_MAX_ROWS = 16
+    # A prefill's experts one by one on the CPU: each expert's rows padded with zeros to a multiple of this.
+    # oneDNN builds a primitive for every new row count (~0.4 ms for a bench-preset expert GEMM in bf16, where
+    # the GEMM itself takes ~1 ms) and a prefill's counts are new at almost every step and expert: unpadded, a
+    # server's prefills kept getting faster as its primitive cache filled (7 x 256 tokens, bench preset, bf16:
+    # 870 -> 691 ms over 7 steps). Padding costs at most ROWS_BUCKET - 1 rows of each expert's work.
+    ROWS_BUCKET = 32
+    # A bf16 step through the kernel's AVX512-BF16 products (cpu_gemm.bf16_dot()): whole, up to this many tokens
+    # (bench preset, decode batch 32, ~4 rows per expert: the step 0.92x as long as with the dispatcher's path
+    # around the kernel's GEMMs, interleaved A/B on a 2-core AMD EPYC with AVX512-BF16); prefill-sized steps
+    # keep torch's matmuls.
+    DOT_WHOLE_MAX_TOKENS = 64
 
     @property
     def kernel_fits(self) -> bool:
@@ -186,10 +197,12 @@ class Experts(nn.Module):
 
     def whole_step(self, x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor,
                    load: torch.Tensor | None) -> torch.Tensor | None:
-        """A step of at most GROUPED_MAX_ROWS tokens (so as many rows per expert) on a rank holding every slot
-        it routes to, in one kernel call: gather, both GEMMs, SiLU, weighted sum (``cpu_gemm.moe_experts``;
-        ``load`` += copies per slot). None where the kernel does not take it (the caller dispatches)."""
-        if self.kernel is None or not 0 < x.shape[0] <= self.GROUPED_MAX_ROWS:
+        """A step of at most GROUPED_MAX_ROWS tokens (so as many rows per expert; DOT_WHOLE_MAX_TOKENS in bf16
+        by AVX512-BF16) on a rank holding every slot it routes to, in one kernel call: gather, both GEMMs,
+        SiLU, weighted sum (``cpu_gemm.moe_experts``; ``load`` += copies per slot). None where the kernel does
+        not take it (the caller dispatches)."""
+        dot = x.dtype == torch.bfloat16 and cpu_gemm.bf16_dot()
+        if self.kernel is None or not 0 < x.shape[0] <= (self.DOT_WHOLE_MAX_TOKENS if dot else self.GROUPED_MAX_ROWS):
             return None
         return cpu_gemm.moe_experts(x, slots, weights, self.w13_kernel, self.w2_kernel, load)
 
@@ -213,6 +226,7 @@ class Experts(nn.Module):
         if not self.fp8 and 0 < most <= self.PADDED_MAX_ROWS and 2 * active > len(counts):
             return self._padded(x, counts)
         out = torch.empty_like(x)
+        bucket = self.ROWS_BUCKET if x.device.type == "cpu" else 1
         start = 0
         for e, n in enumerate(counts):
             if n:
@@ -220,8 +234,11 @@ class Experts(nn.Module):
                 if self.fp8:
                     out[rows] = self._fp8_expert(x[rows], e)
                 else:
-                    gate, up = F.linear(x[rows], self.w13[e]).chunk(2, dim=-1)
-                    out[rows] = F.linear(F.silu(gate) * up, self.w2[e])
+                    xe = x[rows]
+                    if n % bucket:  # zero rows up to the bucket: a shape oneDNN has seen (below)
+                        xe = F.pad(xe, (0, 0, 0, bucket - n % bucket))
+                    gate, up = F.linear(xe, self.w13[e]).chunk(2, dim=-1)
+                    out[rows] = F.linear(F.silu(gate) * up, self.w2[e])[:n]
                 start += n
         return out
 
