@@ -267,10 +267,11 @@ def test_kernel_off_by_environment_says_why(monkeypatch, caplog):
 
 
 @pytest.mark.parametrize("cpu_kernel", [False, pytest.param(True, marks=needs_kernel)])
-@pytest.mark.parametrize("tokens", [1, 2, 5, 40])
+@pytest.mark.parametrize("tokens", [1, 2, 5, 40, 300])
 def test_expert_kernels_agree(tokens, cpu_kernel):
     """Few active slots run expert by expert, many run as one padded bmm, few rows per expert through
-    the CPU kernel: same result every way."""
+    the CPU kernel, a prefill's many rows expert by expert (each padded to Experts.ROWS_BUCKET rows): same
+    result every way."""
     torch.manual_seed(tokens)
     e, d, inter, k = 8, 64, 32, 2
     experts = Experts(e, d, inter, torch.float32)
