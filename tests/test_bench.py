@@ -214,9 +214,18 @@ def _run_tool(*args: str) -> str:
 def test_offline_bench_runs_and_profiles_on_a_tiny_setting(tiny_checkpoint):
     out = _run_tool("tools/bench_offline.py", "--model", tiny_checkpoint, "--skip-transformers", "--num-prompts", "2",
                     "--input-len", "8", "--output-len", "4", "--split-batch", "2", "--split-steps", "3",
-                    "--profile", "5")
+                    "--profile", "5", "--ab-bf16-dot")
     assert "output tok/s" in out and "Self CPU time total" in out
     assert "decode step at batch 2:" in out
+    assert ("AVX512-BF16 products on / off" in out) == cpu_gemm_has_bf16_dot()
+    assert ("AVX512-BF16 products: not on this CPU" in out) != cpu_gemm_has_bf16_dot()
+
+
+def cpu_gemm_has_bf16_dot() -> bool:
+    """Whether this machine runs the CPU kernel's AVX512-BF16 products (the tool's comparison needs them)."""
+    from engine.kernels import cpu_gemm
+
+    return cpu_gemm.load() is not None and cpu_gemm.bf16_dot()
 
 
 def test_spec_bench_runs_on_a_tiny_setting():

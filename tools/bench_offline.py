@@ -1,11 +1,13 @@
 """Offline throughput: pdserve's LLM.generate vs transformers' generate, side by side in one run.
 
     .venv/bin/python tools/bench_offline.py [--model DIR] [--num-prompts 64] [--input-len 256] [--output-len 128]
+        [--split-batch 32] [--ab-bf16-dot]
 
 Without --model, a random checkpoint of the ``bench`` preset is made in a temporary directory.
 Prints output tokens/s of both and their ratio, then the decode-step split at batch
 ``--split-batch`` (model forward vs everything else: scheduling, input preparation,
-sampling, bookkeeping).
+sampling, bookkeeping); with --ab-bf16-dot, that step in bf16 with the CPU kernel's AVX512-BF16 products on
+and off, alternated step by step in one process.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import random
+import statistics
 import tempfile
 import time
 
@@ -53,9 +56,8 @@ def bench_transformers(model: str, prompts, output_len: int, dtype: str) -> floa
     return len(prompts) * output_len / elapsed
 
 
-def decode_step_split(model: str, prompts, dtype: str, steps: int, profile: int = 0) -> tuple[float, float, float]:
-    """(step ms, forward ms, share of the step outside the forward) over pure-decode steps; ``profile``:
-    also print torch.profiler's ops (self CPU time, that many rows) over those steps."""
+def _decoding_engine(model: str, prompts, dtype: str, steps: int):
+    """An engine with ``prompts`` prefilled and one decode step taken, with tokens left for ``steps`` more."""
     from engine import SamplingParams
     from engine.args import EngineArgs
     from engine.engine import LLMEngine
@@ -67,6 +69,34 @@ def decode_step_split(model: str, prompts, dtype: str, steps: int, profile: int 
         eng.add_request(f"s{i}", p, params)
     eng.step()  # the whole batch's prefill
     eng.step()
+    return eng
+
+
+def bf16_dot_ab(model: str, prompts, steps: int) -> tuple[float, float] | None:
+    """Median decode step (ms) in bf16 with the CPU kernel's AVX512-BF16 products on and off, steps alternated
+    in one process; None where this CPU has no such products."""
+    from engine.kernels import cpu_gemm
+
+    eng = _decoding_engine(model, prompts, "bfloat16", 2 * steps)
+    if not cpu_gemm.bf16_dot():
+        return None
+    times: dict[bool, list[float]] = {True: [], False: []}
+    try:
+        for i in range(2 * steps):
+            on = i % 2 == 0
+            cpu_gemm.set_bf16_dot(on)
+            t0 = time.perf_counter()
+            eng.step()
+            times[on].append(time.perf_counter() - t0)
+    finally:
+        cpu_gemm.set_bf16_dot(True)
+    return 1000 * statistics.median(times[True]), 1000 * statistics.median(times[False])
+
+
+def decode_step_split(model: str, prompts, dtype: str, steps: int, profile: int = 0) -> tuple[float, float, float]:
+    """(step ms, forward ms, share of the step outside the forward) over pure-decode steps; ``profile``:
+    also print torch.profiler's ops (self CPU time, that many rows) over those steps."""
+    eng = _decoding_engine(model, prompts, dtype, steps)
     eng.timings.__init__()
     with contextlib.ExitStack() as stack:
         if profile:
@@ -95,6 +125,9 @@ def main() -> None:
     ap.add_argument("--skip-transformers", action="store_true")
     ap.add_argument("--profile", type=int, default=0, metavar="ROWS",
                     help="print torch.profiler's top ROWS ops (self CPU time) of the decode-step split")
+    ap.add_argument("--ab-bf16-dot", action="store_true",
+                    help="also time the decode step at batch --split-batch in bf16 with the CPU kernel's AVX512-BF16 "
+                         "products on and off, steps alternated in one process")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
@@ -126,6 +159,13 @@ def main() -> None:
                                         args.profile)
     print(f"decode step at batch {args.split_batch}: {step:.1f} ms/step, model forward {fwd:.1f} ms, "
           f"everything else {100 * other:.1f}% of the step")
+    if args.ab_bf16_dot:
+        ab = bf16_dot_ab(model, prompts[: args.split_batch], args.split_steps)
+        if ab is None:
+            print("AVX512-BF16 products: not on this CPU (or turned off), nothing to compare")
+        else:
+            print(f"bf16 decode step at batch {args.split_batch}, AVX512-BF16 products on / off (steps alternated, "
+                  f"medians of {args.split_steps}): {ab[0]:.2f} / {ab[1]:.2f} ms = {ab[0] / ab[1]:.2f}x")
 
 
 if __name__ == "__main__":
