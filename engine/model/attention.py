@@ -226,9 +226,10 @@ def mla_attention(
 def _kernel_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, d: DecodeBatch, w: MLAWeights,
                    rank: int) -> torch.Tensor:
     """The decode queries ``q [M, H, *]`` (``d.tokens``' rows) by ``w.decode_attention`` -> ``[M, H, Dv]``.
-    A bf16 model's (at most KERNEL_MAX_ROWS, or any number with AVX512-BF16) go into the absorbed products as they are: with the kernel's
-    AVX512-BF16 products (``cpu_gemm.bf16_dot()``) as bf16 rows, the attention's latent output rounded to bf16
-    for W_UV as well; without them widened, so that the whole is the fp32 arithmetic rounded at the end."""
+    A bf16 model's queries (at most KERNEL_MAX_ROWS, or any number with AVX512-BF16) go into the absorbed
+    products as they are: with the kernel's AVX512-BF16 products (``cpu_gemm.bf16_dot()``) as bf16 rows, the
+    attention's latent output rounded to bf16 for W_UV as well; without them widened, so that the whole is the
+    fp32 arithmetic rounded at the end."""
     if q_nope.dtype == torch.float32:
         q = _absorb_query(q_nope, q_pe, w)  # [M, H, R+Dr]
     else:
@@ -286,7 +287,7 @@ def _absorb_query(q_nope: torch.Tensor, q_pe: torch.Tensor, w: MLAWeights) -> to
 
 
 def _kernel_absorb_query(q_nope: torch.Tensor, q_pe: torch.Tensor, w: MLAWeights) -> torch.Tensor:
-    """``_absorb_query`` by ``w.kernel`` (fp32 or bf16 rows; at most KERNEL_MAX_ROWS) -> fp32 ``[..., H, R+Dr]``."""
+    """``_absorb_query`` by ``w.kernel`` (fp32 or bf16 rows) -> fp32 ``[..., H, R+Dr]``."""
     heads, rank = q_nope.shape[-2], w.w_uk_t.shape[1]
     q = q_nope.new_empty(*q_nope.shape[:-1], rank + q_pe.shape[-1], dtype=torch.float32)
     flat = q.view(-1, heads, q.shape[-1])
@@ -312,7 +313,7 @@ def _absorb_output(o_lat: torch.Tensor, w: MLAWeights) -> torch.Tensor:
 
 
 def _kernel_absorb_output(o_lat: torch.Tensor, w: MLAWeights) -> torch.Tensor:
-    """``_absorb_output`` by ``w.kernel`` (fp32 or bf16 rows; at most KERNEL_MAX_ROWS) -> fp32 ``[..., H, Dv]``."""
+    """``_absorb_output`` by ``w.kernel`` (fp32 or bf16 rows) -> fp32 ``[..., H, Dv]``."""
     weight = w.w_uv if w.w_uv_kernel is None else w.w_uv_kernel
     heads = o_lat.shape[-2]
     return w.kernel(o_lat.reshape(-1, heads, o_lat.shape[-1]), weight).view(*o_lat.shape[:-1], -1)
