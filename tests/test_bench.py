@@ -217,11 +217,11 @@ def test_offline_bench_runs_and_profiles_on_a_tiny_setting(tiny_checkpoint):
                     "--profile", "5", "--ab-bf16-dot")
     assert "output tok/s" in out and "Self CPU time total" in out
     assert "decode step at batch 2:" in out
-    assert ("AVX512-BF16 products on / off" in out) == cpu_gemm_has_bf16_dot()
-    assert ("AVX512-BF16 products: not on this CPU" in out) != cpu_gemm_has_bf16_dot()
+    assert ("AVX512-BF16 products on / off" in out) == _has_bf16_dot()
+    assert ("AVX512-BF16 products: not on this CPU" in out) != _has_bf16_dot()
 
 
-def cpu_gemm_has_bf16_dot() -> bool:
+def _has_bf16_dot() -> bool:
     """Whether this machine runs the CPU kernel's AVX512-BF16 products (the tool's comparison needs them)."""
     from engine.kernels import cpu_gemm
 

@@ -29,6 +29,7 @@ namespace {
 constexpr int64_t kBlockN = 64;       // weight rows per work item
 constexpr int kPairs = 2;             // weight rows per tile
 constexpr int kPrefetchTiles = 2;     // prefetch the rows this many tiles ahead
+constexpr int64_t kOneStreamRows = 4; // up to this many rows: one weight row at a time (block, dot_block)
 
 // 8 weights as fp32 lanes: fp32 loaded as is, bf16 widened exactly (bf16 is fp32's upper half)
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
@@ -117,8 +118,9 @@ void block(const float* x, int64_t ldx, int64_t rows, const W* w, int64_t n0, in
   for (int64_t n = n0; n < n1;) {
     // up to 4 rows (a decode step's rows per routed expert): one weight row at a time, as dot_block does. Two
     // rows side by side stream slower from memory; an fp32 model's experts (bf16 copies) at 4-16 tokens took
-    // 0.60-0.72x the time, 1 token 0.85x (interleaved A/B, AMD EPYC with AVX-512, the AVX2 path)
-    const int nb = rows > 4 && n + kPairs <= n1 ? kPairs : 1;
+    // 0.60-0.72x the time, 1 token 0.85x (builds alternated in one process, 2-core AMD EPYC with AVX512-BF16,
+    // no AMX; float32, this AVX2 path)
+    const int nb = rows > kOneStreamRows && n + kPairs <= n1 ? kPairs : 1;
     const int64_t next = n + kPrefetchTiles * kPairs;
     const W* ahead = next + nb <= N ? w + next * K : nullptr;
     const W* pair[kPairs] = {w + n * K, w + (n + 1) * K};  // the second only read when nb == kPairs
@@ -212,7 +214,7 @@ PDSERVE_BF16_DOT inline __m512 sum16(const __m512* a) {
 
 // y[m * ldy + n] = dot(x row m, w[n]) for m < MB, n < NB over K bf16 values (K % 8 == 0: steps of 32, the
 // last one, where partial, by masked loads, the missing pairs zeros; a masked load in every step halved the
-// tile's rate on an AMD EPYC with AVX512-BF16). `ahead`: where NB rows K apart that the next tile reads
+// tile's rate in one process, 2-core AMD EPYC with AVX512-BF16, no AMX). `ahead`: where NB rows K apart that the next tile reads
 // start (one prefetch per cache line), or null.
 template <int MB, int NB>
 PDSERVE_BF16_DOT inline void dot_tile(const at::BFloat16* x, int64_t ldx, const at::BFloat16* const* w, int64_t K,
@@ -279,11 +281,11 @@ PDSERVE_BF16_DOT inline void dot_row_tile(int64_t mb, const at::BFloat16* x, int
 // block() for bf16 rows: x [rows, K] (ldx apart) times weight rows [n0, n1) of w [N, K] -> y (fp32, ldy apart)
 PDSERVE_BF16_DOT void dot_block(const at::BFloat16* x, int64_t ldx, int64_t rows, const at::BFloat16* w, int64_t n0,
                                 int64_t n1, int64_t N, int64_t K, float* y, int64_t ldy) {
-  // one or two rows (a decode step's rows per routed expert): a weight row at a time. Four weight rows read
-  // side by side streamed ~0.6x the bytes per second of one (single thread, from memory, AMD EPYC with
-  // AVX512-BF16): the hardware prefetcher follows one stream better than four, and so few rows do not need
-  // the tile's reuse of each row vector
-  const int64_t cols_per_tile = rows <= 4 ? 1 : kDotCols;
+  // up to kOneStreamRows rows (a decode step's rows per routed expert): a weight row at a time. Four weight
+  // rows read side by side streamed ~0.6x the bytes per second of one (single thread, from memory, 2-core AMD
+  // EPYC with AVX512-BF16, no AMX, bf16): the hardware prefetcher follows one stream better than four, and so
+  // few rows do not need the tile's reuse of each row vector
+  const int64_t cols_per_tile = rows <= kOneStreamRows ? 1 : kDotCols;
   for (int64_t n = n0; n < n1;) {
     const int nb = n + cols_per_tile <= n1 ? cols_per_tile : 1;
     const at::BFloat16* cols[kDotCols];
@@ -783,14 +785,18 @@ torch::Tensor mla_decode(const torch::Tensor& q, const torch::Tensor& cache, con
 // a 2-core AMD EPYC, AVX2 + FMA, no AVX512-BF16 / AMX, fp32; a decode step runs ~17 norms). The sum of squares is taken in 16 lanes, so the result differs from the
 // formula's in the last bits (within 1e-6 relative); rows may sit apart (a view into a wider tensor).
 
-// 8 fp32 lanes rounded to bf16 (to nearest even, NaN kept a NaN) and stored
-inline void store8(at::BFloat16* p, __m256 v) {
+// 8 fp32 lanes rounded to bf16 values (to nearest even, NaN kept a NaN), as fp32 with the low 16 bits clear
+inline __m256 round8(__m256 v) {
   const __m256i bits = _mm256_castps_si256(v);
   const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
   __m256i r = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
   r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
-  const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
+  return _mm256_castsi256_ps(_mm256_slli_epi32(r, 16));
+}
+inline void store8(at::BFloat16* p, __m256 v) {  // round8(v), its upper halves stored
+  const __m256i r = _mm256_srli_epi32(_mm256_castps_si256(round8(v)), 16);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                   _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
 }
 inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
 
@@ -814,11 +820,7 @@ void rms_row(const T* r, const T* wp, int64_t D, float eps, T* o) {
   const __m256 vi = _mm256_set1_ps(inv);
   for (k = 0; k + 8 <= D; k += 8) {
     __m256 n = _mm256_mul_ps(load8(r + k), vi);
-    if constexpr (std::is_same_v<T, at::BFloat16>) {
-      at::BFloat16 rounded[8];
-      store8(rounded, n);
-      n = load8(rounded);
-    }
+    if constexpr (std::is_same_v<T, at::BFloat16>) n = round8(n);
     store8(o + k, _mm256_mul_ps(load8(wp + k), n));
   }
   for (; k < D; ++k) o[k] = static_cast<T>(widen(wp[k]) * widen(static_cast<T>(widen(r[k]) * inv)));

@@ -23,7 +23,7 @@ A bf16 model on a CPU with AVX512-BF16 (AMD Zen 4 and later, Intel Cooper Lake, 
 has its bf16 rows multiplied by VDPBF16PS (32 bf16 pairs per instruction into fp32 sums) rather than widened
 to fp32 for AVX2 FMAs: the experts, the absorbed products, the decode attention for every decode query, and
 the projections at up to ``layers.DOT_MAX_ROWS`` rows (``bf16_dot()``; ``PDSERVE_CPU_KERNEL_BF16_DOT=0`` turns
-it off). Side by side on a 2-core AMD EPYC with AVX512-BF16 (no AMX), bench preset: its routed experts at 8
+it off). Side by side on a 2-core AMD EPYC with AVX512-BF16 (no AMX), bench preset, bf16: its routed experts at 8
 tokens 0.5x the widened path's time, decode attention over 300 keys 0.5x. Its results equal the fp32
 arithmetic on the same values to bf16's precision, not bit for bit.
 
@@ -95,16 +95,14 @@ def load() -> ModuleType | None:
             except Exception as e:  # noqa: BLE001  (no compiler, no ninja, a failed build: keep torch's kernels)
                 last = (str(e).strip().splitlines() or [""])[-1][:300]  # the compiler's last line
                 reason = f"the kernel did not build ({type(e).__name__}: {last})"
-        bf16_dot = False
         if module is None:
             log.warning("CPU kernel off, decode-sized matmuls use torch's bmm/sgemm/oneDNN: %s", reason)
         else:
             if os.environ.get("PDSERVE_CPU_KERNEL_BF16_DOT", "1") == "0":
                 module.set_bf16_dot(False)
-            bf16_dot = module.bf16_dot_enabled()
             log.info("CPU kernel loaded for decode-sized matmuls (engine/kernels/cpu_gemm.cpp, AVX2 + FMA%s)",
-                     "; a bf16 model's products by AVX512-BF16" if bf16_dot else "")
-        _state.update(module=module, reason=reason, bf16_dot=bf16_dot)
+                     "; a bf16 model's products by AVX512-BF16" if module.bf16_dot_enabled() else "")
+        _state.update(module=module, reason=reason)
         return module
 
 
@@ -115,15 +113,14 @@ def unavailable_reason() -> str | None:
 def bf16_dot() -> bool:
     """Whether the loaded kernel runs bf16 rows times bf16 weights through AVX512-BF16's VDPBF16PS (where the CPU
     has it, unless ``PDSERVE_CPU_KERNEL_BF16_DOT=0`` or ``set_bf16_dot(False)``), rather than widening them."""
-    return bool(_state.get("bf16_dot", False))
+    module = _state.get("module")
+    return module is not None and module.bf16_dot_enabled()  # type: ignore[attr-defined]
 
 
 def set_bf16_dot(on: bool) -> bool:
     """Turn the AVX512-BF16 products on (only where the CPU has them) or off, for side-by-side runs and tests;
     returns the previous setting. ``load()`` must have succeeded."""
-    was = _module().set_bf16_dot(on)  # type: ignore[attr-defined]
-    _state["bf16_dot"] = on
-    return was
+    return _module().set_bf16_dot(on)  # type: ignore[attr-defined]
 
 
 def kernel():

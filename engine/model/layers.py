@@ -130,8 +130,9 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor | None:
 KERNEL_MAX_ROWS = 16
 # In bf16 (a bf16 model) the kernel's AVX512-BF16 products (cpu_gemm.bf16_dot()) take the prepacked weights'
 # matmuls too, up to this many rows: one weight row streamed at a time, 0.5-0.9x oneDNN's time at 1 row and
-# about even at 4-8 (bench preset projections and head, side by side on a 2-core AMD EPYC with AVX512-BF16,
-# no AMX). Batch-1 decode and its speculative verification (k + 1 rows) are this size.
+# about even at 4-8 (bench preset projections and head in bf16, side by side on a 2-core AMD EPYC with
+# AVX512-BF16, no AMX; 16 rows instead of 4 made the decode step 1.05x longer at batch 8, steps alternated).
+# Batch-1 decode and its speculative verification (k + 1 rows) are this size.
 DOT_MAX_ROWS = 4
 
 Kernel = Callable[[torch.Tensor, torch.Tensor, list[int]], torch.Tensor]  # engine.kernels.cpu_gemm.grouped_gemm

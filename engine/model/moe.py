@@ -173,7 +173,7 @@ class Experts(nn.Module):
     # oneDNN builds a primitive for every new row count (~0.4 ms for a bench-preset expert GEMM in bf16, where
     # the GEMM itself takes ~1 ms) and a prefill's counts are new at almost every step and expert: unpadded, a
     # server's prefills kept getting faster as its primitive cache filled (7 x 256 tokens, bench preset, bf16:
-    # 870 -> 691 ms over 7 steps). Padding costs at most ROWS_BUCKET - 1 rows of each expert's work.
+    # 870 -> 691 ms over 7 steps in one process; 2-core AMD EPYC with AVX512-BF16, no AMX). Padding costs at most ROWS_BUCKET - 1 rows of each expert's work.
     ROWS_BUCKET = 32
     # A bf16 step through the kernel's AVX512-BF16 products (cpu_gemm.bf16_dot()): whole, up to this many tokens
     # (bench preset, decode batch 32, ~4 rows per expert: the step 0.92x as long as with the dispatcher's path
