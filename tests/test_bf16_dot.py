@@ -84,6 +84,41 @@ def test_head_gemm_of_bf16_rows_reads_and_writes_strided_views(bf16_dot, rows):
     assert bool((wide[..., n:] == 7.0).all())
 
 
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 3, 8, 9, 17])
+@pytest.mark.parametrize("k", [8, 40, 128])
+def test_head_gemm_from_pair_layout(rows, k):
+    """Per-head weights in cpu_gemm.pair_layout (a bf16 model's W_UK and W_UV where the products are on): bf16
+    rows that are a slice of a wider tensor, by the products where the CPU has them (to bf16's precision), and
+    with them off (rows widened: the fp32 arithmetic, every row tail of the 8-row and 4-row tiles); the fp32
+    result written into a slice, nothing outside it changed."""
+    cpu_gemm.load()
+    torch.manual_seed(rows * 100 + k)
+    heads, n = 3, 64
+    x = torch.randn(rows, heads, k + 24).bfloat16()[..., :k]
+    w = torch.randn(heads, n, k).bfloat16()
+    assert cpu_gemm.pair_fits(w) and not cpu_gemm.pair_fits(w[:, :40]) and not cpu_gemm.pair_fits(w.float())
+    pairs = cpu_gemm.pair_layout(w)
+    assert pairs.shape == (heads, n // 32, k // 2, 32, 2)
+    want = torch.einsum("mhk,hnk->mhn", x.float(), w.float())
+    was = cpu_gemm.bf16_dot()
+    try:
+        for dot in (True, False) if HAS_DOT else (False,):
+            cpu_gemm.set_bf16_dot(dot)
+            wide = torch.full((rows, heads, n + 8), 7.0)
+            cpu_gemm.head_gemm(x, pairs, wide[..., :n])
+            if dot:
+                _close(wide[..., :n], want)
+            else:
+                torch.testing.assert_close(wide[..., :n], want, rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(cpu_gemm.head_gemm(x.float(), pairs), want, rtol=1e-5, atol=1e-5)
+            assert bool((wide[..., n:] == 7.0).all())
+    finally:
+        cpu_gemm.set_bf16_dot(was)
+    with pytest.raises(RuntimeError, match="pair layout"):
+        cpu_gemm.head_gemm(x, pairs.float())
+
+
 @needs_dot
 @pytest.mark.parametrize("tokens, k", [(1, 4), (3, 2), (8, 4), (16, 6)])
 def test_moe_experts_of_bf16_rows(bf16_dot, tokens, k):

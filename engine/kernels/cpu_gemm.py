@@ -158,12 +158,30 @@ def moe_experts(x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor, w13
 def head_gemm(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """``x [M, H, K]`` times each head's ``w [H, N, K]`` transposed -> ``[M, H, N]``, written into ``out`` where
     given (any row and head strides, the last dim dense: e.g. a slice of a wider tensor), read from ``x`` in
-    place. ``x`` fp32, or bf16 (as in ``grouped_gemm``); ``out`` fp32; ``w`` fp32 or bf16 holding exact values.
-    ``load()`` must have succeeded."""
+    place. ``x`` fp32, or bf16 (as in ``grouped_gemm``); ``out`` fp32; ``w`` fp32 or bf16 holding exact values,
+    or bf16 in ``pair_layout`` for bf16 ``x`` while ``bf16_dot()``. ``load()`` must have succeeded."""
     if out is None:
-        out = x.new_empty(x.shape[0], x.shape[1], w.shape[1], dtype=torch.float32)
+        n = w.shape[1] * PAIR_TILE if w.dim() == 5 else w.shape[1]
+        out = x.new_empty(x.shape[0], x.shape[1], n, dtype=torch.float32)
     _module().head_gemm(x, w, out)  # type: ignore[attr-defined]
     return out
+
+
+PAIR_TILE = 32  # weight rows per tile of pair_layout
+
+
+def pair_fits(w: torch.Tensor) -> bool:
+    """Whether ``pair_layout`` takes this per-head weight ``[H, N, K]``: bf16, N a multiple of 32, K of 8."""
+    return w.dim() == 3 and w.dtype == torch.bfloat16 and w.shape[1] % PAIR_TILE == 0 and w.shape[2] % 8 == 0
+
+
+def pair_layout(w: torch.Tensor) -> torch.Tensor:
+    """Per-head weights ``w [H, N, K]`` (bf16) as ``head_gemm``'s AVX512-BF16 products read them fastest:
+    ``[H, N/32, K/2, 32, 2]``, each tile of 32 weight rows one stream of K/2 vectors holding the 32 rows'
+    weights at k = 2i, 2i + 1 side by side (``cpu_gemm.cpp`` says why). A copy; ``pair_fits(w)`` must hold."""
+    heads, n, k = w.shape
+    return (w.detach().reshape(heads, n // PAIR_TILE, PAIR_TILE, k // 2, 2).permute(0, 1, 3, 2, 4)
+            .contiguous())
 
 
 def mla_decode(q: torch.Tensor, cache_rows: torch.Tensor, slots: torch.Tensor, seq: torch.Tensor, keys: torch.Tensor,

@@ -150,10 +150,10 @@ class MLAWeights:
     scale: float
     kv_b: torch.Tensor  # [H * (Dn+Dv), R]  both, as kv_b_proj holds them (one matmul for the naive pass)
     kernel: HeadKernel | None = None
-    w_uk_t: torch.Tensor | None = None  # [H, R, Dn], given with ``kernel``
+    w_uk_t: torch.Tensor | None = None  # [H, R, Dn] (or ``cpu_gemm.pair_layout`` of it), given with ``kernel``
     # the same module's MLA decode attention over an fp32 cache (``cpu_gemm.mla_decode``)
     decode_attention: Callable[..., torch.Tensor] | None = None
-    w_uv_kernel: torch.Tensor | None = None  # ``w_uv`` as ``kernel`` reads it (a bf16 copy); None: ``w_uv``
+    w_uv_kernel: torch.Tensor | None = None  # ``w_uv`` as ``kernel`` reads it (a bf16 copy, a pair layout); None: ``w_uv``
     kv_b_packed: torch.Tensor | None = None  # oneDNN's prepacked ``kv_b`` (``layers.pack_weight``), for the naive pass
     # contiguous copies for torch's bmm (absorbed products without ``kernel``): ``einsum`` over the views above
     # copied (and for W_UV transposed) the weight on every call: 0.24 / 0.65 ms vs 0.10 / 0.11 ms a layer at 32
@@ -288,7 +288,7 @@ def _absorb_query(q_nope: torch.Tensor, q_pe: torch.Tensor, w: MLAWeights) -> to
 
 def _kernel_absorb_query(q_nope: torch.Tensor, q_pe: torch.Tensor, w: MLAWeights) -> torch.Tensor:
     """``_absorb_query`` by ``w.kernel`` (fp32 or bf16 rows) -> fp32 ``[..., H, R+Dr]``."""
-    heads, rank = q_nope.shape[-2], w.w_uk_t.shape[1]
+    heads, rank = q_nope.shape[-2], w.w_uk.shape[2]
     q = q_nope.new_empty(*q_nope.shape[:-1], rank + q_pe.shape[-1], dtype=torch.float32)
     flat = q.view(-1, heads, q.shape[-1])
     w.kernel(q_nope.reshape(-1, heads, q_nope.shape[-1]), w.w_uk_t, flat[..., :rank])  # written in place

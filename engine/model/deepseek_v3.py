@@ -96,8 +96,10 @@ class MLA(nn.Module):
         self.o_proj = RowParallelLinear(cfg.num_attention_heads * cfg.v_head_dim, h, dtype, tp, fp8)
         self.softmax_scale = cfg.softmax_scale
         self.kernel: HeadKernel | None = None  # use_cpu_kernel(): the absorbed products of few rows per head
-        self.w_uk_t: torch.Tensor | None = None  # its copy of W_UK, [H, R, Dn] (layers.kernel_copy: bf16 when exact)
-        self.w_uv_kernel: torch.Tensor | None = None  # W_UV as the kernel reads it, [H, Dv, R] (likewise)
+        # its copy of W_UK, [H, R, Dn] (layers.kernel_copy: bf16 when exact), and W_UV as it reads it, [H, Dv, R]
+        # (likewise); with the AVX512-BF16 products both in cpu_gemm.pair_layout
+        self.w_uk_t: torch.Tensor | None = None
+        self.w_uv_kernel: torch.Tensor | None = None
         self.decode_attention = None  # and the same module's decode attention (cpu_gemm.mla_decode)
         self._weights: tuple[tuple, MLAWeights] | None = None  # mla_weights(): what it was built from, and it
 
@@ -117,6 +119,10 @@ class MLA(nn.Module):
         self.kernel = cpu_gemm.head_gemm
         self.w_uk_t = kernel_copy(MLAWeights.kernel_layout(w.weight, self.heads, self.nope, self.v_dim))
         self.w_uv_kernel = kernel_copy(w.weight.view(self.heads, self.nope + self.v_dim, -1)[:, self.nope:])
+        if (w.weight.dtype == torch.bfloat16 and cpu_gemm.bf16_dot() and cpu_gemm.pair_fits(self.w_uk_t)
+                and cpu_gemm.pair_fits(self.w_uv_kernel)):
+            # a bf16 model with the AVX512-BF16 products: both in the layout those read fastest (cpu_gemm.cpp)
+            self.w_uk_t, self.w_uv_kernel = cpu_gemm.pair_layout(self.w_uk_t), cpu_gemm.pair_layout(self.w_uv_kernel)
         self.decode_attention = cpu_gemm.mla_decode
         return True
 
