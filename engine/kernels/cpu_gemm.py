@@ -195,6 +195,22 @@ def mla_decode(q: torch.Tensor, cache_rows: torch.Tensor, slots: torch.Tensor, s
                                 scale)
 
 
+def mla_prefill(q_nope: torch.Tensor, q_pe: torch.Tensor, k_nope: torch.Tensor, k_pe: torch.Tensor, v: torch.Tensor,
+                scale: float) -> torch.Tensor:
+    """MLA's expanded (naive) attention of a prefill chunk, causal, by the AVX512-BF16 products: ``q_nope
+    [Q, H, Dn]``, ``q_pe [Q, H, Dr]``, ``k_nope [L, H, Dn]``, ``k_pe [L, Dr]`` (shared by the heads), ``v [L, H, Dv]``,
+    bf16 views with any row and head strides (the last dim dense); query i sits at position L - Q + i and
+    attends keys 0 .. L - Q + i. -> ``[Q, H, Dv]`` bf16. Only while ``bf16_dot()``; Dn, Dr even, Dv a multiple
+    of 32."""
+    return _module().mla_prefill(q_nope, q_pe, k_nope, k_pe, v, scale)  # type: ignore[attr-defined]
+
+
+def prefill_fits(q_nope: torch.Tensor, q_pe: torch.Tensor, v_dim: int) -> bool:
+    """Whether ``mla_prefill`` takes this pass: bf16 on the CPU with the products on, and the widths it needs."""
+    return (q_nope.dtype == torch.bfloat16 and q_nope.device.type == "cpu" and v_dim % 32 == 0
+            and q_nope.shape[-1] % 2 == 0 and q_pe.shape[-1] % 2 == 0 and bf16_dot())
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm of fp32 rows ``x [..., D]`` (rows may sit apart, the last dim dense) with ``weight [D]``: one
     call instead of ATen's six on the CPU (``cpu_gemm.cpp`` says what it saves). ``load()`` must have succeeded."""
