@@ -101,3 +101,31 @@ def test_prompts_per_level(tool):
     assert [tool.default_num_prompts("transformers", c) for c in (1, 8, 32, 64)] == [4, 16, 32, 64]
     assert tool.prompts_per_level([5], "vllm", [1, 8]) == [5, 5]
     assert tool.prompts_per_level([3, 7], "transformers", [1, 8]) == [3, 7]
+
+
+def test_rounds_report_each_rounds_ratios_and_their_median(tool):
+    """--rounds: each round's pdserve / vLLM ratios come from that round's two runs; the median row is the
+    median of the rounds' ratios, each metric on its own; the tables get a round column."""
+    def server(name, rnd, tps, ttft, tpot):
+        summary = {"output_throughput": tps, "ttft_ms": {"p50": ttft, "p99": ttft},
+                   "tpot_ms": {"p50": tpot, "p99": tpot}, "failed": 0, "num_requests": 4}
+        label = "pdserve" if name == "pdserve" else "vLLM CPU"
+        return tool.Server(name, label, status="ok", round=rnd, tag=f"{name}-r{rnd}",
+                           runs=[{"concurrency": 8, "summary": summary, "error": None}])
+    servers = [server("pdserve", 1, 300, 600, 20), server("vllm", 1, 200, 900, 30),
+               server("vllm", 2, 250, 800, 25), server("pdserve", 2, 260, 700, 22),
+               server("pdserve", 3, 330, 640, 19), server("vllm", 3, 210, 1000, 31)]
+    rows = tool.round_ratios(servers, [8])
+    assert [r["round"] for r in rows] == [1, 2, 3, "median"]
+    tps = [300 / 200, 260 / 250, 330 / 210]
+    assert [r["output_throughput"] for r in rows[:3]] == pytest.approx(tps)
+    assert rows[3]["output_throughput"] == pytest.approx(sorted(tps)[1])
+    assert rows[3]["ttft_p99"] == pytest.approx(sorted([600 / 900, 700 / 800, 640 / 1000])[1])
+    table = tool.ratios_table(rows)
+    assert table.splitlines()[0] == "| round | C | pdserve / | output tok/s | TTFT p99 | TPOT p99 |"
+    assert table.splitlines()[-1].startswith(f"| median | 8 | vLLM CPU | {sorted(tps)[1]:.2f}x |")
+    assert "| 2 | 8 | vLLM CPU | 250.0 |" in tool.results_table(servers, [8])
+    # one round: the tables as before, no round column
+    one = tool.ratios_table(tool.round_ratios(servers[:2], [8])).splitlines()
+    assert one[0] == "| C | pdserve / | output tok/s | TTFT p99 | TPOT p99 |"
+    assert one[2] == "| 8 | vLLM CPU | 1.50x | 0.67x | 0.67x |"

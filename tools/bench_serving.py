@@ -3,7 +3,7 @@
     .venv/bin/python tools/bench_serving.py [--model DIR | --preset bench] [--servers pdserve,vllm,transformers]
         [--concurrency 1,8,32] [--num-prompts N[,N2,...]] [--hf-num-prompts N[,N2,...]]
         [--input-len 256] [--output-len 128] [--vocab-size V] [--dtype auto|float32|bfloat16]
-        [--vllm-venv DIR] [--work-dir DIR] [--json OUT] [--write-docs docs/BENCHMARKS.md]
+        [--vllm-venv DIR] [--rounds N] [--work-dir DIR] [--json OUT] [--write-docs docs/BENCHMARKS.md]
 
 Without --model, a random checkpoint of --preset is made with ``pdserve checkpoint make-random``
 in the work directory. The dtype is resolved once (``auto``: engine.dtype_choice's rule for this
@@ -17,6 +17,11 @@ work directory (kept, and printed at the end); a server that fails to start is r
 with the tail of its log. vLLM runs from its own venv (--vllm-venv, else $VLLM_VENV; built by
 tools/peers/setup_vllm.sh) with tcmalloc and the venv's libiomp5.so preloaded when present;
 without that venv its rows say "not run".
+
+With --rounds N the servers run N times over, in turn, the order reversed every other round (pdserve,
+vLLM, vLLM, pdserve, ...): on a machine whose speed drifts from minute to minute (a shared VM) two
+servers measured once each were measured at different speeds; the report then has each round's rows,
+each round's ratios from its two adjacent runs, and their median.
 
 Prompts per level (--num-prompts / --hf-num-prompts override them: one number for every level,
 or one per level): pdserve and vLLM get 16 at C=1, else max(64, 2*C) (at least two full rounds);
@@ -46,6 +51,7 @@ import os
 import re
 import shlex
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -78,6 +84,13 @@ def _int_list(text: str) -> list[int]:
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
     return values
+
+
+def _positive_int(text: str) -> int:
+    [n] = _int_list(text) if "," not in text else [0]
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected one positive integer, got {text!r}")
+    return n
 
 
 def _server_list(text: str) -> list[str]:
@@ -121,6 +134,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="auto: bf16 where this CPU runs it fast, else fp32 (engine.dtype_choice)")
     ap.add_argument("--vllm-venv", default=os.environ.get("VLLM_VENV"), metavar="DIR",
                     help="vLLM's venv (default: $VLLM_VENV)")
+    ap.add_argument("--rounds", type=_positive_int, default=1, metavar="N",
+                    help="run the servers N times over, in turn (order reversed every other round)")
     ap.add_argument("--start-timeout", type=float, default=600.0, help="seconds a server may take to answer")
     ap.add_argument("--request-timeout", type=float, default=300.0, help="pdserve bench --timeout (per request)")
     ap.add_argument("--hf-request-timeout", type=float, default=1200.0,
@@ -238,6 +253,8 @@ class Server:
     pid: int | None = None
     log: str | None = None
     runs: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    round: int = 1  # of --rounds
+    tag: str = ""  # names its files: the name, and the round where there are several
 
     @property
     def url(self) -> str:
@@ -347,8 +364,8 @@ def _indent(text: str) -> str:
 
 def run_bench(srv: Server, level: int, num_prompts: int, vocab: int, args, work: str, shown: Shown) -> dict:
     """One ``pdserve bench`` call against ``srv`` at concurrency ``level``; its summary, or why none."""
-    out = os.path.join(work, f"{srv.name}-c{level}.json")
-    log = os.path.join(work, f"{srv.name}-c{level}.bench.log")
+    out = os.path.join(work, f"{srv.tag}-c{level}.json")
+    log = os.path.join(work, f"{srv.tag}-c{level}.bench.log")
     timeout = args.hf_request_timeout if srv.name == "transformers" else args.request_timeout
     cmd = [*pdserve_cmd(), "bench", "--base-url", srv.url, "--dataset", "random",
            "--input-len", str(args.input_len), "--output-len", str(args.output_len), "--ignore-eos",
@@ -390,7 +407,7 @@ def run_bench(srv: Server, level: int, num_prompts: int, vocab: int, args, work:
 
 def bench_server(srv: Server, levels: list[int], prompts: list[int], vocab: int, args, work: str,
                  shown: Shown) -> None:
-    srv.log = os.path.join(work, f"{srv.name}.log")
+    srv.log = os.path.join(work, f"{srv.tag}.log")
     print(f"\n== {srv.label} (load average {os.getloadavg()[0]:.2f}; log {srv.log})", flush=True)
     print(f"$ {shown(srv.cmd, srv.env)}", flush=True)
     with open(srv.log, "wb") as log:
@@ -428,19 +445,23 @@ def _ms(stat: dict, digits: int = 0) -> str:
 
 
 def results_table(servers: list[Server], levels: list[int]) -> str:
+    rounds = len({s.round for s in servers}) > 1
     lines = ["| C | server | output tok/s | TTFT p50 / p99 ms | TPOT p50 / p99 ms |", "|---|---|---:|---:|---:|"]
+    if rounds:
+        lines = ["| round | " + lines[0][2:], "|---" + lines[1]]
     for level in levels:
         for srv in servers:
+            first = f"| {srv.round} " if rounds else ""
             run = next((r for r in srv.runs if r["concurrency"] == level), None)
             s = run and run["summary"]
             if not s:
                 why = run["error"] if run else srv.reason
-                lines.append(f"| {level} | {srv.label} | {srv.status}: {why} | - | - |")
+                lines.append(f"{first}| {level} | {srv.label} | {srv.status}: {why} | - | - |")
                 continue
             tps = f"{s['output_throughput']:.1f}"
             if s["failed"]:
                 tps += f" ({s['failed']} of {s['num_requests']} failed)"
-            lines.append(f"| {level} | {srv.label} | {tps} | {_ms(s['ttft_ms'])} | {_ms(s['tpot_ms'], 1)} |")
+            lines.append(f"{first}| {level} | {srv.label} | {tps} | {_ms(s['ttft_ms'])} | {_ms(s['tpot_ms'], 1)} |")
     return "\n".join(lines)
 
 
@@ -466,27 +487,52 @@ def ratios(servers: list[Server], levels: list[int]) -> list[dict[str, Any]]:
     return out
 
 
+RATIO_KEYS = ("output_throughput", "ttft_p99", "tpot_p99")
+
+
+def round_ratios(servers: list[Server], levels: list[int]) -> list[dict[str, Any]]:
+    """ratios() of each round's servers, each row with its round; with several rounds, then per level and other
+    server the median of the rounds' ratios (round "median")."""
+    rounds = sorted({s.round for s in servers})
+    rows = [{**row, "round": r} for r in rounds for row in ratios([s for s in servers if s.round == r], levels)]
+    if len(rounds) > 1:
+        for level in levels:
+            for vs in dict.fromkeys(row["vs"] for row in rows):
+                mine = [row for row in rows if row["concurrency"] == level and row["vs"] == vs]
+                median = {"concurrency": level, "vs": vs, "label": mine[0]["label"], "round": "median"}
+                for key in RATIO_KEYS:
+                    values = [row[key] for row in mine if row[key] is not None]
+                    median[key] = statistics.median(values) if len(values) == len(mine) else None
+                rows.append(median)
+    return rows
+
+
 def ratios_table(rows: list[dict[str, Any]]) -> str:
+    rounds = len({r["round"] for r in rows}) > 1
     lines = ["| C | pdserve / | output tok/s | TTFT p99 | TPOT p99 |", "|---|---|---:|---:|---:|"]
+    if rounds:
+        lines = ["| round | " + lines[0][2:], "|---" + lines[1]]
     fmt = (lambda x: "-" if x is None else f"{x:.2f}x")
     for r in rows:
-        lines.append(f"| {r['concurrency']} | {r['label']} | {fmt(r['output_throughput'])} | {fmt(r['ttft_p99'])} "
-                     f"| {fmt(r['tpot_p99'])} |")
+        first = f"| {r['round']} " if rounds else ""
+        lines.append(f"{first}| {r['concurrency']} | {r['label']} | {fmt(r['output_throughput'])} "
+                     f"| {fmt(r['ttft_p99'])} | {fmt(r['tpot_p99'])} |")
     return "\n".join(lines)
 
 
 def report(meta: dict[str, Any], commands: list[str], servers: list[Server], levels: list[int]) -> str:
     prompts = "; ".join(f"{s.label}: " + " / ".join(str(n) for n in meta["num_prompts"][s.name])
-                        for s in servers if s.cmd is not None) or "-"
+                        for s in servers if s.cmd is not None and s.round == 1) or "-"
     parts = [
         f"Machine: {meta['cpu']}. {meta['date']}, pdserve at {meta['commit']}, dtype {meta['dtype']} "
-        f"({meta['dtype_reason']}). Each server alone on the machine, one after the other; `pdserve bench` "
+        f"({meta['dtype_reason']}). Each server alone on the machine, one after the other{meta['rounds_text']}; "
+        f"`pdserve bench` "
         f"with random token ids, {meta['input_len']} in / {meta['output_len']} out (`--ignore-eos`), prompts at "
         f"C = {' / '.join(map(str, levels))}: {prompts}. Generated by `tools/bench_serving.py`.",
         "```bash\n" + "\n".join(commands) + "\n```",
         results_table(servers, levels),
     ]
-    rows = ratios(servers, levels)
+    rows = round_ratios(servers, levels)
     if rows:
         parts += ["pdserve / other server (output tok/s: above 1 is better for pdserve; p99 TTFT and TPOT: "
                   "below 1 is better for pdserve):", ratios_table(rows)]
@@ -496,6 +542,7 @@ def report(meta: dict[str, Any], commands: list[str], servers: list[Server], lev
 # ---- main ----------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    rounds = args.rounds
     # a SIGTERM unwinds like Ctrl-C, so the running server's process group is stopped too
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     from engine import dtype_choice
@@ -539,30 +586,35 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"cpu": cpu_description(), "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
             "commit": _git_commit(), "dtype": choice.dtype, "dtype_reason": choice.reason, "checkpoint": ckpt,
             "vocab_size": vocab, "input_len": args.input_len, "output_len": args.output_len, "seed": args.seed,
-            "concurrency": args.concurrency, "work_dir": work, "num_prompts": {}}
+            "concurrency": args.concurrency, "work_dir": work, "num_prompts": {}, "rounds": rounds,
+            "rounds_text": f", {rounds} rounds (the order reversed every other round)" if rounds > 1 else ""}
     servers: list[Server] = []
-    for name in args.servers:
-        srv = make_server(name, ckpt, choice.dtype, args, shown)
-        prompts = prompts_per_level(args.hf_num_prompts if name == "transformers" else args.num_prompts, name,
-                                    args.concurrency)
-        meta["num_prompts"][name] = prompts
-        servers.append(srv)
-        if srv.cmd is None:
-            print(f"\n== {srv.label}: not run: {srv.reason} (--vllm-venv / $VLLM_VENV: {args.vllm_venv or 'unset'})",
-                  flush=True)
-            commands.append(f"# {srv.label}: not run: {srv.reason}")
-            continue
-        if name == "vllm":
-            commands.append("# $VLLM_VENV: vLLM's venv, built by tools/peers/setup_vllm.sh")
-            if "$TCMALLOC" in shown(srv.cmd, srv.env):
-                commands.append("TCMALLOC=$(ldconfig -p | awk '/libtcmalloc_minimal.so.4 /{print $NF; exit}')")
-        bench_server(srv, args.concurrency, prompts, vocab, args, work, shown)
-        commands += [f"# {srv.label}", shown(srv.cmd, srv.env) + " &", *(r["command"] for r in srv.runs)]
+    for r in range(1, rounds + 1):
+        for name in (args.servers if r % 2 else args.servers[::-1]):
+            srv = make_server(name, ckpt, choice.dtype, args, shown)
+            srv.round, srv.tag = r, (f"{name}-r{r}" if rounds > 1 else name)
+            prompts = prompts_per_level(args.hf_num_prompts if name == "transformers" else args.num_prompts, name,
+                                        args.concurrency)
+            meta["num_prompts"][name] = prompts
+            servers.append(srv)
+            if srv.cmd is None:
+                print(f"\n== {srv.label}: not run: {srv.reason} (--vllm-venv / $VLLM_VENV: "
+                      f"{args.vllm_venv or 'unset'})", flush=True)
+                if r == 1:
+                    commands.append(f"# {srv.label}: not run: {srv.reason}")
+                continue
+            if name == "vllm" and r == 1:
+                commands.append("# $VLLM_VENV: vLLM's venv, built by tools/peers/setup_vllm.sh")
+                if "$TCMALLOC" in shown(srv.cmd, srv.env):
+                    commands.append("TCMALLOC=$(ldconfig -p | awk '/libtcmalloc_minimal.so.4 /{print $NF; exit}')")
+            bench_server(srv, args.concurrency, prompts, vocab, args, work, shown)
+            if r == 1:  # every round runs the same commands
+                commands += [f"# {srv.label}", shown(srv.cmd, srv.env) + " &", *(c["command"] for c in srv.runs)]
 
     block = report(meta, commands, servers, args.concurrency)
     print("\n" + block, flush=True)
     if args.json:
-        doc = {**meta, "commands": commands, "ratios": ratios(servers, args.concurrency), "markdown": block,
+        doc = {**meta, "commands": commands, "ratios": round_ratios(servers, args.concurrency), "markdown": block,
                "servers": [dataclasses.asdict(s) for s in servers]}
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(doc, f, indent=1)

@@ -921,7 +921,8 @@ PDSERVE_BF16_DOT inline __m512 exp16(__m512 x) {
 }
 
 struct PrefillViews {
-  const at::BFloat16 *qn, *qr, *kn, *kr, *v;  // q_nope [Q, H, Dn], q_pe [Q, H, Dr], k_nope [L, H, Dn], k_pe [L, Dr], v [L, H, Dv]
+  // q_nope [Q, H, Dn], q_pe [Q, H, Dr], k_nope [L, H, Dn], k_pe [L, Dr], v [L, H, Dv]
+  const at::BFloat16 *qn, *qr, *kn, *kr, *v;
   int64_t qn0, qn1, qr0, qr1, kn0, kn1, kr0, v0, v1;  // their strides (last dims dense)
   int64_t Q, L, H, Dn, Dr, Dv;
 };
@@ -935,7 +936,8 @@ PDSERVE_BF16_DOT inline void prefill_score_tile(const PrefillViews& a, int64_t h
   for (int m = 0; m < MB; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
   auto part = [&](const at::BFloat16* const* rows, int64_t pairs, const at::BFloat16* qv) PDSERVE_BF16_DOT {
     for (int64_t i = 0; i < pairs; ++i) {
-      const __m512bh w0 = (__m512bh)_mm512_loadu_si512(qv + i * 64), w1 = (__m512bh)_mm512_loadu_si512(qv + i * 64 + 32);
+      const __m512bh w0 = (__m512bh)_mm512_loadu_si512(qv + i * 64);
+      const __m512bh w1 = (__m512bh)_mm512_loadu_si512(qv + i * 64 + 32);
       for (int m = 0; m < MB; ++m) {
         int32_t pair;
         std::memcpy(&pair, rows[m] + 2 * i, sizeof(pair));
@@ -1010,7 +1012,8 @@ PDSERVE_BF16_DOT void prefill_item(const PrefillViews& a, int64_t h, int64_t q0,
         __m512 row = _mm512_loadu_ps(s + jj * QB + half * 16);
         if (diagonal) {
           const __m512i qi = _mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int32_t>(half * 16)));
-          const __mmask16 past_key = _mm512_cmplt_epi32_mask(qi, _mm512_set1_epi32(static_cast<int32_t>(j0 + jj - past - q0)));
+          const __m512i first_past = _mm512_set1_epi32(static_cast<int32_t>(j0 + jj - past - q0));
+          const __mmask16 past_key = _mm512_cmplt_epi32_mask(qi, first_past);
           row = _mm512_mask_mov_ps(row, past_key, _mm512_set1_ps(-INFINITY));
           _mm512_storeu_ps(s + jj * QB + half * 16, row);
         }
@@ -1030,7 +1033,8 @@ PDSERVE_BF16_DOT void prefill_item(const PrefillViews& a, int64_t h, int64_t q0,
     _mm512_store_ps(shrink_q + 16, shrink[1]);
     for (int64_t q = 0; q < qb; ++q) {
       const __m512 f = _mm512_set1_ps(shrink_q[q]);
-      for (int64_t c = 0; c < Dv; c += 16) _mm512_storeu_ps(out + q * Dv + c, _mm512_mul_ps(_mm512_loadu_ps(out + q * Dv + c), f));
+      for (int64_t c = 0; c < Dv; c += 16)
+        _mm512_storeu_ps(out + q * Dv + c, _mm512_mul_ps(_mm512_loadu_ps(out + q * Dv + c), f));
     }
     for (jj = 0; jj < nb; ++jj) {
       for (int half = 0; half < 2; ++half) {
