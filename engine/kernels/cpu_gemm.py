@@ -159,7 +159,8 @@ def head_gemm(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None)
     """``x [M, H, K]`` times each head's ``w [H, N, K]`` transposed -> ``[M, H, N]``, written into ``out`` where
     given (any row and head strides, the last dim dense: e.g. a slice of a wider tensor), read from ``x`` in
     place. ``x`` fp32, or bf16 (as in ``grouped_gemm``); ``out`` fp32; ``w`` fp32 or bf16 holding exact values,
-    or bf16 in ``pair_layout`` for bf16 ``x`` while ``bf16_dot()``. ``load()`` must have succeeded."""
+    or bf16 in ``pair_layout`` (bf16 ``x`` by the AVX512-BF16 products while ``bf16_dot()``, else widened to
+    fp32). ``load()`` must have succeeded."""
     if out is None:
         n = w.shape[1] * PAIR_TILE if w.dim() == 5 else w.shape[1]
         out = x.new_empty(x.shape[0], x.shape[1], n, dtype=torch.float32)

@@ -153,7 +153,8 @@ class MLAWeights:
     w_uk_t: torch.Tensor | None = None  # [H, R, Dn] (or ``cpu_gemm.pair_layout`` of it), given with ``kernel``
     # the same module's MLA decode attention over an fp32 cache (``cpu_gemm.mla_decode``)
     decode_attention: Callable[..., torch.Tensor] | None = None
-    w_uv_kernel: torch.Tensor | None = None  # ``w_uv`` as ``kernel`` reads it (a bf16 copy, a pair layout); None: ``w_uv``
+    # ``w_uv`` as ``kernel`` reads it (a bf16 copy, or ``cpu_gemm.pair_layout`` of it); None: ``w_uv``
+    w_uv_kernel: torch.Tensor | None = None
     kv_b_packed: torch.Tensor | None = None  # oneDNN's prepacked ``kv_b`` (``layers.pack_weight``), for the naive pass
     # contiguous copies for torch's bmm (absorbed products without ``kernel``): ``einsum`` over the views above
     # copied (and for W_UV transposed) the weight on every call: 0.24 / 0.65 ms vs 0.10 / 0.11 ms a layer at 32
