@@ -11,7 +11,8 @@ serial loop). Used by the routed experts (``engine/model/moe.py``) and every fp3
 router at up to ``layers.KERNEL_MAX_ROWS`` rows (``engine/model/layers.py``). The same module holds
 what a decode step calls around them, each one call where torch makes several: ``head_gemm`` (the
 absorbed MLA products per head, on strided views, ``engine/model/attention.py``), ``mla_decode`` (decode
-attention itself, reading the latent rows where they lie in the paged cache), ``rms_norm``, ``route``
+attention itself, reading the latent rows where they lie in the paged cache), ``mla_prefill`` (a bf16 prefill
+chunk's causal attention by AVX512-BF16), ``rms_norm``, ``route``
 (the V3 router's top-k after its matmul) and ``moe_experts`` (a small step's routed experts, sort to
 weighted sum); ``cpu_gemm.cpp`` says how each works. Measured side by side
 on a 2-core AMD EPYC (AVX2 + FMA, no AVX-512 / AVX512-BF16 / AMX), fp32: 32 experts of the bench preset's ``w13``
