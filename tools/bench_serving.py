@@ -87,10 +87,10 @@ def _int_list(text: str) -> list[int]:
 
 
 def _positive_int(text: str) -> int:
-    [n] = _int_list(text) if "," not in text else [0]
-    if n < 1:
+    values = _int_list(text)
+    if len(values) != 1:
         raise argparse.ArgumentTypeError(f"expected one positive integer, got {text!r}")
-    return n
+    return values[0]
 
 
 def _server_list(text: str) -> list[str]:
@@ -444,11 +444,15 @@ def _ms(stat: dict, digits: int = 0) -> str:
     return f"{fmt(stat['p50'], digits)} / {fmt(stat['p99'], digits)}"
 
 
+def _header(columns: str, align: str, rounds: bool) -> list[str]:
+    """A table's two header lines, with a round column first where the report has several rounds."""
+    return [f"| round {columns}", f"|---{align}"] if rounds else [columns, align]
+
+
 def results_table(servers: list[Server], levels: list[int]) -> str:
     rounds = len({s.round for s in servers}) > 1
-    lines = ["| C | server | output tok/s | TTFT p50 / p99 ms | TPOT p50 / p99 ms |", "|---|---|---:|---:|---:|"]
-    if rounds:
-        lines = ["| round | " + lines[0][2:], "|---" + lines[1]]
+    lines = _header("| C | server | output tok/s | TTFT p50 / p99 ms | TPOT p50 / p99 ms |", "|---|---|---:|---:|---:|",
+                    rounds)
     for level in levels:
         for srv in servers:
             first = f"| {srv.round} " if rounds else ""
@@ -465,6 +469,11 @@ def results_table(servers: list[Server], levels: list[int]) -> str:
     return "\n".join(lines)
 
 
+# pdserve / other: what each ratio divides, from a run's summary
+RATIOS = {"output_throughput": lambda s: s["output_throughput"], "ttft_p99": lambda s: s["ttft_ms"]["p99"],
+          "tpot_p99": lambda s: s["tpot_ms"]["p99"]}
+
+
 def ratios(servers: list[Server], levels: list[int]) -> list[dict[str, Any]]:
     """pdserve / each other server, per level: output tok/s, p99 TTFT, p99 TPOT (None where either is missing)."""
     def summary(srv: Server, level: int) -> dict | None:
@@ -479,15 +488,11 @@ def ratios(servers: list[Server], levels: list[int]) -> list[dict[str, Any]]:
         for other in (s for s in servers if s.name != "pdserve"):
             theirs = summary(other, level)
             row = {"concurrency": level, "vs": other.name, "label": other.label}
-            for key, get in (("output_throughput", lambda s: s["output_throughput"]),
-                             ("ttft_p99", lambda s: s["ttft_ms"]["p99"]), ("tpot_p99", lambda s: s["tpot_ms"]["p99"])):
+            for key, get in RATIOS.items():
                 a, b = (get(ours) if ours else None), (get(theirs) if theirs else None)
                 row[key] = ratio(a, b)
             out.append(row)
     return out
-
-
-RATIO_KEYS = ("output_throughput", "ttft_p99", "tpot_p99")
 
 
 def round_ratios(servers: list[Server], levels: list[int]) -> list[dict[str, Any]]:
@@ -500,7 +505,7 @@ def round_ratios(servers: list[Server], levels: list[int]) -> list[dict[str, Any
             for vs in dict.fromkeys(row["vs"] for row in rows):
                 mine = [row for row in rows if row["concurrency"] == level and row["vs"] == vs]
                 median = {"concurrency": level, "vs": vs, "label": mine[0]["label"], "round": "median"}
-                for key in RATIO_KEYS:
+                for key in RATIOS:
                     values = [row[key] for row in mine if row[key] is not None]
                     median[key] = statistics.median(values) if len(values) == len(mine) else None
                 rows.append(median)
@@ -509,9 +514,7 @@ def round_ratios(servers: list[Server], levels: list[int]) -> list[dict[str, Any
 
 def ratios_table(rows: list[dict[str, Any]]) -> str:
     rounds = len({r["round"] for r in rows}) > 1
-    lines = ["| C | pdserve / | output tok/s | TTFT p99 | TPOT p99 |", "|---|---|---:|---:|---:|"]
-    if rounds:
-        lines = ["| round | " + lines[0][2:], "|---" + lines[1]]
+    lines = _header("| C | pdserve / | output tok/s | TTFT p99 | TPOT p99 |", "|---|---|---:|---:|---:|", rounds)
     fmt = (lambda x: "-" if x is None else f"{x:.2f}x")
     for r in rows:
         first = f"| {r['round']} " if rounds else ""

@@ -336,25 +336,38 @@ void dot_grouped(const at::BFloat16* xp, const std::vector<int64_t>& counts, con
 // 0.97x the time at batch 8, 0.96x at batch 32, even at batch 1.
 constexpr int kPairRows = 8;
 
-template <int MB>
-PDSERVE_BF16_DOT inline void pair_tile(const at::BFloat16* x, int64_t ldx, const at::BFloat16* w, int64_t K, float* y,
-                                       int64_t ldy) {
-  __m512 acc[MB][2];
-  for (int m = 0; m < MB; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; k += 2) {
-    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(w + k * 32), w1 = (__m512bh)_mm512_loadu_si512(w + k * 32 + 32);
+// acc[m] += row m's first 2 * pairs values times a 32-row tile w [pairs][32][2] (32 sums in two vectors), for
+// m < MB; row(m) points at row m
+template <int MB, typename Row>
+PDSERVE_BF16_DOT inline void pair_accumulate(const Row& row, int64_t pairs, const at::BFloat16* w, __m512 (*acc)[2]) {
+  for (int64_t i = 0; i < pairs; ++i) {
+    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(w + i * 64), w1 = (__m512bh)_mm512_loadu_si512(w + i * 64 + 32);
     for (int m = 0; m < MB; ++m) {
       int32_t pair;
-      std::memcpy(&pair, x + m * ldx + k, sizeof(pair));
+      std::memcpy(&pair, row(m) + 2 * i, sizeof(pair));
       const __m512bh xp = (__m512bh)_mm512_set1_epi32(pair);
       acc[m][0] = _mm512_dpbf16_ps(acc[m][0], xp, w0);
       acc[m][1] = _mm512_dpbf16_ps(acc[m][1], xp, w1);
     }
   }
+}
+
+// acc's MB rows of 32 sums -> y (rows ldy apart)
+template <int MB>
+PDSERVE_BF16_DOT inline void store_pairs(__m512 (*acc)[2], float* y, int64_t ldy) {
   for (int m = 0; m < MB; ++m) {
     _mm512_storeu_ps(y + m * ldy, acc[m][0]);
     _mm512_storeu_ps(y + m * ldy + 16, acc[m][1]);
   }
+}
+
+template <int MB>
+PDSERVE_BF16_DOT inline void pair_tile(const at::BFloat16* x, int64_t ldx, const at::BFloat16* w, int64_t K, float* y,
+                                       int64_t ldy) {
+  __m512 acc[MB][2];
+  for (int m = 0; m < MB; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+  pair_accumulate<MB>([&](int m) { return x + m * ldx; }, K / 2, w, acc);
+  store_pairs<MB>(acc, y, ldy);
 }
 
 // rows x [M, K] (ldx apart) times one 32-row tile w [K/2, 32, 2] -> y [M, 32] (ldy apart)
@@ -523,12 +536,6 @@ torch::Tensor moe_experts(const torch::Tensor& x, const torch::Tensor& slots, co
   return dot ? out.to(torch::kBFloat16) : out;
 }
 
-// y[m, h] = w[h] @ x[m, h] for every row m and head h: x [M, H, K] and y [M, H, N] with any row and head
-// strides (their last dims dense), w [H, N, K]. The absorbed MLA products per head (q_nope . W_UK into the
-// query's latent part, the latent output . W_UV), read and written in place: no copy of x into head-major
-// rows and none of y back, and y may be a slice of a wider tensor. Items are (head, block of kBlockN weight
-// rows) as in grouped_gemm. x fp32, or bf16 (AVX512-BF16 products with bf16 weights where enabled, else
-// widened first); y fp32.
 // pair_rows() for fp32 rows (bf16 rows widened first: the products off), AVX2: each weight widened exactly in
 // a register (even lanes: k = 2i, odd: 2i + 1), 8 columns and up to 4 rows at a time, the sums in k order
 void wide_pair_rows(const float* x, int64_t ldx, int64_t M, const at::BFloat16* w, int64_t K, float* y, int64_t ldy) {
@@ -579,6 +586,13 @@ void head_gemm_pairs(const torch::Tensor& x, const torch::Tensor& w, torch::Tens
   });
 }
 
+// y[m, h] = w[h] @ x[m, h] for every row m and head h: x [M, H, K] and y [M, H, N] with any row and head
+// strides (their last dims dense), w [H, N, K]. The absorbed MLA products per head (q_nope . W_UK into the
+// query's latent part, the latent output . W_UV), read and written in place: no copy of x into head-major
+// rows and none of y back, and y may be a slice of a wider tensor. Items are (head, block of kBlockN weight
+// rows) as in grouped_gemm. x fp32, or bf16 (AVX512-BF16 products with bf16 weights where enabled, else
+// widened first); y fp32.
+// w may be in pair layout (head_gemm_pairs).
 void head_gemm(const torch::Tensor& x, const torch::Tensor& w, torch::Tensor& y) {
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu() && y.device().is_cpu(), "head_gemm: CPU tensors only");
   TORCH_CHECK((x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16) &&
@@ -934,31 +948,9 @@ PDSERVE_BF16_DOT inline void prefill_score_tile(const PrefillViews& a, int64_t h
                                                 float* s) {
   __m512 acc[MB][2];
   for (int m = 0; m < MB; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
-  auto part = [&](const at::BFloat16* const* rows, int64_t pairs, const at::BFloat16* qv) PDSERVE_BF16_DOT {
-    for (int64_t i = 0; i < pairs; ++i) {
-      const __m512bh w0 = (__m512bh)_mm512_loadu_si512(qv + i * 64);
-      const __m512bh w1 = (__m512bh)_mm512_loadu_si512(qv + i * 64 + 32);
-      for (int m = 0; m < MB; ++m) {
-        int32_t pair;
-        std::memcpy(&pair, rows[m] + 2 * i, sizeof(pair));
-        const __m512bh kp = (__m512bh)_mm512_set1_epi32(pair);
-        acc[m][0] = _mm512_dpbf16_ps(acc[m][0], kp, w0);
-        acc[m][1] = _mm512_dpbf16_ps(acc[m][1], kp, w1);
-      }
-    }
-  };
-  const at::BFloat16* nope[MB];
-  const at::BFloat16* pe[MB];
-  for (int m = 0; m < MB; ++m) {
-    nope[m] = a.kn + (j + m) * a.kn0 + h * a.kn1;
-    pe[m] = a.kr + (j + m) * a.kr0;
-  }
-  part(nope, a.Dn / 2, qp);
-  part(pe, a.Dr / 2, qp + a.Dn * 32);
-  for (int m = 0; m < MB; ++m) {
-    _mm512_storeu_ps(s + m * 32, acc[m][0]);
-    _mm512_storeu_ps(s + m * 32 + 16, acc[m][1]);
-  }
+  pair_accumulate<MB>([&](int m) { return a.kn + (j + m) * a.kn0 + h * a.kn1; }, a.Dn / 2, qp, acc);
+  pair_accumulate<MB>([&](int m) { return a.kr + (j + m) * a.kr0; }, a.Dr / 2, qp + a.Dn * 32, acc);
+  store_pairs<MB>(acc, s, 32);
 }
 
 struct PrefillScratch {
