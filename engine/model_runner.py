@@ -128,6 +128,10 @@ class ModelRunner:
         select = None if self.parallel.is_single else model.checkpoint_filter()  # only this rank's share
         model.load_weights(iter_checkpoint_tensors(args.model, self.cfg, self.dtype, include_mtp=mtp, keep_fp8=fp8,
                                                    strict=args.strict_load, select=select))
+        shared = model.share_mtp_vocab()
+        if shared:
+            log.info("MTP layer: the main model's embedding and head serve it too (the checkpoint's copies are equal); "
+                     "%.1f MiB freed", shared / 2**20)
         if args.prepack_weights:
             packed = model.pack_weights()
             if packed:

@@ -330,14 +330,15 @@ def compute_logprobs_topk(logits: torch.Tensor, k: int, token_ids: torch.Tensor)
     For prompt logprobs pass the logits of positions ``0..P-2`` and the prompt
     tokens ``1..P-1`` (see :func:`prompt_logprobs`).
     """
-    logits = logits.float()
     token_ids = token_ids.to(device=logits.device, dtype=torch.int64)
-    picked = logits.gather(1, token_ids.unsqueeze(1)).squeeze(1)  # [N]
+    # one fused op over the row (ATen's CPU logsumexp is a chain of them: at 4 x 4096 logits 29 us against
+    # 8, on a 2-core AMD EPYC with AVX512-BF16, fp32)
+    logp = torch.log_softmax(logits.float(), dim=-1)  # [N, V]
+    picked = logp.gather(1, token_ids.unsqueeze(1)).squeeze(1)  # [N]
     if k <= 0:
-        return SamplerOutput(token_ids, picked - torch.logsumexp(logits, dim=-1), None, None)
-    logp = torch.log_softmax(logits, dim=-1)  # [N, V]
+        return SamplerOutput(token_ids, picked, None, None)
     top_vals, top_ids = logp.topk(min(k, logp.shape[-1]), dim=-1)  # [N, k]
-    return SamplerOutput(token_ids, logp.gather(1, token_ids.unsqueeze(1)).squeeze(1), top_ids, top_vals)
+    return SamplerOutput(token_ids, picked, top_ids, top_vals)
 
 
 def prompt_logprobs(logits: torch.Tensor, prompt_token_ids: Sequence[int], k: int) -> list[TokenLogprobs | None]:

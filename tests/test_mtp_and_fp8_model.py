@@ -81,3 +81,31 @@ def test_fp8_checkpoint_logits_close_to_bf16_source(tmp_path):
     assert (a - b).abs().mean().item() < 0.2 * spread
     assert cos.median().item() > 0.98
     assert (a.argmax(-1) == b.argmax(-1)).float().mean().item() >= 0.7
+
+
+def test_mtp_layer_shares_the_main_vocab_where_the_checkpoint_copies_it(tiny_checkpoint):
+    from engine.model.weight_share import weight_share
+
+    model = _load(tiny_checkpoint)
+    cfg, mtp = model.cfg, model.mtp[0]
+    ids = torch.arange(5, 40)
+    h = torch.randn(35, cfg.hidden_size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = mtp.logits(model.mtp_forward(0, ids, h, torch.arange(35), AttentionMetadata.no_cache([35])))
+    before = weight_share(model)
+    assert before.resident_bytes == before.expected_bytes
+    assert model.share_mtp_vocab() == 2 * cfg.vocab_size * cfg.hidden_size * 4  # fp32: both copies freed
+    assert mtp.embed_tokens is model.embed_tokens and mtp.shared_head.head is model.lm_head
+    after = weight_share(model)
+    assert after.resident_bytes == after.expected_bytes == before.resident_bytes - 2 * cfg.vocab_size * cfg.hidden_size * 4
+    with torch.no_grad():
+        got = mtp.logits(model.mtp_forward(0, ids, h, torch.arange(35), AttentionMetadata.no_cache([35])))
+    assert torch.equal(got, want)
+    assert model.share_mtp_vocab() == 0  # once
+
+    other = _load(tiny_checkpoint)  # a checkpoint whose MTP head is its own keeps it
+    other.mtp[0].shared_head.head.weight.data[3, 7] += 1.0
+    assert other.share_mtp_vocab() == cfg.vocab_size * cfg.hidden_size * 4
+    assert other.mtp[0].embed_tokens is other.embed_tokens and other.mtp[0].shared_head.head is not other.lm_head
+    share = weight_share(other)
+    assert share.resident_bytes == share.expected_bytes

@@ -55,18 +55,50 @@ class SeqSpan:
 @dataclasses.dataclass
 class DecodeBatch:
     """Sequences with a few new tokens (a decode token, or one plus its speculative drafts),
-    attended in one batched absorbed pass with queries padded to ``Qmax``."""
+    attended in one batched absorbed pass.
 
-    token_index: torch.Tensor  # [Bd, Qmax] flat-step positions of their tokens (padding repeats the last)
-    query_valid: torch.Tensor  # [Bd, Qmax] True for real queries
+    The real queries, flat (M of them): their step positions, their sequence (row of ``slots``) and how many
+    of its rows they attend (causal: a prefix) -- what the CPU kernel's decode attention reads. torch's
+    batched pass reads them padded to ``Qmax`` per sequence instead (``token_index``, ``query_valid``,
+    ``key_mask``): built on first use, since a step the kernel attends never needs them."""
+
     slots: torch.Tensor  # [Bd, Lmax] cache rows of each context, padded
-    key_mask: torch.Tensor  # [Bd, Qmax, Lmax] True where the query may attend the row (causal, in context)
-    # the real queries, flat (M of them): their step positions, their sequence (row of ``slots``) and how
-    # many of its rows they attend (causal: a prefix)
     tokens: torch.Tensor  # [M]
     query_seq: torch.Tensor  # [M]
     query_keys: torch.Tensor  # [M]
-    every_token: bool = False  # ``tokens`` is every token of the step, in order (a decode-only step)
+    every_token: bool  # ``tokens`` is every token of the step, in order (a decode-only step)
+    query_lens: list[int]  # per sequence, with ``context_lens`` and ``starts`` (its first step row) what the
+    context_lens: list[int]  # padded views are built from
+    starts: list[int]
+    _padded: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def _pad(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self._padded is None:
+            qd, cd, device = self.query_lens, self.context_lens, self.slots.device
+            qmax = max(qd)
+            # padding repeats a sequence's last query (its token, its position), so its mask is that query's
+            last = [[min(j, q - 1) for j in range(qmax)] for q in qd]
+            token_index = torch.tensor([[s + j for j in row] for s, row in zip(self.starts, last)])
+            q_pos = torch.tensor([[c - q + j for j in row] for q, c, row in zip(qd, cd, last)])
+            key_mask = torch.arange(self.slots.shape[1])[None, None, :] <= q_pos[:, :, None]  # causal, in context
+            query_valid = torch.tensor([[j < q for j in range(qmax)] for q in qd])
+            self._padded = token_index.to(device), query_valid.to(device), key_mask.to(device)
+        return self._padded
+
+    @property
+    def token_index(self) -> torch.Tensor:
+        """[Bd, Qmax] flat-step positions of each sequence's queries (padding repeats the last)."""
+        return self._pad()[0]
+
+    @property
+    def query_valid(self) -> torch.Tensor:
+        """[Bd, Qmax] True for real queries."""
+        return self._pad()[1]
+
+    @property
+    def key_mask(self) -> torch.Tensor:
+        """[Bd, Qmax, Lmax] True where the query may attend the row (causal, in context)."""
+        return self._pad()[2]
 
 
 @dataclasses.dataclass
@@ -105,37 +137,32 @@ class AttentionMetadata:
         """A step over the paged cache: sequence i has query_lens[i] new tokens ending its context_lens[i].
 
         Built every step (and at batch 1 a decode step is a few ms on a CPU), so the index lists are made in
-        Python and each becomes one tensor: a dozen torch calls instead of one per intermediate."""
+        Python and become a few tensors: the flat ones are views of one."""
         b = len(query_lens)
         lmax = max(context_lens)
         nblk = -(-lmax // block_size)
         tables = torch.tensor([t[:nblk] + [0] * (nblk - len(t)) for t in block_tables], dtype=torch.long)
         slots = (tables[:, :, None] * block_size + torch.arange(block_size)).view(b, -1)[:, :lmax]  # [B, Lmax]
         starts = list(itertools.accumulate(query_lens, initial=0))
-        slot_mapping = torch.tensor([t[p // block_size] * block_size + p % block_size  # [T] in sequence order
-                                     for t, q, c in zip(block_tables, query_lens, context_lens) for p in range(c - q, c)],
-                                    dtype=torch.long)
+        flat = [t[p // block_size] * block_size + p % block_size  # slot mapping [T], in sequence order
+                for t, q, c in zip(block_tables, query_lens, context_lens) for p in range(c - q, c)]
+        idx = [i for i in range(b) if query_lens[i] <= MAX_BATCHED_QUERY]
+        qd, cd = [query_lens[i] for i in idx], [context_lens[i] for i in idx]
+        flat += [starts[i] + j for i, q in zip(idx, qd) for j in range(q)]  # the decode queries' step rows [M],
+        flat += [k for k, q in enumerate(qd) for _ in range(q)]  # their sequence [M]
+        flat += [c - q + j + 1 for q, c in zip(qd, cd) for j in range(q)]  # and the rows they attend [M]
+        t, m = starts[-1], sum(qd)
+        flat_t = torch.tensor(flat, dtype=torch.long, device=device)
         spans = [SeqSpan(starts[i], starts[i + 1], slots[i, :context_lens[i]].to(device))
                  for i in range(b) if query_lens[i] > MAX_BATCHED_QUERY]
-        idx = [i for i in range(b) if query_lens[i] <= MAX_BATCHED_QUERY]
         decode = None
         if idx:
-            qd, cd = [query_lens[i] for i in idx], [context_lens[i] for i in idx]
-            qmax, dmax = max(qd), max(cd)
-            # padding repeats a sequence's last query (its token, its position), so its mask is that query's
-            last = [[min(j, q - 1) for j in range(qmax)] for q in qd]
-            token_index = torch.tensor([[starts[i] + j for j in row] for i, row in zip(idx, last)])  # [Bd, Qmax]
-            q_pos = torch.tensor([[c - q + j for j in row] for q, c, row in zip(qd, cd, last)])  # [Bd, Qmax]
-            key_mask = torch.arange(dmax)[None, None, :] <= q_pos[:, :, None]  # [Bd, Qmax, Lmax] causal, in context
-            query_valid = torch.tensor([[j < q for j in range(qmax)] for q in qd])
+            dmax = max(cd)
             d_slots = slots if len(idx) == b and dmax == lmax else slots[torch.tensor(idx), :dmax]
-            decode = DecodeBatch(
-                token_index.to(device), query_valid.to(device), d_slots.to(device), key_mask.to(device),
-                torch.tensor([starts[i] + j for i, q in zip(idx, qd) for j in range(q)], device=device),
-                torch.tensor([k for k, q in enumerate(qd) for _ in range(q)], device=device),
-                torch.tensor([c - q + j + 1 for q, c in zip(qd, cd) for j in range(q)], device=device),
-                every_token=len(idx) == b)  # the batched sequences come in step order, so all of them is 0..T-1
-        return cls(num_tokens=starts[-1], spans=spans, decode=decode, slot_mapping=slot_mapping.to(device),
+            decode = DecodeBatch(d_slots.to(device), flat_t[t:t + m], flat_t[t + m:t + 2 * m], flat_t[t + 2 * m:],
+                                 len(idx) == b,  # the batched sequences come in step order: all of them is 0..T-1
+                                 qd, cd, [starts[i] for i in idx])
+        return cls(num_tokens=t, spans=spans, decode=decode, slot_mapping=flat_t[:t],
                    kv_caches=kv_caches, prefill_mode=prefill_mode, layer_done=layer_done)
 
 

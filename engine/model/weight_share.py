@@ -11,7 +11,9 @@ model holds checks the sharding plan:
 * routed experts: ``(n_routed_experts + num_redundant_experts) / ep`` slots of one
   expert each, per MoE layer (all ``n_routed_experts`` when ``ep == 1``);
 * everything else whole on every rank: ``q_a_proj``, ``kv_a_proj_with_mqa``, norms,
-  the router (fp32), shared experts, MTP ``eh_proj``.
+  the router (fp32), shared experts, MTP ``eh_proj``;
+* an MTP layer's embedding and head not at all where the model holds the main model's
+  for them (``DeepseekV3ForCausalLM.share_mtp_vocab``: equal values in the checkpoint).
 
 FP8 models hold each block-FP8 projection as 1-byte e4m3 plus fp32 scales of its
 128x128 blocks (of the rank's cut); other tensors are in the model dtype.
@@ -65,7 +67,10 @@ def expected_weight_bytes(model, world_size_one: bool = False) -> int:
     elem = torch.tensor([], dtype=model.dtype).element_size()
     total = 0
     expert_bytes: dict[int, int] = {}  # MoE layer -> bytes of one expert
+    shared = _shared_mtp_vocab(model)
     for name, spec in checkpoint_schema(cfg, include_mtp=len(model.mtp) > 0).items():
+        if name in shared:
+            continue
         shape = list(spec.shape)
         if _TP_CUT.search(name):
             shape[1 if _CUT_DIM.search(name) else 0] //= tp
@@ -77,6 +82,18 @@ def expected_weight_bytes(model, world_size_one: bool = False) -> int:
             continue
         total += nbytes
     return total + slots * sum(expert_bytes.values())
+
+
+def _shared_mtp_vocab(model) -> set[str]:
+    """The MTP tensors the model holds as the main model's (``share_mtp_vocab``): held once."""
+    first = model.cfg.num_hidden_layers
+    names = set()
+    for k, m in enumerate(model.mtp):
+        if m.embed_tokens is model.embed_tokens:
+            names.add(f"model.layers.{first + k}.embed_tokens.weight")
+        if m.shared_head.head is model.lm_head:
+            names.add(f"model.layers.{first + k}.shared_head.head.weight")
+    return names
 
 
 def weight_share(model) -> WeightShare:
