@@ -11,8 +11,8 @@ serial loop). Used by the routed experts (``engine/model/moe.py``) and every fp3
 router at up to ``layers.KERNEL_MAX_ROWS`` rows (``engine/model/layers.py``). The same module holds
 what a decode step calls around them, each one call where torch makes several: ``head_gemm`` (the
 absorbed MLA products per head, on strided views, ``engine/model/attention.py``), ``mla_decode`` (decode
-attention itself, reading the latent rows where they lie in the paged cache), ``mla_prefill`` (a bf16 prefill
-chunk's causal attention by AVX512-BF16), ``rms_norm``, ``route``
+attention itself, reading the latent rows where they lie in the paged cache), ``mla_prefill`` (a prefill
+chunk's causal attention on the projections' views: fp32, or bf16 by AVX512-BF16), ``rms_norm``, ``route``
 (the V3 router's top-k after its matmul) and ``moe_experts`` (a small step's routed experts, sort to
 weighted sum); ``cpu_gemm.cpp`` says how each works. Measured side by side
 on a 2-core AMD EPYC (AVX2 + FMA, no AVX-512 / AVX512-BF16 / AMX), fp32: 32 experts of the bench preset's ``w13``
@@ -199,18 +199,29 @@ def mla_decode(q: torch.Tensor, cache_rows: torch.Tensor, slots: torch.Tensor, s
 
 def mla_prefill(q_nope: torch.Tensor, q_pe: torch.Tensor, k_nope: torch.Tensor, k_pe: torch.Tensor, v: torch.Tensor,
                 scale: float) -> torch.Tensor:
-    """MLA's expanded (naive) attention of a prefill chunk, causal, by the AVX512-BF16 products: ``q_nope
-    [Q, H, Dn]``, ``q_pe [Q, H, Dr]``, ``k_nope [L, H, Dn]``, ``k_pe [L, Dr]`` (shared by the heads), ``v [L, H, Dv]``,
-    bf16 views with any row and head strides (the last dim dense); query i sits at position L - Q + i and
-    attends keys 0 .. L - Q + i. -> ``[Q, H, Dv]`` bf16. Only while ``bf16_dot()``; Dn, Dr even, Dv a multiple
-    of 32."""
+    """MLA's expanded (naive) attention of a prefill chunk, causal: ``q_nope [Q, H, Dn]``, ``q_pe [Q, H, Dr]``,
+    ``k_nope [L, H, Dn]``, ``k_pe [L, Dr]`` (shared by the heads), ``v [L, H, Dv]``, views with any row and head
+    strides (the last dim dense); query i sits at position L - Q + i and attends keys 0 .. L - Q + i.
+    -> ``[Q, H, Dv]`` in their dtype: fp32 by AVX2 + FMA, or bf16 by the AVX512-BF16 products (only while
+    ``bf16_dot()``; Dn, Dr even). Dv a multiple of 32 (``prefill_fits``)."""
     return _module().mla_prefill(q_nope, q_pe, k_nope, k_pe, v, scale)  # type: ignore[attr-defined]
 
 
-def prefill_fits(q_nope: torch.Tensor, q_pe: torch.Tensor, v_dim: int) -> bool:
-    """Whether ``mla_prefill`` takes this pass: bf16 on the CPU with the products on, and the widths it needs."""
-    return (q_nope.dtype == torch.bfloat16 and q_nope.device.type == "cpu" and v_dim % 32 == 0
-            and q_nope.shape[-1] % 2 == 0 and q_pe.shape[-1] % 2 == 0 and bf16_dot())
+# fp32 prefill attention through mla_prefill up to this many keys; torch's fused attention past it. Bench preset
+# (16 heads, causal, the naive pass's views), fp32, 2-core AMD EPYC with AVX-512, one after the other:
+# 256 keys 3.1-4.2 vs 8.3-11.0 ms, 1024 51-67 vs 81 ms, 2048 193-230 vs 200-218 ms, 4096 860-990 vs 830 ms
+# (the kernel re-reads a head's keys for every 16 queries, from L3 once they outgrow L2)
+FP32_PREFILL_MAX_KEYS = 2048
+
+
+def prefill_fits(q_nope: torch.Tensor, q_pe: torch.Tensor, v_dim: int, keys: int) -> bool:
+    """Whether ``mla_prefill`` takes this pass: CPU tensors, values a multiple of 32 wide, and fp32 over at
+    most ``FP32_PREFILL_MAX_KEYS`` keys, or bf16 with even key dims while the AVX512-BF16 products are on."""
+    if q_nope.device.type != "cpu" or v_dim % 32:
+        return False
+    if q_nope.dtype == torch.float32:
+        return keys <= FP32_PREFILL_MAX_KEYS
+    return q_nope.dtype == torch.bfloat16 and q_nope.shape[-1] % 2 == 0 and q_pe.shape[-1] % 2 == 0 and bf16_dot()
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

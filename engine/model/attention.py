@@ -183,6 +183,8 @@ class MLAWeights:
     # ``w_uv`` as ``kernel`` reads it (a bf16 copy, or ``cpu_gemm.pair_layout`` of it); None: ``w_uv``
     w_uv_kernel: torch.Tensor | None = None
     kv_b_packed: torch.Tensor | None = None  # oneDNN's prepacked ``kv_b`` (``layers.pack_weight``), for the naive pass
+    # the same module's prefill attention (``cpu_gemm.mla_prefill``) for the naive pass, where it fits
+    prefill_attention: Callable[..., torch.Tensor] | None = None
     # contiguous copies for torch's bmm (absorbed products without ``kernel``): ``einsum`` over the views above
     # copied (and for W_UV transposed) the weight on every call: 0.24 / 0.65 ms vs 0.10 / 0.11 ms a layer at 32
     # rows (bench preset, bf16, side by side on a 2-core Intel Xeon with AMX). None while the weight trains
@@ -194,12 +196,14 @@ class MLAWeights:
                        kernel: HeadKernel | None = None, w_uk_t: torch.Tensor | None = None,
                        decode_attention: Callable[..., torch.Tensor] | None = None,
                        w_uv_kernel: torch.Tensor | None = None,
-                       kv_b_packed: torch.Tensor | None = None) -> "MLAWeights":
+                       kv_b_packed: torch.Tensor | None = None,
+                       prefill_attention: Callable[..., torch.Tensor] | None = None) -> "MLAWeights":
         w = weight.view(num_heads, nope + v, -1)  # [H, Dn+Dv, R]
         uk, uv = w[:, :nope], w[:, nope:]
         frozen = not weight.requires_grad
         return cls(w_uk=uk, w_uv=uv, scale=scale, kv_b=weight, kernel=kernel, w_uk_t=w_uk_t,
                    decode_attention=decode_attention, w_uv_kernel=w_uv_kernel, kv_b_packed=kv_b_packed,
+                   prefill_attention=prefill_attention,
                    w_uk_bmm=uk.contiguous() if frozen else None,
                    w_uv_bmm=uv.transpose(1, 2).contiguous() if frozen else None)
 
@@ -286,11 +290,13 @@ def _naive(q_nope: torch.Tensor, q_pe: torch.Tensor, ctx: torch.Tensor, w: MLAWe
     # prepacked copy where there is one: 1.1-1.8x F.linear's MKL sgemm at 64-1024 rows of this shape on the
     # bench preset (side by side on an AMD EPYC, 2 cores, AVX2 + FMA, no AVX512-BF16 / AMX; fp32), ~even at 2048
     kv = linear(c_lat, w.kv_b, w.kv_b_packed).view(ctx_len, heads, -1)  # [L, H, Dn+Dv]
-    if cpu_gemm.prefill_fits(q_nope, q_pe, kv.shape[-1] - nope):
-        # bf16 with the AVX512-BF16 products: pdserve's kernel on the views as they are, causal blocks only
+    if w.prefill_attention is not None and cpu_gemm.prefill_fits(q_nope, q_pe, kv.shape[-1] - nope, ctx_len):
+        # pdserve's kernel on the views as they are, causal blocks only. bf16 with the AVX512-BF16 products
         # (bench preset, 256 tokens: 0.24-0.33x the time of the fused path below with its copies; a prefill
-        # step of 8 x 256 tokens 0.81x, alternated in one engine; 2-core AMD EPYC with AVX512-BF16, no AMX)
-        return cpu_gemm.mla_prefill(q_nope, q_pe, kv[..., :nope], c_pe, kv[..., nope:], w.scale)
+        # step of 8 x 256 tokens 0.81x, alternated in one engine; 2-core AMD EPYC with AVX512-BF16, no AMX);
+        # fp32 by AVX2 + FMA up to cpu_gemm.FP32_PREFILL_MAX_KEYS keys (bench preset, 256 tokens: 3-4 vs 8-11 ms;
+        # a prefill step of 8 x 256 tokens 0.91x, 1350 vs 1485 ms, alternated in one engine; 2-core AMD EPYC)
+        return w.prefill_attention(q_nope, q_pe, kv[..., :nope], c_pe, kv[..., nope:], w.scale)
     kv = kv.transpose(0, 1)  # [H, L, Dn+Dv]
     k_nope, v = kv[..., :nope], kv[..., nope:]
     k = torch.cat([k_nope, c_pe[None].expand(heads, ctx_len, -1)], dim=-1)  # [H, L, Dn+Dr]

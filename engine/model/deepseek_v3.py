@@ -101,6 +101,7 @@ class MLA(nn.Module):
         self.w_uk_t: torch.Tensor | None = None
         self.w_uv_kernel: torch.Tensor | None = None
         self.decode_attention = None  # and the same module's decode attention (cpu_gemm.mla_decode)
+        self.prefill_attention = None  # and its prefill attention (cpu_gemm.mla_prefill), where it fits
         self._weights: tuple[tuple, MLAWeights] | None = None  # mla_weights(): what it was built from, and it
 
     def use_cpu_kernel(self, kernel: Kernel | None) -> bool:
@@ -108,14 +109,16 @@ class MLA(nn.Module):
         of decode-sized batches through the same module's ``head_gemm`` and decode attention over an fp32 or bf16 cache
         through its ``mla_decode`` (``None``: drop them and the copies of W_UK and W_UV); whether it applies
         (fp32 or bf16 weights on the CPU; in bf16 for decode batches of at most ``KERNEL_MAX_ROWS`` queries,
-        computed in fp32)."""
+        computed in fp32). With any ``kernel`` the naive prefill pass's attention runs through its ``mla_prefill``
+        where that fits (``cpu_gemm.prefill_fits``)."""
+        from engine.kernels import cpu_gemm
+
         w = self.kv_b_proj
+        self.prefill_attention = None if kernel is None else cpu_gemm.mla_prefill  # reads the expanded K and V
         if kernel is None or w.fp8 or not kernel_fits(w.weight) or self.nope % 8 or self.kv_lora_rank % 16 \
                 or self.rope_dim % 8:
             self.kernel = self.w_uk_t = self.w_uv_kernel = self.decode_attention = None
             return False
-        from engine.kernels import cpu_gemm
-
         self.kernel = cpu_gemm.head_gemm
         self.w_uk_t = kernel_copy(MLAWeights.kernel_layout(w.weight, self.heads, self.nope, self.v_dim))
         self.w_uv_kernel = kernel_copy(w.weight.view(self.heads, self.nope + self.v_dim, -1)[:, self.nope:])
@@ -148,13 +151,14 @@ class MLA(nn.Module):
         copy would hold that layer's largest weight twice."""
         proj = self.kv_b_proj
         key = (proj.weight.data_ptr(), dtype, proj.packed, self.kernel, self.w_uk_t, self.decode_attention,
-               self.w_uv_kernel)
+               self.w_uv_kernel, self.prefill_attention)
         if self._weights is not None:
             held, w = self._weights
             if key[0] == held[0] and all(a is b for a, b in zip(key[1:], held[1:])):
                 return w
         w = MLAWeights.from_kv_b_proj(proj.dense_weight(dtype), self.heads, self.nope, self.v_dim, self.softmax_scale,
-                                      self.kernel, self.w_uk_t, self.decode_attention, self.w_uv_kernel, proj.packed)
+                                      self.kernel, self.w_uk_t, self.decode_attention, self.w_uv_kernel, proj.packed,
+                                      self.prefill_attention)
         self._weights = None if proj.fp8 else (key, w)
         return w
 
