@@ -11,20 +11,12 @@ every CPU.
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 
 from engine import LLM, SamplingParams
-from engine.dtype_choice import cpu_flags
 from engine.kernels import cpu_gemm
-
-FLAGS = cpu_flags() or set()
-CAN_BUILD = {"avx2", "fma"} <= FLAGS and shutil.which("c++") is not None
-HAS_DOT = CAN_BUILD and "avx512_bf16" in FLAGS
-needs_kernel = pytest.mark.skipif(not CAN_BUILD, reason="the CPU kernel needs x86 AVX2 + FMA and a C++ compiler")
-needs_dot = pytest.mark.skipif(not HAS_DOT, reason="the AVX512-BF16 products need a CPU with AVX512-BF16")
+from kernel_marks import HAS_DOT, needs_dot, needs_kernel
 
 
 def _close(got: torch.Tensor, want: torch.Tensor) -> None:

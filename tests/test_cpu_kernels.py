@@ -7,22 +7,19 @@ same greedy tokens with each of them on and off.
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from engine import LLM, SamplingParams
-from engine.dtype_choice import auto_dtype, cpu_flags
+from engine.dtype_choice import auto_dtype
 from engine.kernels import cpu_gemm
 from engine.model import layers
 from engine.model.deepseek_v3 import MLA
 from engine.model.moe import Experts, Gate
+from kernel_marks import CAN_BUILD, HAS_DOT, needs_kernel
 
 HAS_PACKED = layers.pack_weight(torch.zeros(1024, 1024)) is not None
-CAN_BUILD = {"avx2", "fma"} <= (cpu_flags() or set()) and shutil.which("c++") is not None
-needs_kernel = pytest.mark.skipif(not CAN_BUILD, reason="the CPU kernel needs x86 AVX2 + FMA and a C++ compiler")
 
 
 @pytest.mark.skipif(not HAS_PACKED, reason="this torch build has no oneDNN prepacked fp32 matmul")
@@ -628,7 +625,7 @@ def test_bf16_experts_through_the_kernel_are_the_fp32_products_rounded(tokens, k
 @needs_kernel
 @pytest.mark.parametrize("query_lens", [[1], [1, 1, 1, 1, 1], [2, 1, 3], [1] * 17])
 @pytest.mark.parametrize("dot", [False, pytest.param(True, marks=pytest.mark.skipif(
-    "avx512_bf16" not in (cpu_flags() or set()), reason="the AVX512-BF16 products need a CPU with AVX512-BF16"))])
+    not HAS_DOT, reason="the AVX512-BF16 products need a CPU with AVX512-BF16"))])
 def test_bf16_decode_attention_through_the_kernel_is_the_fp32_one_rounded(query_lens, dot, request):
     """A bf16 model's decode attention: up to KERNEL_MAX_ROWS queries the kernel reads the bf16 cache rows and
     weights widened to fp32 (so its output is the fp32 kernel's on the same values, rounded to bf16); more

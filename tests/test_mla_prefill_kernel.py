@@ -9,20 +9,13 @@ position weighing nothing; the naive pass must take it where it fits and give to
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 
-from engine.dtype_choice import cpu_flags
 from engine.kernels import cpu_gemm
 from engine.model.attention import MLAWeights, _naive
+from kernel_marks import needs_dot, needs_kernel
 
-FLAGS = cpu_flags() or set()
-CAN_BUILD = {"avx2", "fma"} <= FLAGS and shutil.which("c++") is not None
-needs_kernel = pytest.mark.skipif(not CAN_BUILD, reason="the CPU kernel needs x86 AVX2 + FMA and a C++ compiler")
-needs_dot = pytest.mark.skipif(not (CAN_BUILD and "avx512_bf16" in FLAGS),
-                               reason="the AVX512-BF16 products need a CPU with AVX512-BF16")
 SHAPES = [(1, 1, 2), (5, 5, 3), (17, 17, 2), (33, 33, 4), (7, 100, 2), (64, 64, 16), (100, 300, 8), (65, 130, 1)]
 
 

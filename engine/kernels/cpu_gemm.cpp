@@ -1071,7 +1071,8 @@ PDSERVE_BF16_DOT void prefill_item(const PrefillViews& a, int64_t h, int64_t q0,
 // tile (each query vector loaded serving all of them); the same online softmax over the queries' lanes;
 // out += p @ v two queries by 32 value columns at a time (8 accumulators), each probability broadcast, from the
 // block's values copied side by side. Sums in fp32 in another order than torch's: equal to its attention within
-// fp32 rounding. Bench preset (16 heads, causal), fp32, 2-core AMD EPYC with AVX-512: 256 tokens 3.1-4.2 ms
+// fp32 rounding. Bench preset (16 heads, causal), fp32, 2-core AMD EPYC with AVX-512 and AVX512-BF16, no AMX:
+// 256 tokens 3.1-4.2 ms
 // (80-108 GFLOP/s) vs 8.3-11.0 ms for torch's fused attention with the copies it needs (the keys' two parts
 // concatenated, V padded to the key width); 1024 tokens 51-67 vs 81 ms; 4096 tokens 860-990 vs 830 ms, where
 // the keys a 16-query item re-reads come from L3 (hence cpu_gemm.FP32_PREFILL_MAX_KEYS). 32 queries an item

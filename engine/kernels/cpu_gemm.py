@@ -208,7 +208,8 @@ def mla_prefill(q_nope: torch.Tensor, q_pe: torch.Tensor, k_nope: torch.Tensor, 
 
 
 # fp32 prefill attention through mla_prefill up to this many keys; torch's fused attention past it. Bench preset
-# (16 heads, causal, the naive pass's views), fp32, 2-core AMD EPYC with AVX-512, one after the other:
+# (16 heads, causal, the naive pass's views), fp32, 2-core AMD EPYC with AVX-512 and AVX512-BF16, no AMX, one
+# after the other:
 # 256 keys 3.1-4.2 vs 8.3-11.0 ms, 1024 51-67 vs 81 ms, 2048 193-230 vs 200-218 ms, 4096 860-990 vs 830 ms
 # (the kernel re-reads a head's keys for every 16 queries, from L3 once they outgrow L2)
 FP32_PREFILL_MAX_KEYS = 2048
