@@ -27,6 +27,7 @@ are overwritten by the real rows one step later.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import torch
 
@@ -119,17 +120,18 @@ class MTPProposer:
                 for _ in range(1, self.k):
                     model.dummy_mtp_forward(0)
             return drafts
-        ends = torch.cumsum(torch.tensor([j.count for j in jobs]), 0) - 1
-        last = mtp_h[ends[drafting].to(device)]  # [B, D] MTP hidden at each drafting job's last position
+        ends = list(itertools.accumulate(j.count for j in jobs))
+        last = mtp_h[torch.tensor([ends[i] - 1 for i in drafting], device=device)]  # [B, D] at each last position
         tok = model.mtp[0].logits(last).argmax(-1)  # [B]
         for i, t in zip(drafting, tok.tolist()):
             drafts[i].append(t)
-        for step in range(1, self.k):
-            # the MTP layer again, one position further, on its own hidden state (speculative rows)
-            pos_s = [jobs[i].start + jobs[i].count + step - 1 for i in drafting]
-            meta_s = AttentionMetadata.paged([1] * len(drafting), [p + 1 for p in pos_s],
-                                             [tables[i] for i in drafting], self.block_size, kv_caches, device)
-            last = model.mtp_forward(0, tok, last, torch.tensor(pos_s, device=device), meta_s)
+        # the MTP layer again, one position further each pass, on its own hidden state (speculative rows)
+        first = [jobs[i].start + jobs[i].count for i in drafting]
+        chain = AttentionMetadata.decode_chain(first, [tables[i] for i in drafting], self.k - 1, self.block_size,
+                                               kv_caches, device)
+        for step, meta_s in enumerate(chain):
+            pos_s = torch.tensor([p + step for p in first], device=device)
+            last = model.mtp_forward(0, tok, last, pos_s, meta_s)
             tok = model.mtp[0].logits(last).argmax(-1)
             for i, t in zip(drafting, tok.tolist()):
                 drafts[i].append(t)

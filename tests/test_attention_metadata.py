@@ -55,3 +55,35 @@ def test_paged_metadata_points_each_query_at_its_own_context():
             assert d.slots[k, :pos + 1].tolist() == [_slot(table, p, block_size) for p in range(pos + 1)]
             assert keys.tolist() == [j <= pos for j in range(keys.shape[0])]  # causal, inside its context
         assert d.key_mask.any(-1).all()  # padded queries attend somewhere too (no all-masked softmax row)
+
+
+def test_decode_chain_gives_each_pass_what_paged_gives_it():
+    """The MTP draft passes' metadata, built at once: pass j is one query per sequence at ``positions[i] + j``,
+    attending its whole context, written to its own slot -- what ``paged`` builds for that pass alone."""
+    rng = random.Random(1)
+    caches = [torch.zeros(4, 16, 8)]
+    cpu = torch.device("cpu")
+    assert AttentionMetadata.decode_chain([5], [[0]], 0, 16, caches, cpu) == []
+    for _ in range(50):
+        block_size = rng.choice([1, 4, 16])
+        passes = rng.randint(1, 5)
+        positions = [rng.randint(0, 70) for _ in range(rng.randint(1, 6))]
+        tables = [rng.sample(range(1000), -(-(p + passes) // block_size) + rng.randint(0, 2)) for p in positions]
+        chain = AttentionMetadata.decode_chain(positions, tables, passes, block_size, caches, cpu)
+        assert len(chain) == passes
+        for j, meta in enumerate(chain):
+            alone = AttentionMetadata.paged([1] * len(positions), [p + j + 1 for p in positions], tables, block_size,
+                                            caches, cpu)
+            assert meta.num_tokens == alone.num_tokens and meta.spans == alone.spans == []
+            assert meta.slot_mapping.tolist() == alone.slot_mapping.tolist() == [
+                _slot(t, p + j, block_size) for t, p in zip(tables, positions)]
+            d, a = meta.decode, alone.decode
+            for name in ("tokens", "query_seq", "query_keys"):
+                assert getattr(d, name).tolist() == getattr(a, name).tolist(), name
+            assert (d.every_token, d.query_lens, d.context_lens, d.starts) == (
+                a.every_token, a.query_lens, a.context_lens, a.starts)
+            for k, p in enumerate(positions):  # every row a query attends is where paged puts it
+                assert d.slots[k, :p + j + 1].tolist() == a.slots[k, :p + j + 1].tolist()
+            assert d.token_index.tolist() == a.token_index.tolist()
+            assert d.key_mask[..., :a.slots.shape[1]].tolist() == a.key_mask.tolist()
+            assert not d.key_mask[..., a.slots.shape[1]:].any()  # the shared tensor's padding is never attended

@@ -140,9 +140,7 @@ class AttentionMetadata:
         Python and become a few tensors: the flat ones are views of one."""
         b = len(query_lens)
         lmax = max(context_lens)
-        nblk = -(-lmax // block_size)
-        tables = torch.tensor([t[:nblk] + [0] * (nblk - len(t)) for t in block_tables], dtype=torch.long)
-        slots = (tables[:, :, None] * block_size + torch.arange(block_size)).view(b, -1)[:, :lmax]  # [B, Lmax]
+        slots = _context_slots(block_tables, lmax, block_size)  # [B, Lmax]
         starts = list(itertools.accumulate(query_lens, initial=0))
         flat = [t[p // block_size] * block_size + p % block_size  # slot mapping [T], in sequence order
                 for t, q, c in zip(block_tables, query_lens, context_lens) for p in range(c - q, c)]
@@ -164,6 +162,38 @@ class AttentionMetadata:
                                  qd, cd, [starts[i] for i in idx])
         return cls(num_tokens=t, spans=spans, decode=decode, slot_mapping=flat_t[:t],
                    kv_caches=kv_caches, prefill_mode=prefill_mode, layer_done=layer_done)
+
+    @classmethod
+    def decode_chain(cls, positions: list[int], block_tables: list[list[int]], passes: int, block_size: int,
+                     kv_caches: list[torch.Tensor], device: torch.device) -> list["AttentionMetadata"]:
+        """``passes`` steps of one new token per sequence, pass j's at ``positions[i] + j`` (the MTP layer's
+        draft passes), built at once: the passes share one slots tensor, padded to the last pass's contexts
+        (each query attends a prefix of its row), and their index tensors are views of one. What ``paged``
+        builds pass by pass (``tests/test_attention.py``), for about the cost of one."""
+        if passes < 1:
+            return []
+        b = len(positions)
+        slots = _context_slots(block_tables, max(positions) + passes, block_size).to(device)  # [B, Lmax]
+        flat = list(range(b))  # the queries' step rows, and their sequences: 0..B-1 in every pass
+        flat += [t[p // block_size] * block_size + p % block_size  # slot mapping, pass after pass
+                 for j in range(passes) for t, p in zip(block_tables, (q + j for q in positions))]
+        flat += [p + j + 1 for j in range(passes) for p in positions]  # rows each query attends
+        flat_t = torch.tensor(flat, dtype=torch.long, device=device)
+        rows, first = flat_t[:b], list(range(b))
+        out = []
+        for j in range(passes):
+            mapping, keys = flat_t[b * (1 + j):b * (2 + j)], flat_t[b * (1 + passes + j):b * (2 + passes + j)]
+            decode = DecodeBatch(slots, rows, rows, keys, True, [1] * b, [p + j + 1 for p in positions], first)
+            out.append(cls(num_tokens=b, spans=[], decode=decode, slot_mapping=mapping, kv_caches=kv_caches))
+        return out
+
+
+def _context_slots(block_tables: list[list[int]], length: int, block_size: int) -> torch.Tensor:
+    """[B, length] the cache row of every position of each sequence (past a table's end: block 0's rows,
+    which no query attends)."""
+    nblk = -(-length // block_size)
+    tables = torch.tensor([t[:nblk] + [0] * (nblk - len(t)) for t in block_tables], dtype=torch.long)
+    return (tables[:, :, None] * block_size + torch.arange(block_size)).view(len(block_tables), -1)[:, :length]
 
 
 @dataclasses.dataclass
