@@ -97,7 +97,8 @@ class MTPProposer:
 
     def run(self, hidden: torch.Tensor, jobs: list[MTPJob], tables: list[list[int]], kv_caches,
             device: torch.device, layer_done=None, step_meta: AttentionMetadata | None = None) -> list[list[int]]:
-        """MTP rows for every job's positions; drafts (k tokens) for jobs with ``draft``, [] for others.
+        """The MTP layer's cache rows for every job's positions; drafts (k tokens) for jobs with ``draft``, []
+        for others (the layer's block runs past the attention's cache rows only where a draft reads it).
         ``layer_done(cache layer)`` is called once the MTP layer's rows of the jobs are written.
         ``step_meta``: the main pass's metadata, when the jobs cover exactly the step's rows (no draft
         rejected): the MTP pass attends over the same spans."""
@@ -110,27 +111,29 @@ class MTPProposer:
             h = hidden[torch.tensor([r for j in jobs for r in j.hidden_rows], device=device)]
             meta = AttentionMetadata.paged([j.count for j in jobs], [j.start + j.count for j in jobs], tables,
                                            self.block_size, kv_caches, device)
-        mtp_h = model.mtp_forward(0, ids, h, pos, meta)  # [T, D]
+        drafting = [i for i, j in enumerate(jobs) if j.draft]
+        ends = list(itertools.accumulate(j.count for j in jobs))
+        # pass j of the chain: one query per drafting job at its last position + j. Pass 0 is the block's
+        # run over those last rows within the first pass (which writes every job's rows); passes 1.. draft
+        # d_2..d_k on the layer's own hidden state (speculative rows)
+        last_pos = [jobs[i].start + jobs[i].count - 1 for i in drafting]
+        chain = AttentionMetadata.decode_chain(last_pos, [tables[i] for i in drafting], self.k, self.block_size,
+                                               kv_caches, device) if drafting else [AttentionMetadata.no_cache([])]
+        out_rows = torch.tensor([ends[i] - 1 for i in drafting], dtype=torch.long, device=device)
+        last = model.mtp_forward(0, ids, h, pos, meta, out_rows, chain[0])  # [B, D]
         if layer_done is not None:
             layer_done(len(model.layers))
-        drafting = [i for i, j in enumerate(jobs) if j.draft]
         drafts: list[list[int]] = [[] for _ in jobs]
         if not drafting:
             if self.fixed_passes:
                 for _ in range(1, self.k):
                     model.dummy_mtp_forward(0)
             return drafts
-        ends = list(itertools.accumulate(j.count for j in jobs))
-        last = mtp_h[torch.tensor([ends[i] - 1 for i in drafting], device=device)]  # [B, D] at each last position
         tok = model.mtp[0].logits(last).argmax(-1)  # [B]
         for i, t in zip(drafting, tok.tolist()):
             drafts[i].append(t)
-        # the MTP layer again, one position further each pass, on its own hidden state (speculative rows)
-        first = [jobs[i].start + jobs[i].count for i in drafting]
-        chain = AttentionMetadata.decode_chain(first, [tables[i] for i in drafting], self.k - 1, self.block_size,
-                                               kv_caches, device)
-        for step, meta_s in enumerate(chain):
-            pos_s = torch.tensor([p + step for p in first], device=device)
+        for step, meta_s in enumerate(chain[1:], 1):
+            pos_s = torch.tensor([p + step for p in last_pos], device=device)
             last = model.mtp_forward(0, tok, last, pos_s, meta_s)
             tok = model.mtp[0].logits(last).argmax(-1)
             for i, t in zip(drafting, tok.tolist()):

@@ -54,6 +54,35 @@ def test_mtp_matches_formula(tiny_checkpoint):
     assert torch.equal(model.mtp[0].block.self_attn.kv_b_proj.weight, _raw(tiny_checkpoint, p + "self_attn.kv_b_proj.weight"))
 
 
+def test_mtp_pass_runs_its_block_only_on_the_rows_drafts_read(tiny_checkpoint):
+    """``out_rows``: every token's cache rows are written as the whole pass writes them, and the block's
+    output at those rows is the whole pass's (a prompt chunk of 10 and a verify-sized run of 4 tokens)."""
+    model = _load(tiny_checkpoint)
+    cfg, L, bs = model.cfg, model.cfg.num_hidden_layers, 8
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, cfg.vocab_size, (14,), generator=g)
+    h = torch.randn(14, cfg.hidden_size, generator=g)
+    pos = torch.cat([torch.arange(10), torch.arange(3, 7)])
+    tables = [[3, 1], [0]]
+    width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+
+    def run(out: bool):
+        caches = [torch.zeros(4, bs, width) for _ in range(L + 1)]
+        caches[L][0, :3] = torch.randn(3, width, generator=torch.Generator().manual_seed(2))  # context before run 2
+        meta = AttentionMetadata.paged([10, 4], [10, 7], tables, bs, caches, torch.device("cpu"))
+        with torch.no_grad():
+            if not out:
+                return model.mtp_forward(0, ids, h, pos, meta)[[9, 13]], caches[L]
+            last = AttentionMetadata.decode_chain([9, 6], tables, 1, bs, caches, torch.device("cpu"))[0]
+            return model.mtp_forward(0, ids, h, pos, meta, torch.tensor([9, 13]), last), caches[L]
+
+    (want, want_cache), (got, got_cache) = run(False), run(True)
+    assert got.shape == (2, cfg.hidden_size)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_cache, want_cache, rtol=1e-6, atol=1e-6)
+    assert want_cache[3, :8].abs().sum() > 0 and want_cache[1, :2].abs().sum() > 0 and want_cache[0, 3:7].abs().sum() > 0
+
+
 def test_fp8_checkpoint_logits_close_to_bf16_source(tmp_path):
     from engine.checkpoint.quantize import quantize_checkpoint_fp8
     from engine.checkpoint.random_ckpt import make_random_checkpoint

@@ -243,6 +243,18 @@ class MLAWeights:
         return weight.view(num_heads, nope + v, -1)[:, :nope].transpose(1, 2).contiguous()
 
 
+def store_rows(latent: torch.Tensor, k_pe: torch.Tensor, meta: AttentionMetadata,
+               layer_idx: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The new tokens' cache rows ``[T, R+Dr]`` (normed latent, rotated rope key), written to their slots;
+    returns them and the layer's cache (None: nothing cached)."""
+    rows = torch.cat([latent, k_pe], dim=-1)
+    if meta.kv_caches is None:
+        return rows, None
+    cache = meta.kv_caches[layer_idx]  # [num_blocks, block_size, R+Dr], or packed FP8 bytes
+    write_rows(cache, meta.slot_mapping, rows, latent.shape[-1])
+    return rows, cache
+
+
 def mla_attention(
     q_nope: torch.Tensor,  # [T, H, Dn]
     q_pe: torch.Tensor,  # [T, H, Dr] rotated
@@ -252,11 +264,8 @@ def mla_attention(
     meta: AttentionMetadata,
     layer_idx: int,
 ) -> torch.Tensor:  # [T, H * Dv]
-    rows = torch.cat([latent, k_pe], dim=-1)  # [T, R+Dr]
-    cache, rank = None, latent.shape[-1]
-    if meta.kv_caches is not None:
-        cache = meta.kv_caches[layer_idx]  # [num_blocks, block_size, R+Dr], or packed FP8 bytes
-        write_rows(cache, meta.slot_mapping, rows, rank)
+    rows, cache = store_rows(latent, k_pe, meta, layer_idx)
+    rank = latent.shape[-1]
     heads, dv = w.w_uv.shape[0], w.w_uv.shape[1]
     d = meta.decode
     # pdserve's CPU kernel reads the decode queries' rows where they lie in the cache: fp32, or bf16 (rows and

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from engine.checkpoint.loader import TensorSlice
-from engine.model.attention import AttentionMetadata, HeadKernel, MLAWeights, mla_attention
+from engine.model.attention import AttentionMetadata, HeadKernel, MLAWeights, mla_attention, store_rows
 from engine.model.config import ModelConfig
 from engine.model.fp8 import FP8
 from engine.model.layers import (
@@ -137,13 +137,22 @@ class MLA(nn.Module):
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q = q.view(t, self.heads, self.nope + self.rope_dim)  # [T, H, Dn+Dr]
         q_nope, q_pe = q.split([self.nope, self.rope_dim], dim=-1)
-        latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        latent = self.kv_a_layernorm(latent)  # [T, R]
+        latent, k_pe = self._latent(x)
         # the queries' heads and the shared key rotate in one call (elementwise: the same numbers as two)
         pe = self.rope(torch.cat([q_pe, k_pe[:, None]], dim=1), positions)  # [T, H+1, Dr]
         q_pe, k_pe = pe[:, :-1], pe[:, -1]  # [T, H, Dr], [T, Dr]
         out = mla_attention(q_nope, q_pe, latent, k_pe, self.mla_weights(x.dtype), meta, self.layer_idx)  # [T, H*Dv]
         return self.o_proj(out)
+
+    def _latent(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, D] -> the normed latent [T, R] and the rope key before rotation [T, Dr]."""
+        latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        return self.kv_a_layernorm(latent), k_pe
+
+    def write_kv(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> None:
+        """Only the cache rows of ``x``'s tokens, as ``forward`` writes them: no queries, no output."""
+        latent, k_pe = self._latent(x)
+        store_rows(latent, self.rope(k_pe[:, None], positions)[:, 0], meta, self.layer_idx)
 
     def mla_weights(self, dtype: torch.dtype) -> MLAWeights:
         """The attention's view of ``kv_b_proj`` and of the kernel's copies, built again only when one of them
@@ -186,6 +195,10 @@ class DecoderLayer(nn.Module):
             return x + self.mlp(h, tokens)
         return x + tokens.reduce(self.mlp(tokens.gather(h)))
 
+    def write_kv(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, tokens: TokenSplit) -> None:
+        """Only the attention's cache rows of ``x``'s tokens (residual layout): what ``forward`` writes."""
+        self.self_attn.write_kv(tokens.gather(self.input_layernorm(x)), positions, meta)
+
 
 class SharedHead(nn.Module):
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, tp: ParallelGroup):
@@ -209,11 +222,23 @@ class MTPLayer(nn.Module):
         self.shared_head = SharedHead(cfg, dtype, parallel.tp)
 
     def forward(self, next_ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
-        """next_ids [T] (token t+1), hidden [T, D] (main model at t) -> [T, D] MTP hidden (before its norm)."""
+                meta: AttentionMetadata, out_rows: torch.Tensor | None = None,
+                out_meta: AttentionMetadata | None = None) -> torch.Tensor:
+        """next_ids [T] (token t+1), hidden [T, D] (main model at t) -> [T, D] MTP hidden (before its norm).
+
+        With ``out_rows`` [B] (and ``out_meta``, a step of those rows' tokens alone): every token's cache
+        rows are written, but the block runs on those rows only, returning [B, D] -- the drafts read the
+        last position of each sequence, and the other rows' queries, attention and MoE would be thrown away."""
         tokens = self.parallel.split(next_ids.shape[0])
         e = self.enorm(tokens.reduce(self.embed_tokens(next_ids)))  # residual layout
         x = self.eh_proj(torch.cat([e, self.hnorm(tokens.scatter(hidden))], dim=-1))
+        if out_rows is not None:
+            self.block.write_kv(x, positions, meta, tokens)
+            if not out_rows.numel() and self.parallel.is_single:  # no row read, and no peer joins its collectives
+                return x.new_empty(0, x.shape[-1])
+            x, positions, meta = tokens.gather(x)[out_rows], positions[out_rows], out_meta
+            tokens = self.parallel.split(x.shape[0])
+            x = tokens.scatter(x)
         return tokens.gather(self.block(x, positions, meta, tokens))
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -266,8 +291,9 @@ class DeepseekV3ForCausalLM(nn.Module):
         return self.lm_head(hidden)
 
     def mtp_forward(self, k: int, next_ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
-                    meta: AttentionMetadata) -> torch.Tensor:
-        return self.mtp[k](next_ids, hidden, positions, meta)
+                    meta: AttentionMetadata, out_rows: torch.Tensor | None = None,
+                    out_meta: AttentionMetadata | None = None) -> torch.Tensor:
+        return self.mtp[k](next_ids, hidden, positions, meta, out_rows, out_meta)
 
     # ---- idle DP replicas ----------------------------------------------------------
     def _empty_step(self) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
