@@ -488,6 +488,45 @@ def test_rmsnorm_of_a_bf16_model_through_the_kernel_rounds_as_its_formula():
         assert (got != want).float().mean() < 0.01
 
 
+@needs_kernel
+@pytest.mark.parametrize("interleave", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_through_the_kernel_is_the_formula_bit_for_bit(interleave, dtype):
+    """``cpu_gemm.rope``: RotaryEmbedding's formula to the bit (the products and sums rounded as ATen's separate
+    ops round them, bf16 to nearest even), for queries' heads with the shared key, a lone key row cut from a
+    wider projection (strided), one and many positions, YaRN's scaled tables; positions over threads."""
+    import json
+
+    from engine.args import default_model
+    from engine.model.config import ModelConfig
+    from engine.model.rope import RotaryEmbedding
+
+    cpu_gemm.load()
+    with open(f"{default_model()}/config.json") as f:
+        raw = json.load(f)
+    raw.update(rope_interleave=interleave, rope_scaling={
+        "type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256, "beta_fast": 32, "beta_slow": 1,
+        "mscale": 1.0, "mscale_all_dim": 1.0})
+    cfg = ModelConfig.from_dict(raw)
+    assert cfg.yarn is not None and cfg.qk_rope_head_dim == 32
+    rope = RotaryEmbedding(cfg, 4096)
+    g = torch.Generator().manual_seed(0)
+    for t in (1, 3, 700):
+        positions = torch.randint(0, 4096, (t,), generator=g)
+        wide = torch.randn(t, 48, generator=g).to(dtype)
+        for x in (torch.randn(t, 5, 32, generator=g).to(dtype), wide[:, 16:][:, None]):
+            rope.kernel = None
+            want = rope(x, positions)
+            rope.kernel = cpu_gemm.rope
+            got = rope(x, positions)
+            assert got.dtype == dtype and got.shape == x.shape
+            assert torch.equal(got, want), (got - want).abs().max()
+    with pytest.raises(RuntimeError, match="dim even"):
+        cpu_gemm.rope(torch.ones(2, 3, 7), torch.ones(2, 3), torch.ones(2, 3), True)
+    with pytest.raises(RuntimeError, match="cos and sin"):
+        cpu_gemm.rope(torch.ones(2, 3, 8), torch.ones(2, 3), torch.ones(2, 4), True)
+
+
 def test_mla_weights_are_kept_until_what_they_view_changes():
     """``MLA.mla_weights`` builds the attention's weights once, and again when the kernel, its copies, the
     packing or the weight's storage change; an FP8 kv_b_proj is dequantized on every call."""

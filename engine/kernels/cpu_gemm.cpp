@@ -1347,6 +1347,54 @@ torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& w, double ep
   return y.view(x.sizes());
 }
 
+// ---- rotary embedding ------------------------------------------------------------------------------
+//
+// engine/model/rope.py's formula in one call instead of ATen's ~10 small ops (~30 us a layer at batch 1):
+// rows x [T, M, dim] (pairs interleaved or halves) rotated by position t's cos, sin [T, dim / 2] -> y with
+// x1 * cos - x2 * sin, then x2 * cos + x1 * sin, each product and sum rounded to fp32 as ATen's separate
+// ops round them (contracted into FMAs the results differ: tests/test_cpu_kernels.py), a bf16 result
+// rounded to nearest even as .to() rounds it.
+template <typename T>
+__attribute__((optimize("fp-contract=off"))) void rope_rows(const T* x, const float* c, const float* s, int64_t M,
+                                                            int64_t dim, bool interleave, T* y) {
+  const int64_t half = dim / 2;
+  for (int64_t m = 0; m < M; ++m, x += dim, y += dim) {
+    for (int64_t i = 0; i < half; ++i) {
+      const float x1 = widen(interleave ? x[2 * i] : x[i]), x2 = widen(interleave ? x[2 * i + 1] : x[half + i]);
+      const float a = x1 * c[i], b = x2 * s[i], e = x2 * c[i], f = x1 * s[i];
+      y[i] = static_cast<T>(a - b);
+      y[half + i] = static_cast<T>(e + f);
+    }
+  }
+}
+
+torch::Tensor rope(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin, bool interleave) {
+  TORCH_CHECK(x.device().is_cpu() && (x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16),
+              "rope: x float32 or bfloat16 on the CPU");
+  TORCH_CHECK(x.dim() >= 2 && x.size(-1) % 2 == 0, "rope: x [T, ..., dim] with dim even, got ", x.sizes());
+  const int64_t T = x.size(0), dim = x.size(-1);
+  TORCH_CHECK(cos.scalar_type() == torch::kFloat32 && sin.scalar_type() == torch::kFloat32 &&
+              cos.sizes() == sin.sizes() && cos.numel() == T * dim / 2,
+              "rope: cos and sin [T, dim / 2] float32, got ", cos.sizes(), " and ", sin.sizes(), " for x ", x.sizes());
+  const auto xc = x.contiguous();
+  const auto cc = cos.contiguous(), sc = sin.contiguous();
+  const int64_t M = T ? xc.numel() / (T * dim) : 0;
+  auto y = torch::empty_like(xc);
+  const float* cp = cc.data_ptr<float>();
+  const float* sp = sc.data_ptr<float>();
+  auto run = [&](const auto* xp, auto* yp) {
+    at::parallel_for(0, T, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, M * dim)), [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t)
+        rope_rows(xp + t * M * dim, cp + t * dim / 2, sp + t * dim / 2, M, dim, interleave, yp + t * M * dim);
+    });
+  };
+  if (x.scalar_type() == torch::kBFloat16)
+    run(xc.data_ptr<at::BFloat16>(), y.data_ptr<at::BFloat16>());
+  else
+    run(xc.data_ptr<float>(), y.data_ptr<float>());
+  return y;
+}
+
 // ---- DeepSeek-V3 routing (sigmoid scores, correction bias, group-limited top-k) ----------------------
 //
 // engine/model/moe.py's Gate.forward after the router matmul, per token in one call instead of ~17 small
@@ -1448,6 +1496,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mla_prefill", &mla_prefill, "MLA prefill attention of strided views (causal): fp32 by AVX2 + FMA, "
         "bf16 by AVX512-BF16");
   m.def("rms_norm", &rms_norm, "RMSNorm of fp32 or bf16 rows: w * x / sqrt(mean(x^2) + eps)");
+  m.def("rope", &rope, "rotary embedding of x [T, ..., dim] by cos, sin [T, dim / 2]: rope.py's formula, its rounding");
   m.def("route", &route, "DeepSeek-V3 routing: sigmoid scores, bias, group-limited top-k -> (ids, weights)");
   m.def("bf16_dot_enabled", &bf16_dot_enabled, "whether bf16 rows run through the AVX512-BF16 products");
   m.def("set_bf16_dot", &set_bf16_dot, "turn the AVX512-BF16 products on or off (on only where the CPU has them); "

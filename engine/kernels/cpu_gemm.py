@@ -231,6 +231,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return _module().rms_norm(x, weight, eps)  # type: ignore[attr-defined]
 
 
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
+    """``x [T, ..., dim]`` (fp32 or bf16) rotated by ``cos``, ``sin [T, dim / 2]`` (fp32): what
+    ``RotaryEmbedding.forward`` computes, rounded the same, in one call. ``load()`` must have succeeded."""
+    return _module().rope(x, cos, sin, interleave)  # type: ignore[attr-defined]
+
+
 def route(logits: torch.Tensor, bias: torch.Tensor | None, groups: int, topk_groups: int, k: int, renormalize: bool,
           scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
     """DeepSeek-V3's routing after the router matmul, one call for all tokens: ``logits [T, E]`` fp32 ->

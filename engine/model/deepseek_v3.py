@@ -395,6 +395,8 @@ class DeepseekV3ForCausalLM(nn.Module):
         for m in self.modules():
             if isinstance(m, RMSNorm):
                 m.kernel = cpu_gemm.rms_norm if kernel is not None else None
+            elif isinstance(m, RotaryEmbedding):
+                m.kernel = cpu_gemm.rope if kernel is not None else None
             elif isinstance(m, Gate):
                 m.use_cpu_route(kernel is not None)
         # bf16 copies of an fp32 model's bf16-valued weights (a bf16 model's are its own weights, or layouts)

@@ -10,6 +10,7 @@ reference's complex-multiply form exactly.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torch import nn
@@ -49,6 +50,9 @@ class RotaryEmbedding(nn.Module):
         # every layer's q and k of a step rotate by the same positions tensor: its rows are looked up
         # once (the key holds the tensor, so its id cannot be reused while cached)
         self._rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        # pdserve's CPU kernel's rotation (``cpu_gemm.rope``: the formula below, rounded the same, in one call
+        # instead of ~10), set by the model's ``use_cpu_kernels``
+        self.kernel: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool], torch.Tensor] | None = None
 
     def _cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self._rows is None or self._rows[0] is not positions:
@@ -57,8 +61,10 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x: [T, ..., dim] rotated by positions [T]; returns the same shape and dtype."""
-        shape = (positions.shape[0],) + (1,) * (x.dim() - 2) + (self.cos.shape[-1],)
         cos, sin = self._cos_sin(positions)
+        if self.kernel is not None and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16):
+            return self.kernel(x, cos, sin, self.interleave)
+        shape = (positions.shape[0],) + (1,) * (x.dim() - 2) + (self.cos.shape[-1],)
         cos, sin = cos.view(shape), sin.view(shape)  # [T, 1.., dim/2]
         xf = x.float()
         if self.interleave:
