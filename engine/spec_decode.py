@@ -17,9 +17,9 @@ one-hot and the standard speculative rule (Leviathan et al. 2023) reads:
 
 Drafting (``MTPProposer``): MTP row ``t`` reads the main model's hidden state at
 ``t`` and the embedding of token ``t+1`` and predicts ``t+2``. After a step, the
-MTP layer runs over every main position whose next token is now known (writing
-its own cache rows, which later steps attend to); its output at the last one
-gives ``d_1``. Drafts ``d_2..d_k`` reuse the MTP layer autoregressively on its
+MTP layer writes its own cache rows (which later steps attend to) for every main
+position whose next token is now known, and runs its block at the last one only,
+whose output gives ``d_1``. Drafts ``d_2..d_k`` reuse the MTP layer autoregressively on its
 own output hidden state; the rows those extra passes write are speculative and
 are overwritten by the real rows one step later.
 """

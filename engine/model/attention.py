@@ -169,7 +169,7 @@ class AttentionMetadata:
         """``passes`` steps of one new token per sequence, pass j's at ``positions[i] + j`` (the MTP layer's
         draft passes), built at once: the passes share one slots tensor, padded to the last pass's contexts
         (each query attends a prefix of its row), and their index tensors are views of one. What ``paged``
-        builds pass by pass (``tests/test_attention.py``), for about the cost of one."""
+        builds pass by pass (``tests/test_attention_metadata.py``), for about the cost of one."""
         if passes < 1:
             return []
         b = len(positions)
