@@ -81,6 +81,47 @@ def test_streams_errors_aborts_and_stats_match_the_in_process_engine(tiny_checkp
     assert stats.prefix_cache_queries == here["stats"].prefix_cache_queries > 0
 
 
+def test_deltas_carry_their_prompt_that_does_not_cross_the_pipe_and_is_forgotten(tiny_checkpoint):
+    """The engine process sends each step's outputs without the prompts' token ids (the server holds them
+    from ``add``); every delta the server hands out still carries its prompt, and none is kept after its
+    request ends: finished, aborted mid-stream, or refused."""
+    async def run() -> tuple[list, list, dict]:
+        engine = AsyncEngine(_args(tiny_checkpoint), process=True)
+        await engine.start()
+        crossed: list = []
+        receive = engine.loop._receive
+
+        def spy(message: tuple) -> None:
+            if message[0] == "step":
+                crossed.extend(out.prompt_token_ids for out in message[1])
+            receive(message)
+
+        engine.loop._receive = spy
+        try:
+            seen = []
+            for i, p in enumerate(PROMPTS):
+                async for out in engine.generate(GenerateRequest(f"r{i}", p, GREEDY)):
+                    seen.append((out.prompt_token_ids, p))
+            stream = engine.generate(GenerateRequest("long", [1, 2, 3], SamplingParams(max_tokens=200,
+                                                                                     ignore_eos=True)))
+            seen.append(((await stream.__anext__()).prompt_token_ids, [1, 2, 3]))
+            await stream.aclose()
+            with pytest.raises(SamplingParamError):
+                await _tokens(engine, "bad", [])
+            for _ in range(100):
+                if engine.stats().num_running == 0:
+                    break
+                await asyncio.sleep(0.05)
+            return crossed, seen, dict(engine.loop._prompts)
+        finally:
+            await engine.shutdown()
+
+    crossed, seen, kept = asyncio.run(run())
+    assert len(seen) >= 10 * len(PROMPTS) and all(got == want for got, want in seen)
+    assert crossed and all(ids is None for ids in crossed)
+    assert kept == {}
+
+
 def test_a_killed_engine_process_fails_open_streams_and_health(tiny_checkpoint):
     async def run() -> None:
         engine = AsyncEngine(_args(tiny_checkpoint), process=True)
