@@ -300,7 +300,9 @@ class ModelRunner:
         accepted = verify(logits, sampling_rows, groups, self.sampler.generator)
         k_max = max((seq.params.logprobs or 0) for _, seq, _ in drafted)
         picked = [g.first_row + i for g, tokens in zip(groups, accepted) for i in range(len(tokens))]
-        scored = compute_logprobs_topk(logits[torch.tensor(picked, device=self.device)], k_max,
+        # one group's rows (batch 1) are its first ones: a view
+        chosen = logits[:len(picked)] if len(groups) == 1 else logits[torch.tensor(picked, device=self.device)]
+        scored = compute_logprobs_topk(chosen, k_max,
                                        torch.tensor([t for tokens in accepted for t in tokens], device=self.device))
         tops = scored.to_logprob_dicts([seq.params.logprobs for (_, seq, _), tokens in zip(drafted, accepted)
                                         for _ in tokens])

@@ -103,23 +103,30 @@ class MTPProposer:
         ``step_meta``: the main pass's metadata, when the jobs cover exactly the step's rows (no draft
         rejected): the MTP pass attends over the same spans."""
         model = self.model
-        ids = torch.tensor([t for j in jobs for t in j.next_ids], device=device)
-        pos = torch.tensor([p for j in jobs for p in range(j.start, j.start + j.count)], device=device)
+        drafting = [i for i, j in enumerate(jobs) if j.draft]
+        ends = list(itertools.accumulate(j.count for j in jobs))
+        # the tokens, their positions, the drafting rows (each drafting job's last) and, without step_meta, the
+        # jobs' rows of the main pass: views of one tensor
+        n = ends[-1] if ends else 0
+        flat = torch.tensor([t for j in jobs for t in j.next_ids]
+                            + [p for j in jobs for p in range(j.start, j.start + j.count)]
+                            + [ends[i] - 1 for i in drafting]
+                            + ([] if step_meta is not None else [r for j in jobs for r in j.hidden_rows]),
+                            dtype=torch.long, device=device)
+        ids, pos = flat[:n], flat[n:2 * n]
+        out_rows, rows = flat[2 * n:2 * n + len(drafting)], flat[2 * n + len(drafting):]
         if step_meta is not None:
             h, meta = hidden, step_meta
         else:
-            h = hidden[torch.tensor([r for j in jobs for r in j.hidden_rows], device=device)]
+            h = hidden[rows]
             meta = AttentionMetadata.paged([j.count for j in jobs], [j.start + j.count for j in jobs], tables,
                                            self.block_size, kv_caches, device)
-        drafting = [i for i, j in enumerate(jobs) if j.draft]
-        ends = list(itertools.accumulate(j.count for j in jobs))
         # pass j of the chain: one query per drafting job at its last position + j. Pass 0 is the block's
         # run over those last rows within the first pass (which writes every job's rows); passes 1.. draft
         # d_2..d_k on the layer's own hidden state (speculative rows)
         last_pos = [jobs[i].start + jobs[i].count - 1 for i in drafting]
         chain = AttentionMetadata.decode_chain(last_pos, [tables[i] for i in drafting], self.k, self.block_size,
                                                kv_caches, device) if drafting else [AttentionMetadata.no_cache([])]
-        out_rows = torch.tensor([ends[i] - 1 for i in drafting], dtype=torch.long, device=device)
         last = model.mtp_forward(0, ids, h, pos, meta, out_rows, chain[0])  # [B, D]
         if layer_done is not None:
             layer_done(len(model.layers))
@@ -129,13 +136,13 @@ class MTPProposer:
                 for _ in range(1, self.k):
                     model.dummy_mtp_forward(0)
             return drafts
-        tok = model.mtp[0].logits(last).argmax(-1)  # [B]
+        tok = model.mtp[0].draft(last)  # [B]
         for i, t in zip(drafting, tok.tolist()):
             drafts[i].append(t)
-        for step, meta_s in enumerate(chain[1:], 1):
-            pos_s = torch.tensor([p + step for p in last_pos], device=device)
-            last = model.mtp_forward(0, tok, last, pos_s, meta_s)
-            tok = model.mtp[0].logits(last).argmax(-1)
+        for meta_s in chain[1:]:
+            # a query at position p attends its sequence's first p + 1 rows
+            last = model.mtp_forward(0, tok, last, meta_s.decode.query_keys - 1, meta_s)
+            tok = model.mtp[0].draft(last)
             for i, t in zip(drafting, tok.tolist()):
                 drafts[i].append(t)
         return drafts

@@ -129,6 +129,31 @@ def test_grouped_gemm_takes_experts_that_sit_apart():
 
 
 @needs_kernel
+@pytest.mark.parametrize("dtype, dot", [(torch.float32, False), (torch.bfloat16, False),
+                                        pytest.param(torch.bfloat16, True, marks=pytest.mark.skipif(
+                                            not HAS_DOT, reason="the AVX512-BF16 products need AVX512-BF16"))])
+@pytest.mark.parametrize("rows, n", [(1, 4096), (3, 37), (4, 5), (2, 264)])
+def test_gemm_argmax_is_the_argmax_of_grouped_gemm(dtype, dot, rows, n):
+    """The draft head's tokens: the argmax of what grouped_gemm returns (a bf16 product's rounded values), the
+    first of equal ones -- at every tail of the 8-lane scan, and on ties that exist only after rounding."""
+    cpu_gemm.load()
+    was = cpu_gemm.set_bf16_dot(dot)
+    try:
+        torch.manual_seed(rows * n)
+        w = torch.randn(n, 64).to(dtype)
+        w[n // 2] = w[n // 3]  # an exact tie, the later copy second
+        x = torch.randn(rows, 64).to(dtype)
+        want = cpu_gemm.grouped_gemm(x, w[None], [rows]).argmax(-1)
+        assert torch.equal(cpu_gemm.gemm_argmax(x, w), want)
+        # 1 + 2^-10 rounds to bf16's 1: in bf16 the earlier column (1.0) wins, in fp32 the later one
+        w, x = torch.zeros(n, 64, dtype=dtype), torch.ones(1, 64, dtype=dtype)
+        w[min(3, n - 2), 0], w[n - 1, 0], w[n - 1, 1] = 1.0, 1.0, 2.0 ** -10
+        assert cpu_gemm.gemm_argmax(x, w).tolist() == [min(3, n - 2) if dtype == torch.bfloat16 else n - 1]
+    finally:
+        cpu_gemm.set_bf16_dot(was)
+
+
+@needs_kernel
 @pytest.mark.parametrize("rows", [1, 3, 8, layers.KERNEL_MAX_ROWS, layers.KERNEL_MAX_ROWS + 1, 40])
 def test_linear_through_the_kernel_matches_f_linear(rows):
     """Up to KERNEL_MAX_ROWS rows the kernel, above it the prepacked (or plain) matmul: the same numbers."""

@@ -39,13 +39,13 @@ def test_chained_training_pass_is_the_proposers_chained_draft(tiny_checkpoint, t
     seq_len, block = 12, 4
     tokens = torch.randint(0, cfg.vocab_size, (seq_len + 2,), generator=torch.Generator().manual_seed(t))
 
-    # inference: the main pass over 0..t, then the proposer (k=2), its logits recorded
+    # inference: the main pass over 0..t, then the proposer (k=2), its head's logits recorded
     width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
     caches = [torch.zeros(8, block, width) for _ in range(model.num_cache_layers)]
     table = list(range(8))
     recorded = []
-    head = model.mtp[0].logits
-    monkeypatch.setattr(model.mtp[0], "logits", lambda h: recorded.append(head(h)) or recorded[-1])
+    draft = model.mtp[0].draft  # the drafts as the proposer takes them, with the head's logits recorded
+    monkeypatch.setattr(model.mtp[0], "draft", lambda h: recorded.append(model.mtp[0].logits(h)) or draft(h))
     with torch.no_grad():
         meta = AttentionMetadata.paged([t + 1], [t + 1], [table], block, caches, torch.device("cpu"))
         h = model(tokens[:t + 1], torch.arange(t + 1), meta)

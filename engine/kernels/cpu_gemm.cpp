@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -406,31 +407,98 @@ void grouped_any(const float* xp, const std::vector<int64_t>& counts, const torc
     grouped(xp, counts, w.data_ptr<float>(), w.stride(0), w.size(1), w.size(2), yp);
 }
 
-// x fp32 (the AVX2 tiles), or bf16 (AVX512-BF16 products with bf16 weights where enabled, else widened to
-// fp32 first); y in x's dtype
-torch::Tensor grouped_gemm(const torch::Tensor& x, const torch::Tensor& w, const std::vector<int64_t>& counts) {
-  check_weights(w, "grouped_gemm");
+// The fp32 sums of grouped_gemm(): x fp32 (the AVX2 tiles), or bf16 (AVX512-BF16 products with bf16 weights
+// where enabled, else widened to fp32 first)
+torch::Tensor grouped_sums(const torch::Tensor& x, const torch::Tensor& w, const std::vector<int64_t>& counts,
+                           const char* what) {
+  check_weights(w, what);
   TORCH_CHECK(x.device().is_cpu() && (x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16) &&
-              x.dim() == 2 && x.is_contiguous(), "grouped_gemm: x [T, K] float32 or bfloat16, contiguous");
+              x.dim() == 2 && x.is_contiguous(), what, ": x [T, K] float32 or bfloat16, contiguous");
   const int64_t E = w.size(0), N = w.size(1), K = w.size(2);
-  TORCH_CHECK(x.size(1) == K, "grouped_gemm: x has ", x.size(1), " columns, w rows have ", K);
-  TORCH_CHECK(static_cast<int64_t>(counts.size()) == E, "grouped_gemm: ", counts.size(), " counts for ", E, " experts");
+  TORCH_CHECK(x.size(1) == K, what, ": x has ", x.size(1), " columns, w rows have ", K);
+  TORCH_CHECK(static_cast<int64_t>(counts.size()) == E, what, ": ", counts.size(), " counts for ", E, " experts");
   int64_t total = 0;
   for (int64_t c : counts) {
-    TORCH_CHECK(c >= 0, "grouped_gemm: negative count");
+    TORCH_CHECK(c >= 0, what, ": negative count");
     total += c;
   }
-  TORCH_CHECK(total == x.size(0), "grouped_gemm: counts sum to ", total, ", x has ", x.size(0), " rows");
+  TORCH_CHECK(total == x.size(0), what, ": counts sum to ", total, ", x has ", x.size(0), " rows");
   auto y = torch::empty({x.size(0), N}, x.options().dtype(torch::kFloat32));
-  if (x.scalar_type() == torch::kFloat32) {
+  if (x.scalar_type() == torch::kFloat32)
     grouped_any(x.data_ptr<float>(), counts, w, y.data_ptr<float>());
-    return y;
-  }
-  if (w.scalar_type() == torch::kBFloat16 && g_bf16_dot)
+  else if (w.scalar_type() == torch::kBFloat16 && g_bf16_dot)
     dot_grouped(x.data_ptr<at::BFloat16>(), counts, w.data_ptr<at::BFloat16>(), w.stride(0), N, K, y.data_ptr<float>());
   else
     grouped_any(x.to(torch::kFloat32).data_ptr<float>(), counts, w, y.data_ptr<float>());
-  return y.to(torch::kBFloat16);
+  return y;
+}
+
+// grouped_sums() in x's dtype
+torch::Tensor grouped_gemm(const torch::Tensor& x, const torch::Tensor& w, const std::vector<int64_t>& counts) {
+  auto y = grouped_sums(x, w, counts, "grouped_gemm");
+  return x.scalar_type() == torch::kFloat32 ? y : y.to(torch::kBFloat16);
+}
+
+// v as float with its low 16 bits rounded off to nearest even: the float value of its bf16 (finite v)
+inline __m256 bf16_values(__m256 v) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  const __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), odd));
+  return _mm256_castsi256_ps(_mm256_and_si256(r, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+}
+
+inline float bf16_value(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof(u));
+  u = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+  std::memcpy(&v, &u, sizeof(v));
+  return v;
+}
+
+// The column of each row's largest value of grouped_gemm(x, w, {T}) (one weight [1, N, K]), compared as
+// grouped_gemm returns the values (a bf16 x's rounded to bf16) and the first of equal ones taken, as
+// torch.argmax takes it -> [T] int64. A draft head's tokens without its logits: no rounded copy of them,
+// no argmax op. Each lane keeps its own largest value and first column (strictly greater replaces), then
+// the lanes' largest value's smallest column wins.
+torch::Tensor gemm_argmax(const torch::Tensor& x, const torch::Tensor& w) {
+  TORCH_CHECK(w.dim() == 3 && w.size(0) == 1, "gemm_argmax: w [1, N, K] (one weight)");
+  const auto y = grouped_sums(x, w, {x.size(0)}, "gemm_argmax");
+  const bool round = x.scalar_type() == torch::kBFloat16;
+  const int64_t T = y.size(0), N = y.size(1);
+  auto out = torch::empty({T}, x.options().dtype(torch::kLong));
+  int64_t* op = out.data_ptr<int64_t>();
+  const float* yp = y.data_ptr<float>();
+  for (int64_t t = 0; t < T; ++t) {
+    const float* row = yp + t * N;
+    float best = -std::numeric_limits<float>::infinity();
+    int64_t at = 0;
+    int64_t n = 0;
+    if (N >= 8) {
+      __m256 bv = _mm256_set1_ps(best);
+      __m256i bi = _mm256_setzero_si256();
+      __m256i col = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+      for (; n + 8 <= N; n += 8) {
+        __m256 v = _mm256_loadu_ps(row + n);
+        if (round) v = bf16_values(v);
+        const __m256 gt = _mm256_cmp_ps(v, bv, _CMP_GT_OQ);
+        bv = _mm256_blendv_ps(bv, v, gt);
+        bi = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(bi), _mm256_castsi256_ps(col), gt));
+        col = _mm256_add_epi32(col, _mm256_set1_epi32(8));
+      }
+      alignas(32) float lane_v[8];
+      alignas(32) int32_t lane_i[8];
+      _mm256_store_ps(lane_v, bv);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(lane_i), bi);
+      for (int l = 0; l < 8; ++l)
+        if (lane_v[l] > best || (lane_v[l] == best && lane_i[l] < at)) best = lane_v[l], at = lane_i[l];
+    }
+    for (; n < N; ++n) {
+      const float v = round ? bf16_value(row[n]) : row[n];
+      if (v > best) best = v, at = n;
+    }
+    op[t] = at;
+  }
+  return out;
 }
 
 // ---- the routed experts of a small step, whole ------------------------------------------------------
@@ -1491,6 +1559,7 @@ int64_t parallel_threads(int64_t items) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("grouped_gemm", &grouped_gemm, "y[t] = x[t] @ w[expert of t].T, rows of x grouped by expert");
+  m.def("gemm_argmax", &gemm_argmax, "the column of each row's largest value of x @ w[0].T as grouped_gemm rounds it");
   m.def("moe_experts", &moe_experts, "a small step's routed experts, whole: sort, both GEMMs, SiLU, weighted sum");
   m.def("head_gemm", &head_gemm, "y[m, h] = w[h] @ x[m, h], strided x and y (the absorbed MLA products)");
   m.def("mla_decode", &mla_decode, "absorbed MLA decode attention over the paged latent cache");

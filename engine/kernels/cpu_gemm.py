@@ -146,6 +146,14 @@ def grouped_gemm(x: torch.Tensor, w: torch.Tensor, counts: list[int]) -> torch.T
     return _module().grouped_gemm(x.contiguous(), w, counts)  # type: ignore[attr-defined]
 
 
+def gemm_argmax(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``grouped_gemm(x, w[None], [T]).argmax(-1)`` without the ``[T, N]`` product: the column of each row's
+    largest value, the values compared as ``grouped_gemm`` returns them (a bf16 ``x``'s rounded to bf16) and the
+    first of equal ones taken -> ``[T]`` int64 (a draft head's tokens). ``w [N, K]``; ``load()`` must have
+    succeeded."""
+    return _module().gemm_argmax(x.contiguous(), w[None])  # type: ignore[attr-defined]
+
+
 def moe_experts(x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                 load: torch.Tensor | None = None) -> torch.Tensor:
     """A step's routed experts on one rank, whole: ``x [T, D]``, each token's ``slots [T, k]`` (int64) and

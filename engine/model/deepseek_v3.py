@@ -244,6 +244,10 @@ class MTPLayer(nn.Module):
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.shared_head.head(self.shared_head.norm(h))  # [N, V] fp32
 
+    def draft(self, h: torch.Tensor) -> torch.Tensor:
+        """``logits(h).argmax(-1)`` [N]: the greedy draft tokens, without the logits where the kernel runs the head."""
+        return self.shared_head.head.argmax(self.shared_head.norm(h))
+
 
 class DeepseekV3ForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype = torch.bfloat16, max_positions: int | None = None,
