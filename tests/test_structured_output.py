@@ -95,10 +95,12 @@ def test_bundled_model_with_mtp_follows_constraints_and_accepts_drafts():
     llm = LLM(BUNDLED, speculative="mtp", num_speculative_tokens=2, **SMALL)
     _check_all(llm, "compact choice", "# settings as JSON\n")  # drafts here are Python and mostly cut
     # a constraint the model's own text fits: its drafts pass the grammar and are accepted
-    lines = r"(import [a-z_]+\n){4}"
+    # at most 4 x 28 characters, so the grammar ends (only end-of-sequence left) within max_tokens, however the
+    # sampled row draws
+    lines = r"(import [a-z_]{1,20}\n){4}"
     so = StructuredOutputsParams(regex=lines)
-    outs = llm.generate(["import os\n"] * 2, [SamplingParams(temperature=0.0, max_tokens=40, structured_outputs=so),
-                                              SamplingParams(temperature=1.0, seed=7, max_tokens=40, structured_outputs=so)])
+    outs = llm.generate(["import os\n"] * 2, [SamplingParams(temperature=0.0, max_tokens=120, structured_outputs=so),
+                                              SamplingParams(temperature=1.0, seed=7, max_tokens=120, structured_outputs=so)])
     for out in outs:
         assert out.outputs[0].finish_reason == "stop" and re.fullmatch(lines, out.outputs[0].text), out.outputs[0].text
     stats = llm.engine.stats()

@@ -428,6 +428,16 @@ def finish(out, cfg, args, stats, files, train_files, held_files, train_stream, 
     log(f"done in {stats['wall_minutes']:.1f} min wall; model card {os.path.join(out, 'README.md')}")
 
 
+def _tune_run(out: str, m: dict) -> str:
+    """One tools/tune_mtp.py run of the model card: its command and what it trained."""
+    cmd = f".venv/bin/python tools/tune_mtp.py --model {out} --steps {m['steps']} --minutes {m['minutes']:g} --seed {m['seed']}"
+    if m["lr"] != 1e-3:
+        cmd += f" --lr {m['lr']:g}"
+    machine = f" ({m['machine']})" if "machine" in m else ""
+    return (f"`{cmd}`: {m['steps']} steps of {m['batch']} × {m['seq_len']} tokens, lr {m['lr']:g}, "
+            f"{m['train_minutes']} min on a 2-core CPU{machine}")
+
+
 def write_card(out, cfg, args, s, files, train_files, held_files) -> None:
     r = s["heldout_eval"]
     cmd = f".venv/bin/python tools/train_tiny.py --out {args.out} --minutes {args.minutes:g} --seed {args.seed}"
@@ -437,23 +447,34 @@ def write_card(out, cfg, args, s, files, train_files, held_files) -> None:
         cmd += f" --threads {args.threads}"
     comp = "\n".join(f"**`{p!r}`** →\n\n```python\n{p}{t}\n```\n" for p, t in s["completions"].items())
     tune = ""
-    if "mtp_tune" in s:  # tools/tune_mtp.py ran on this checkpoint after training
-        m, b, a = s["mtp_tune"], s["mtp_tune"]["held_out_before"], s["mtp_tune"]["held_out_after"]
+    if "mtp_tune" in s:  # tools/tune_mtp.py ran on this checkpoint after training (each run continuing the last)
+        runs = [s["mtp_tune"]]
+        while "continues" in runs[0]:
+            runs.insert(0, runs[0]["continues"])
+        steps = "\n".join(f"{i}. {_tune_run(args.out, m)}" for i, m in enumerate(runs, 1))
+        b = runs[0]["held_out_before"]
+        head = " | ".join(["draft", "before"] + [f"after run {i}" for i in range(1, len(runs) + 1)])
+        rows = "\n".join(
+            f"| {label} | {b[key]:.3f} | " + " | ".join(f"**{m['held_out_after'][key]:.3f}**" if m is runs[-1]
+                                                      else f"{m['held_out_after'][key]:.3f}" for m in runs) + " |"
+            for key, label in (("first", "first (from the main hidden state)"),
+                               ("chained", "second, chained (from the MTP layer's own output)"),
+                               ("chained_given_first", "second, where the first was right and fed")))
         tune = f"""
 ## MTP tuned for chained drafting
 
-After training, `.venv/bin/python tools/tune_mtp.py --model {args.out} --steps {m['steps']} --minutes {m['minutes']:g} --seed {m['seed']}`
-trained the MTP layer's own weights ({m['steps']} steps of {m['batch']} × {m['seq_len']} tokens, lr {m['lr']:g},
-{m['train_minutes']} min on a 2-core CPU{f": {m['machine']}" if 'machine' in m else ''}) to agree with the frozen main model at both positions of a chained draft
-(the second draft reads the MTP layer's own output, as `MTPProposer` runs it). The main model's
-weights are bit-identical, so greedy output with or without MTP is unchanged. Held-out agreement
-with the main model's greedy choice ({b['tokens']:,} tokens):
+After training, `tools/tune_mtp.py` trained the MTP layer's own weights to agree with the frozen main model at
+both positions of a chained draft (the second draft reads the MTP layer's own output, as `MTPProposer` runs
+it), {"in one run" if len(runs) == 1 else f"in {len(runs)} runs, each continuing from the last"}:
 
-| draft | before | after |
-|---|---:|---:|
-| first (from the main hidden state) | {b['first']:.3f} | **{a['first']:.3f}** |
-| second, chained (from the MTP layer's own output) | {b['chained']:.3f} | **{a['chained']:.3f}** |
-| second, where the first was right and fed | {b['chained_given_first']:.3f} | **{a['chained_given_first']:.3f}** |
+{steps}
+
+The main model's weights are bit-identical, so greedy output with or without MTP is unchanged. Held-out
+agreement with the main model's greedy choice ({b['tokens']:,} tokens):
+
+| {head} |
+|---|{"---:|" * (len(runs) + 1)}
+{rows}
 
 The MTP rows of the evaluation above are of the tuned layer.
 """

@@ -278,6 +278,8 @@ def write(args, cfg, model, record: dict) -> None:
     if os.path.exists(stats_path):
         with open(stats_path) as f:
             stats = json.load(f)
+        if "mtp_tune" in stats:  # an earlier run tuned this layer: this one continues from it
+            record["continues"] = stats["mtp_tune"]
         stats["mtp_tune"] = record
         with open(stats_path, "w") as f:
             json.dump(stats, f, indent=2)
