@@ -439,20 +439,13 @@ torch::Tensor grouped_gemm(const torch::Tensor& x, const torch::Tensor& w, const
   return x.scalar_type() == torch::kFloat32 ? y : y.to(torch::kBFloat16);
 }
 
-// v as float with its low 16 bits rounded off to nearest even: the float value of its bf16 (finite v)
+// v as float with its low 16 bits rounded off to nearest even: the float value of its bf16 (finite v), as
+// at::BFloat16(v) rounds it
 inline __m256 bf16_values(__m256 v) {
   const __m256i u = _mm256_castps_si256(v);
   const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
   const __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), odd));
   return _mm256_castsi256_ps(_mm256_and_si256(r, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
-}
-
-inline float bf16_value(float v) {
-  uint32_t u;
-  std::memcpy(&u, &v, sizeof(u));
-  u = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
-  std::memcpy(&v, &u, sizeof(v));
-  return v;
 }
 
 // The column of each row's largest value of grouped_gemm(x, w, {T}) (one weight [1, N, K]), compared as
@@ -493,7 +486,7 @@ torch::Tensor gemm_argmax(const torch::Tensor& x, const torch::Tensor& w) {
         if (lane_v[l] > best || (lane_v[l] == best && lane_i[l] < at)) best = lane_v[l], at = lane_i[l];
     }
     for (; n < N; ++n) {
-      const float v = round ? bf16_value(row[n]) : row[n];
+      const float v = round ? static_cast<float>(at::BFloat16(row[n])) : row[n];
       if (v > best) best = v, at = n;
     }
     op[t] = at;
