@@ -77,6 +77,7 @@ class EngineProcess(EngineLoop):
         self._stats = EngineStats()
         self._stopping = False
         self._prompts: dict[str, list[int]] = {}  # request id -> prompt token ids, from add() until it ends
+        self._prompt_logprobs: dict[str, list] = {}  # request id -> its prompt logprobs, once they came, until it ends
 
     async def start(self) -> EngineInfo:
         ctx = multiprocessing.get_context("spawn")
@@ -134,16 +135,21 @@ class EngineProcess(EngineLoop):
         try:
             await super().add(request_id, prompt, params, priority, continuation, kv)
         except BaseException:
-            self._prompts.pop(request_id, None)
+            self._forget(request_id)
             raise
 
     def abort(self, request_id: str) -> None:
-        self._prompts.pop(request_id, None)
+        self._forget(request_id)
         super().abort(request_id)
 
     def close(self, request_id: str) -> None:
-        self._prompts.pop(request_id, None)
+        self._forget(request_id)
         super().close(request_id)
+
+    def _forget(self, request_id: str) -> None:
+        """What this side keeps of a request's prompt for its deltas, once it ended."""
+        self._prompts.pop(request_id, None)
+        self._prompt_logprobs.pop(request_id, None)
 
     def _send(self, command: Command, future: concurrent.futures.Future | None = None) -> None:
         call_id = None
@@ -176,8 +182,12 @@ class EngineProcess(EngineLoop):
             outputs = message[1]
             for out in outputs:  # the prompt's ids back (an aborted request's late output: dropped anyway)
                 out.prompt_token_ids = self._prompts.get(out.request_id, [])
+                if out.prompt_logprobs is not None:  # they cross once (_PipedLoop._publish)
+                    self._prompt_logprobs[out.request_id] = out.prompt_logprobs
+                else:
+                    out.prompt_logprobs = self._prompt_logprobs.get(out.request_id)
                 if out.finished:
-                    self._prompts.pop(out.request_id, None)
+                    self._forget(out.request_id)
             self._deliver(outputs)
         elif kind == "stats":
             self._stats = message[1]
@@ -221,11 +231,20 @@ class _PipedLoop(EngineLoop):
         super().__init__(engine)
         self.conn = conn
         self._sent_stats: EngineStats | None = None
+        self._sent_prompt_logprobs: set[str] = set()  # requests whose prompt logprobs crossed, while they run
 
     def _publish(self, outputs: list) -> None:
         stats = self.engine.stats()
-        for out in outputs:  # the server holds them (EngineProcess.add); these objects are not used again here
+        sent = self._sent_prompt_logprobs
+        for out in outputs:  # the server holds them (EngineProcess); these objects are not used again here
             out.prompt_token_ids = None
+            if out.prompt_logprobs is not None:  # a prompt's logprobs cross with its first delta that has them
+                if out.request_id in sent:
+                    out.prompt_logprobs = None
+                else:
+                    sent.add(out.request_id)
+        if sent:  # forget the ended (finished, aborted: engine.sequences holds the running ones)
+            sent.intersection_update(self.engine.sequences)
         if outputs or stats != self._sent_stats:
             self.conn.send(("step", outputs, stats))
             self._sent_stats = stats

@@ -38,6 +38,21 @@ async def _tokens(engine: AsyncEngine, rid: str, prompt: list[int], params=GREED
     return tokens
 
 
+def _crossing(engine: AsyncEngine, look) -> list:
+    """``look(output)`` for every step output that crosses the engine process's pipe, as it crossed (before
+    the server side puts anything back), in a list that fills as they come."""
+    crossed: list = []
+    receive = engine.loop._receive
+
+    def spy(message: tuple) -> None:
+        if message[0] == "step":
+            crossed.extend(look(out) for out in message[1])
+        receive(message)
+
+    engine.loop._receive = spy
+    return crossed
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -88,15 +103,7 @@ def test_deltas_carry_their_prompt_that_does_not_cross_the_pipe_and_is_forgotten
     async def run() -> tuple[list, list, dict]:
         engine = AsyncEngine(_args(tiny_checkpoint), process=True)
         await engine.start()
-        crossed: list = []
-        receive = engine.loop._receive
-
-        def spy(message: tuple) -> None:
-            if message[0] == "step":
-                crossed.extend(out.prompt_token_ids for out in message[1])
-            receive(message)
-
-        engine.loop._receive = spy
+        crossed = _crossing(engine, lambda out: out.prompt_token_ids)
         try:
             seen = []
             for i, p in enumerate(PROMPTS):
@@ -120,6 +127,71 @@ def test_deltas_carry_their_prompt_that_does_not_cross_the_pipe_and_is_forgotten
     assert len(seen) >= 10 * len(PROMPTS) and all(got == want for got, want in seen)
     assert crossed and all(ids is None for ids in crossed)
     assert kept == {}
+
+
+def test_prompt_logprobs_cross_the_pipe_once_and_every_delta_carries_them(tiny_checkpoint):
+    """A prompt's logprobs (echo with logprobs) cross the pipe with the first delta that has them; the server
+    puts them in every later delta and forgets them when the request ends (finished, or aborted mid-stream)."""
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, prompt_logprobs=2)
+
+    async def run() -> tuple[list, dict, tuple, dict]:
+        engine = AsyncEngine(_args(tiny_checkpoint), process=True)
+        await engine.start()
+        crossed = _crossing(engine, lambda out: (out.request_id, out.prompt_logprobs is not None))
+        try:
+            seen: dict = {}
+            for rid, p in (("a", PROMPTS[0]), ("b", PROMPTS[1])):
+                async for out in engine.generate(GenerateRequest(rid, p, params)):
+                    seen.setdefault(rid, []).append(out.prompt_logprobs)
+            stream = engine.generate(GenerateRequest("long", [1, 2, 3], SamplingParams(
+                max_tokens=200, ignore_eos=True, prompt_logprobs=1)))
+            first, second = await stream.__anext__(), await stream.__anext__()
+            await stream.aclose()
+            for _ in range(100):
+                if engine.stats().num_running == 0:
+                    break
+                await asyncio.sleep(0.05)
+            return crossed, seen, (first.prompt_logprobs, second.prompt_logprobs), dict(engine.loop._prompt_logprobs)
+        finally:
+            await engine.shutdown()
+
+    crossed, seen, long_deltas, kept = asyncio.run(run())
+    for rid, prompt in (("a", PROMPTS[0]), ("b", PROMPTS[1])):
+        deltas = seen[rid]
+        assert len(deltas) >= 2 and deltas[0] is not None and len(deltas[0]) == len(prompt)
+        assert all(d == deltas[0] for d in deltas)
+        flags = [sent for r, sent in crossed if r == rid]
+        assert len(flags) == len(deltas) and sum(flags) == 1  # every delta crossed, the logprobs with one
+    assert long_deltas[0] is not None and long_deltas[1] == long_deltas[0]
+    assert kept == {}
+
+
+def test_the_engine_side_forgets_whose_prompt_logprobs_it_sent_once_they_end(tiny_checkpoint):
+    """The engine process's record of which requests' prompt logprobs crossed holds only running ones: a
+    finished request and an aborted one (which sends nothing more) leave it."""
+    from engine.engine import LLMEngine
+    from engine.engine_process import _PipedLoop
+
+    class Pipe:
+        def __init__(self):
+            self.sent: list = []
+
+        def send(self, message: tuple) -> None:
+            self.sent.append(message)
+
+    engine, pipe = LLMEngine(_args(tiny_checkpoint)), Pipe()
+    loop = _PipedLoop(engine, pipe)
+    engine.add_request("done", PROMPTS[0], SamplingParams(max_tokens=4, ignore_eos=True, prompt_logprobs=1))
+    engine.add_request("cut", PROMPTS[1], SamplingParams(max_tokens=200, ignore_eos=True, prompt_logprobs=1))
+    loop._publish(engine.step())
+    assert loop._sent_prompt_logprobs == {"done", "cut"}
+    engine.abort("cut")
+    while engine.has_unfinished():
+        loop._publish(engine.step())
+    assert loop._sent_prompt_logprobs == set()
+    carried = [out.request_id for kind, outputs, *_ in pipe.sent if kind == "step" for out in outputs
+               if out.prompt_logprobs is not None]
+    assert sorted(carried) == ["cut", "done"]
 
 
 def test_a_killed_engine_process_fails_open_streams_and_health(tiny_checkpoint):
