@@ -41,6 +41,19 @@ class PrefillDelayEngine(FakeEngine):
             yield out
 
 
+class RecordingEngine(FakeEngine):
+    """``FakeEngine`` that keeps every prompt it is sent, in arrival order."""
+
+    def __init__(self, tokenizer, **kwargs):
+        super().__init__(tokenizer, **kwargs)
+        self.prompts: list[tuple[int, ...]] = []
+
+    async def generate(self, request):
+        self.prompts.append(tuple(request.prompt_token_ids))
+        async for out in super().generate(request):
+            yield out
+
+
 def bench(tmp_path, *args: str) -> tuple[int, dict]:
     out = tmp_path / "bench.json"
     rc = main(["bench", "--no-progress", "--json", str(out), *args])
@@ -83,6 +96,20 @@ def test_sweep_writes_records_and_png(tok, tmp_path):
         assert all(r["ok"] and r["prompt_tokens"] == 12 and r["output_tokens"] == 5 for r in run["requests"])
         assert all(r["ttft_s"] > 0 and r["tpot_s"] > 0 and r["e2e_s"] > r["ttft_s"] for r in run["requests"])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_each_level_sends_its_own_prompts_the_same_to_every_endpoint(tok, tmp_path):
+    """A server with prefix caching must not find a level's prompts cached by an earlier level or the warm-up,
+    and ``--compare`` must send the endpoints of one level the same prompts."""
+    a, b = RecordingEngine(tok, token_delay=0.001), RecordingEngine(tok, token_delay=0.001)
+    with running_server(a, tok) as sa, running_server(b, tok) as sb:
+        rc, _ = bench(tmp_path, "--base-url", sa.url, "--compare", sb.url, "--input-len", "8", "--output-len", "2",
+                      "--num-prompts", "3", "--concurrency", "1,3")
+    assert rc == 0
+    assert len(a.prompts) == len(b.prompts) == 7  # the warm-up, then 3 per level
+    warm, first, second = a.prompts[0], set(a.prompts[1:4]), set(a.prompts[4:])
+    assert len(first) == len(second) == 3 and first.isdisjoint(second) and warm not in first | second
+    assert b.prompts[0] == warm and set(b.prompts[1:4]) == first and set(b.prompts[4:]) == second
 
 
 def test_chat_endpoint_with_jsonl_dataset(tok, tmp_path):

@@ -58,6 +58,8 @@ def test_tiny_run_serves_two_and_reports_vllm_not_run(tool, tmp_path):
         assert srv["status"] == "ok", srv["reason"]
         assert f"--dtype {doc['dtype']}" in " ".join(srv["cmd"])  # the one resolved dtype for every server
         assert [r["concurrency"] for r in srv["runs"]] == [1, 2]
+        seeds = [r["command"].split(" --seed ")[1].split()[0] for r in srv["runs"]]
+        assert seeds == [str(tool.level_seed(0, 1)), str(tool.level_seed(0, 2))] and seeds[0] != seeds[1]
         for run in srv["runs"]:
             s = run["summary"]
             assert (s["completed"], s["failed"], s["total_input_tokens"], s["total_output_tokens"]) == (2, 0, 32, 8)

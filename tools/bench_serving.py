@@ -11,7 +11,9 @@ CPU) and every server gets it explicitly, so the three compare at the same dtype
 
 Each server in --servers runs alone, in turn: it is started, waited for (``GET /v1/models``,
 bounded by --start-timeout), benchmarked with ``pdserve bench`` (a subprocess, one call per
-concurrency level: random token ids, ``--ignore-eos``, seed --seed), then stopped, and its whole
+concurrency level: random token ids, ``--ignore-eos``, seed --seed plus the level, so no level repeats
+another's prompts: pdserve's prefix cache would serve them, vLLM's CPU backend runs MLA models with
+prefix caching off), then stopped, and its whole
 process group has exited before the next server starts. Servers' output goes to log files in the
 work directory (kept, and printed at the end); a server that fails to start is reported as failed
 with the tail of its log. vLLM runs from its own venv (--vllm-venv, else $VLLM_VENV; built by
@@ -129,7 +131,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--vocab-size", type=int, default=None,
                     help="prompt token ids from [0, V) (default: the checkpoint's vocabulary, at most 16384)")
-    ap.add_argument("--seed", type=int, default=0, help="pdserve bench --seed")
+    ap.add_argument("--seed", type=int, default=0, help="pdserve bench --seed is this plus the level")
     ap.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
                     help="auto: bf16 where this CPU runs it fast, else fp32 (engine.dtype_choice)")
     ap.add_argument("--vllm-venv", default=os.environ.get("VLLM_VENV"), metavar="DIR",
@@ -362,6 +364,11 @@ def _indent(text: str) -> str:
     return "\n".join("    | " + line for line in text.splitlines())
 
 
+def level_seed(seed: int, level: int) -> int:
+    """``pdserve bench --seed`` at concurrency ``level``: the levels of one run never share prompts."""
+    return seed + level
+
+
 def run_bench(srv: Server, level: int, num_prompts: int, vocab: int, args, work: str, shown: Shown) -> dict:
     """One ``pdserve bench`` call against ``srv`` at concurrency ``level``; its summary, or why none."""
     out = os.path.join(work, f"{srv.tag}-c{level}.json")
@@ -369,7 +376,7 @@ def run_bench(srv: Server, level: int, num_prompts: int, vocab: int, args, work:
     timeout = args.hf_request_timeout if srv.name == "transformers" else args.request_timeout
     cmd = [*pdserve_cmd(), "bench", "--base-url", srv.url, "--dataset", "random",
            "--input-len", str(args.input_len), "--output-len", str(args.output_len), "--ignore-eos",
-           "--vocab-size", str(vocab), "--seed", str(args.seed), "--concurrency", str(level),
+           "--vocab-size", str(vocab), "--seed", str(level_seed(args.seed, level)), "--concurrency", str(level),
            "--num-prompts", str(num_prompts), "--timeout", f"{timeout:g}", "--json", out,
            "--no-progress"]
     run: dict[str, Any] = {"concurrency": level, "num_prompts": num_prompts, "command": shown(cmd), "json": out,

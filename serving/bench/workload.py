@@ -9,14 +9,16 @@
   (``max_tokens`` defaults to ``output_len``); the first ``num_prompts`` lines, the file
   repeated when it is shorter.
 
-Everything is a pure function of ``seed``, so runs (and the endpoints of ``--compare``)
-get the same prompts.
+Everything is a pure function of ``seed`` (an int, or a sequence of ints: ``pdserve bench`` gives each
+level of a sweep ``(seed, level + 1)`` and its warm-up ``(seed, 0)``), so runs (and the endpoints of
+``--compare``) get the same prompts.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -54,7 +56,7 @@ def _spec(prompt: str | list[int], max_tokens: int) -> RequestSpec:
     return RequestSpec(prompt, max_tokens, len(prompt) if isinstance(prompt, list) else None)
 
 
-def build_workload(dataset: str, *, num_prompts: int, input_len: int, output_len: int, seed: int,
+def build_workload(dataset: str, *, num_prompts: int, input_len: int, output_len: int, seed: int | Sequence[int],
                    vocab_size: int, prefix_len: int, chat: bool) -> list[RequestSpec]:
     """The ``num_prompts`` requests of ``dataset`` (``random``, ``shared-prefix`` or a JSONL path)."""
     rng = np.random.default_rng(seed)

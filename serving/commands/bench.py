@@ -60,7 +60,7 @@ def register(subparsers: Any) -> None:
     load.add_argument("--request-rate", type=_levels(float, "--request-rate"), default=None, metavar="R[,R2,...]",
                       help="Poisson arrivals at R requests/s (inf: all at once); a list is a sweep")
     p.add_argument("--ignore-eos", action="store_true", help="send ignore_eos so every request makes max_tokens")
-    p.add_argument("--seed", type=int, default=0, help="seed for the prompts and the arrival times")
+    p.add_argument("--seed", type=int, default=0, help="seed for the prompts (each level its own) and the arrival times")
     p.add_argument("--timeout", type=float, default=300.0, help="per-request limit in seconds")
     p.add_argument("--warmup", type=int, default=1, help="unrecorded requests sent to each server first")
     p.add_argument("--json", default=None, metavar="OUT", help="write config, summaries and per-request records")
@@ -92,16 +92,26 @@ def run(ns: argparse.Namespace) -> int:
 
     _check(ns)
     prefix_len = ns.prefix_len if ns.prefix_len is not None else ns.input_len // 2
+    levels = ns.request_rate if ns.request_rate is not None else ns.concurrency or [ns.num_prompts]
+
+    def workload(seed: tuple[int, int], num_prompts: int) -> list:
+        return build_workload(ns.dataset, num_prompts=num_prompts, input_len=ns.input_len,
+                              output_len=ns.output_len, seed=seed, vocab_size=ns.vocab_size,
+                              prefix_len=prefix_len, chat=ns.endpoint == "chat")
+
+    # Each level its own prompts, the same for every endpoint at that level, and the warm-up others again: a
+    # server with prefix caching must not find a level's prompts cached by an earlier level or the warm-up
+    # (vLLM's CPU backend serves MLA models with prefix caching off; pdserve has it on). A dataset file's
+    # prompts are the same at every level.
     try:
-        specs = build_workload(ns.dataset, num_prompts=ns.num_prompts, input_len=ns.input_len,
-                               output_len=ns.output_len, seed=ns.seed, vocab_size=ns.vocab_size,
-                               prefix_len=prefix_len, chat=ns.endpoint == "chat")
+        per_level = [workload((ns.seed, i + 1), ns.num_prompts) for i in range(len(levels))]
+        warmup = workload((ns.seed, 0), max(ns.warmup, 1))
     except WorkloadError as e:
         raise CLIError(str(e)) from e
-    return asyncio.run(_bench(ns, specs, prefix_len))
+    return asyncio.run(_bench(ns, per_level, warmup, prefix_len))
 
 
-async def _bench(ns: argparse.Namespace, specs: list, prefix_len: int) -> int:
+async def _bench(ns: argparse.Namespace, per_level: list[list], warmup: list, prefix_len: int) -> int:
     from serving.bench import client as bc
     from serving.bench.metrics import summarize
     from serving.bench.report import (Run, compare_ratios, json_level, ratios_table, summary_table, write_json,
@@ -112,7 +122,7 @@ async def _bench(ns: argparse.Namespace, specs: list, prefix_len: int) -> int:
     if ns.request_rate is not None:
         level_name, levels = "request_rate", ns.request_rate
     else:
-        level_name, levels = "concurrency", ns.concurrency or [len(specs)]
+        level_name, levels = "concurrency", ns.concurrency or [ns.num_prompts]
     chat = ns.endpoint == "chat"
     runs: list[Run] = []
     async with bc.make_client(ns.timeout) as http:
@@ -120,10 +130,10 @@ async def _bench(ns: argparse.Namespace, specs: list, prefix_len: int) -> int:
         for label, url, model in zip(labels, urls, models):
             shown = model or "(unknown: GET /v1/models failed; requests name no model)"
             print(f"{label}: {url}  model {shown}", flush=True)
-            for i in range(ns.warmup):
-                await bc.send_request(http, url, -1, specs[i % len(specs)], model, chat=chat,
+            for spec in warmup[:ns.warmup]:
+                await bc.send_request(http, url, -1, spec, model, chat=chat,
                                       ignore_eos=ns.ignore_eos, timeout=ns.timeout, run_start=0.0)
-        for level in levels:
+        for level, specs in zip(levels, per_level):
             for label, url, model in zip(labels, urls, models):
                 result = await bc.run_level(
                     http, url, model, specs, concurrency=int(level) if level_name == "concurrency" else None,
