@@ -126,6 +126,8 @@ def test_chat_endpoint_with_jsonl_dataset(tok, tmp_path):
 def test_bad_dataset_is_a_cli_error(tmp_path, capsys):
     assert main(["bench", "--base-url", "http://127.0.0.1:9", "--dataset", str(tmp_path / "missing.jsonl")]) == 2
     assert "cannot read dataset" in capsys.readouterr().err
+    assert main(["bench", "--base-url", "http://127.0.0.1:9", "--seed", "-1"]) == 2
+    assert "--seed must be at least 0" in capsys.readouterr().err
 
 
 def test_unreachable_endpoint_counts_connection_errors():

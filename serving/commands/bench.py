@@ -75,6 +75,8 @@ def _check(ns: argparse.Namespace) -> None:
             raise CLIError(f"--{name.replace('_', '-')} must be at least 1")
     if ns.warmup < 0:
         raise CLIError("--warmup must be at least 0")
+    if ns.seed < 0:
+        raise CLIError("--seed must be at least 0")
     if not ns.timeout > 0:
         raise CLIError("--timeout must be positive")
     for url in (ns.base_url, *ns.compare):
