@@ -34,22 +34,6 @@ def test_packed_linear_matches_f_linear(rows):
     torch.testing.assert_close(out, F.linear(x, w), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.skipif(not layers._DENSE_ONEDNN, reason="this torch build has no oneDNN matmul")
-@pytest.mark.parametrize("rows", [1, layers.DENSE_ONEDNN_MIN_ROWS - 1, layers.DENSE_ONEDNN_MIN_ROWS, 300])
-def test_dense_linear_takes_onednn_for_fp32_inputs_of_many_rows(rows):
-    """An fp32 input of DENSE_ONEDNN_MIN_ROWS rows or more goes through oneDNN's matmul on the weight as stored
-    (a prefill's experts, the projections too small to pack), fewer rows and bf16 through F.linear; same values."""
-    torch.manual_seed(rows)
-    w, x = torch.randn(512, 256) / 16, torch.randn(rows, 256)
-    for dtype in (torch.float32, torch.bfloat16):
-        with torch.inference_mode(), torch.profiler.profile() as prof:
-            out = layers.dense_linear(x.to(dtype), w.to(dtype))
-        by_onednn = any(e.name == "mkldnn::_linear_pointwise" for e in prof.events())
-        assert by_onednn == (dtype == torch.float32 and rows >= layers.DENSE_ONEDNN_MIN_ROWS)
-        assert out.dtype == dtype
-        torch.testing.assert_close(out.float(), F.linear(x.to(dtype), w.to(dtype)).float(), rtol=1e-4, atol=1e-4)
-
-
 def test_pack_weight_declines_what_does_not_pay():
     assert layers.pack_weight(torch.zeros(64, 64)) is None  # under PACKED_MIN_NUMEL: the call overhead dominates
     assert layers.pack_weight(torch.zeros(4, 1024, 1024)) is None

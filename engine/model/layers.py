@@ -99,12 +99,9 @@ class ParallelGroup:
 
 # oneDNN's prepacked fp32 matmul (the kernel torch.compile's CPU backend uses for frozen weights):
 # 2-4x faster than F.linear's MKL sgemm for a few rows (fp32, measured side by side on an AMD EPYC with AVX2,
-# no AVX-512/AMX; bench preset, 8 rows: head 19.7 -> 4.8 ms), and 1.1-1.5x for prefill-sized inputs (2048 and
-# 256 rows of the bench preset's projections: 197-229 vs 150-203 GFLOP/s, the same with oneDNN and MKL held to
-# AVX2; 2-core AMD EPYC with AVX512-BF16, no AMX), so an fp32 input of any row count takes it. In bf16 F.linear
-# is oneDNN too and the prepacked copy gains nothing measurable for many rows (428-456 vs 432-445 GFLOP/s, same
-# machine): rows above PACKED_MAX_ROWS go to F.linear. Each call costs ~40 us of its own, more than a small
-# matmul takes: weights under PACKED_MIN_NUMEL stay unpacked.
+# no AVX-512/AMX; bench preset, 8 rows: head 19.7 -> 4.8 ms),
+# no faster for prefill-sized inputs, so rows above PACKED_MAX_ROWS go to F.linear. Each call costs
+# ~40 us of its own, more than a small matmul takes: weights under PACKED_MIN_NUMEL stay unpacked.
 PACKED_MAX_ROWS = 256
 PACKED_MIN_NUMEL = 2**19
 
@@ -148,27 +145,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None = 
     (``pack_weight(weight)``)."""
     if _by_kernel(x, weight, packed, kernel):
         return kernel(x, (weight if kernel_weight is None else kernel_weight)[None], [x.shape[0]])
-    if packed is not None and x.dim() == 2 and x.dtype == weight.dtype and 0 < x.shape[0] and (
-            x.shape[0] <= PACKED_MAX_ROWS or x.dtype == torch.float32):
+    if packed is not None and x.dim() == 2 and x.dtype == weight.dtype and 0 < x.shape[0] <= PACKED_MAX_ROWS:
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, None, "none", [], "")
-    return dense_linear(x, weight)
-
-
-# oneDNN's fp32 matmul on a weight as it is stored (laid out on every call): faster than F.linear's MKL sgemm
-# from 8 rows up (bench preset weights, 8-128 rows: 0.67-0.93x the time; 2048 rows 1.05-1.6x the rate, within
-# a few % of the prepacked copy; 2-core AMD EPYC with AVX512-BF16, no AMX, and the same with both libraries
-# held to AVX2), without a second copy of the weight: a prefill's experts and the projections too small to pack.
-DENSE_ONEDNN_MIN_ROWS = 8
-_DENSE_ONEDNN = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-                 and os.environ.get("PDSERVE_DENSE_ONEDNN", "1") != "0")
-
-
-def dense_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``F.linear(x, weight)``; through oneDNN's matmul for an fp32 CPU input of DENSE_ONEDNN_MIN_ROWS rows
-    or more (``PDSERVE_DENSE_ONEDNN=0``: always F.linear)."""
-    if (_DENSE_ONEDNN and x.dim() == 2 and x.shape[0] >= DENSE_ONEDNN_MIN_ROWS and x.dtype == torch.float32
-            and weight.dtype == torch.float32 and weight.dim() == 2 and x.device.type == "cpu"):
-        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, None, "none", [], "")
     return F.linear(x, weight)
 
 
