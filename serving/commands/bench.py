@@ -94,7 +94,10 @@ def run(ns: argparse.Namespace) -> int:
 
     _check(ns)
     prefix_len = ns.prefix_len if ns.prefix_len is not None else ns.input_len // 2
-    levels = ns.request_rate if ns.request_rate is not None else ns.concurrency or [ns.num_prompts]
+    if ns.request_rate is not None:
+        level_name, levels = "request_rate", ns.request_rate
+    else:
+        level_name, levels = "concurrency", ns.concurrency or [ns.num_prompts]
 
     def workload(seed: tuple[int, int], num_prompts: int) -> list:
         return build_workload(ns.dataset, num_prompts=num_prompts, input_len=ns.input_len,
@@ -110,10 +113,11 @@ def run(ns: argparse.Namespace) -> int:
         warmup = workload((ns.seed, 0), max(ns.warmup, 1))
     except WorkloadError as e:
         raise CLIError(str(e)) from e
-    return asyncio.run(_bench(ns, per_level, warmup, prefix_len))
+    return asyncio.run(_bench(ns, level_name, levels, per_level, warmup, prefix_len))
 
 
-async def _bench(ns: argparse.Namespace, per_level: list[list], warmup: list, prefix_len: int) -> int:
+async def _bench(ns: argparse.Namespace, level_name: str, levels: list, per_level: list[list], warmup: list,
+                 prefix_len: int) -> int:
     from serving.bench import client as bc
     from serving.bench.metrics import summarize
     from serving.bench.report import (Run, compare_ratios, json_level, ratios_table, summary_table, write_json,
@@ -121,10 +125,6 @@ async def _bench(ns: argparse.Namespace, per_level: list[list], warmup: list, pr
 
     urls = [bc.normalize_base_url(u) for u in (ns.base_url, *ns.compare)]
     labels = list(string.ascii_uppercase[:len(urls)]) if len(urls) <= 26 else [str(i) for i in range(len(urls))]
-    if ns.request_rate is not None:
-        level_name, levels = "request_rate", ns.request_rate
-    else:
-        level_name, levels = "concurrency", ns.concurrency or [ns.num_prompts]
     chat = ns.endpoint == "chat"
     runs: list[Run] = []
     async with bc.make_client(ns.timeout) as http:
