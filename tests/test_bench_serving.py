@@ -5,6 +5,7 @@ transformers baseline really serve the workload, a vLLM without its venv is repo
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import os
@@ -59,6 +60,8 @@ def test_tiny_run_serves_two_and_reports_vllm_not_run(tool, tmp_path):
         assert f"--dtype {doc['dtype']}" in " ".join(srv["cmd"])  # the one resolved dtype for every server
         assert [r["concurrency"] for r in srv["runs"]] == [1, 2]
         seeds = [r["command"].split(" --seed ")[1].split()[0] for r in srv["runs"]]
+        if name == "pdserve":  # its /metrics counts the prompt tokens found cached: none, every prompt is new
+            assert [r["prefix_cache_hit_tokens"] for r in srv["runs"]] == [0, 0]
         assert seeds == [str(tool.level_seed(0, 1)), str(tool.level_seed(0, 2))] and seeds[0] != seeds[1]
         for run in srv["runs"]:
             s = run["summary"]
@@ -96,6 +99,22 @@ def test_docs_without_markers_are_refused_before_anything_runs(tmp_path):
     assert proc.returncode == 2
     assert f"needs exactly one {BEGIN}" in proc.stderr
     assert not (tmp_path / "work").exists()
+
+
+def test_a_level_that_resends_prompts_is_an_error(tool, tmp_path):
+    """A server with prefix caching answers resent prompts from its cache: the tool reads the hit counter
+    around each level and calls a level with hits an error (the fake engine caches 16-token blocks)."""
+    from fake_engine import FakeEngine, make_model_dir, running_server
+    from engine.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(make_model_dir(str(tmp_path / "model")))
+    args = argparse.Namespace(input_len=40, output_len=2, seed=0, request_timeout=60, hf_request_timeout=60)
+    with running_server(FakeEngine(tok, token_delay=0.001), tok) as server:
+        srv = tool.Server("pdserve", "pdserve", port=int(server.url.rsplit(":", 1)[1]))
+        first = tool.run_bench(srv, 2, 4, 256, args, str(tmp_path), tool.Shown())
+        again = tool.run_bench(srv, 2, 4, 256, args, str(tmp_path), tool.Shown())  # the same seed: the same prompts
+    assert first["summary"]["completed"] == 4 and first["prefix_cache_hit_tokens"] == 0 and first["error"] is None
+    assert again["prefix_cache_hit_tokens"] >= 4 * 32 and "came from the prefix cache" in again["error"]
 
 
 def test_prompts_per_level(tool):

@@ -13,7 +13,8 @@ Each server in --servers runs alone, in turn: it is started, waited for (``GET /
 bounded by --start-timeout), benchmarked with ``pdserve bench`` (a subprocess, one call per
 concurrency level: random token ids, ``--ignore-eos``, seed --seed plus the level, so no level repeats
 another's prompts: pdserve's prefix cache would serve them, vLLM's CPU backend runs MLA models with
-prefix caching off), then stopped, and its whole
+prefix caching off; the server's prefix-cache hit counter is read from /metrics around every level, and
+a level with hits is an error), then stopped, and its whole
 process group has exited before the next server starts. Servers' output goes to log files in the
 work directory (kept, and printed at the end); a server that fails to start is reported as failed
 with the tail of its log. vLLM runs from its own venv (--vllm-venv, else $VLLM_VENV; built by
@@ -364,6 +365,26 @@ def _indent(text: str) -> str:
     return "\n".join("    | " + line for line in text.splitlines())
 
 
+# Prompt tokens a server found in its prefix cache (Prometheus counters; transformers' server has none).
+PREFIX_CACHE_HITS = {"pdserve": "pdserve_prefix_cache_hits_total", "vllm": "vllm:prefix_cache_hits_total"}
+
+
+def prefix_cache_hits(srv: "Server") -> float | None:
+    """The server's prefix-cache hit counter (prompt tokens), summed over its label sets; None where it has none
+    or /metrics does not answer."""
+    name = PREFIX_CACHE_HITS.get(srv.name)
+    if name is None:
+        return None
+    try:
+        with urllib.request.urlopen(srv.url + "/metrics", timeout=10) as r:
+            text = r.read().decode("utf-8", "replace")
+    except (urllib.error.URLError, OSError, http.client.HTTPException):
+        return None
+    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+              if line.startswith((name + " ", name + "{"))]
+    return sum(values) if values else None
+
+
 def level_seed(seed: int, level: int) -> int:
     """``pdserve bench --seed`` at concurrency ``level``: the levels of one run never share prompts."""
     return seed + level
@@ -382,6 +403,7 @@ def run_bench(srv: Server, level: int, num_prompts: int, vocab: int, args, work:
     run: dict[str, Any] = {"concurrency": level, "num_prompts": num_prompts, "command": shown(cmd), "json": out,
                            "log": log, "summary": None, "error": None}
     print(f"$ {run['command']}", flush=True)
+    hits_before = prefix_cache_hits(srv)
     # every request is bounded by --timeout: the warm-up, then ceil(N / C) rounds at most
     limit = (1 + math.ceil(num_prompts / level)) * timeout + 120
     t0 = time.monotonic()
@@ -399,6 +421,13 @@ def run_bench(srv: Server, level: int, num_prompts: int, vocab: int, args, work:
         run["summary"] = bench_run["summary"]
     except (OSError, ValueError, KeyError) as e:
         run["error"] = run["error"] or f"pdserve bench exited with status {run['returncode']}, no report ({e})"
+    hits_after = prefix_cache_hits(srv)
+    # random prompts share no cached block: a hit means this level resent prompts (its own or an earlier
+    # level's), which a server with prefix caching answers faster than one without
+    run["prefix_cache_hit_tokens"] = None if hits_before is None or hits_after is None else hits_after - hits_before
+    if run["prefix_cache_hit_tokens"]:
+        run["error"] = (f"{run['prefix_cache_hit_tokens']:g} prompt tokens came from the prefix cache: "
+                        "the random prompts were not all new")
     s = run["summary"]
     if s and s["failed"]:
         errors = ", ".join(f"{k} {n}" for k, n in s["errors"].items())
