@@ -439,13 +439,13 @@ torch::Tensor grouped_gemm(const torch::Tensor& x, const torch::Tensor& w, const
   return x.scalar_type() == torch::kFloat32 ? y : y.to(torch::kBFloat16);
 }
 
-// v as float with its low 16 bits rounded off to nearest even: the float value of its bf16 (finite v), as
-// at::BFloat16(v) rounds it
-inline __m256 bf16_values(__m256 v) {
-  const __m256i u = _mm256_castps_si256(v);
-  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-  const __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), odd));
-  return _mm256_castsi256_ps(_mm256_and_si256(r, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+// 8 fp32 lanes rounded to bf16 values (to nearest even, NaN kept a NaN), as fp32 with the low 16 bits clear
+inline __m256 round8(__m256 v) {
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
+  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(r, 16));
 }
 
 // The column of each row's largest value of grouped_gemm(x, w, {T}) (one weight [1, N, K]), compared as
@@ -472,7 +472,7 @@ torch::Tensor gemm_argmax(const torch::Tensor& x, const torch::Tensor& w) {
       __m256i col = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
       for (; n + 8 <= N; n += 8) {
         __m256 v = _mm256_loadu_ps(row + n);
-        if (round) v = bf16_values(v);
+        if (round) v = round8(v);
         const __m256 gt = _mm256_cmp_ps(v, bv, _CMP_GT_OQ);
         bv = _mm256_blendv_ps(bv, v, gt);
         bi = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(bi), _mm256_castsi256_ps(col), gt));
@@ -1343,14 +1343,6 @@ torch::Tensor mla_prefill(const torch::Tensor& q_nope, const torch::Tensor& q_pe
 // a 2-core AMD EPYC, AVX2 + FMA, no AVX512-BF16 / AMX, fp32; a decode step runs ~17 norms). The sum of squares is taken in 16 lanes, so the result differs from the
 // formula's in the last bits (within 1e-6 relative); rows may sit apart (a view into a wider tensor).
 
-// 8 fp32 lanes rounded to bf16 values (to nearest even, NaN kept a NaN), as fp32 with the low 16 bits clear
-inline __m256 round8(__m256 v) {
-  const __m256i bits = _mm256_castps_si256(v);
-  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
-  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(r, 16));
-}
 inline void store8(at::BFloat16* p, __m256 v) {  // round8(v), its upper halves stored
   const __m256i r = _mm256_srli_epi32(_mm256_castps_si256(round8(v)), 16);
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p),

@@ -110,7 +110,7 @@ def run(ns: argparse.Namespace) -> int:
     # prompts are the same at every level.
     try:
         per_level = [workload((ns.seed, i + 1), ns.num_prompts) for i in range(len(levels))]
-        warmup = workload((ns.seed, 0), max(ns.warmup, 1))
+        warmup = workload((ns.seed, 0), ns.warmup)
     except WorkloadError as e:
         raise CLIError(str(e)) from e
     return asyncio.run(_bench(ns, level_name, levels, per_level, warmup, prefix_len))
@@ -132,7 +132,7 @@ async def _bench(ns: argparse.Namespace, level_name: str, levels: list, per_leve
         for label, url, model in zip(labels, urls, models):
             shown = model or "(unknown: GET /v1/models failed; requests name no model)"
             print(f"{label}: {url}  model {shown}", flush=True)
-            for spec in warmup[:ns.warmup]:
+            for spec in warmup:
                 await bc.send_request(http, url, -1, spec, model, chat=chat,
                                       ignore_eos=ns.ignore_eos, timeout=ns.timeout, run_start=0.0)
         for level, specs in zip(levels, per_level):
