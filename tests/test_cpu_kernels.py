@@ -23,15 +23,40 @@ HAS_PACKED = layers.pack_weight(torch.zeros(1024, 1024)) is not None
 
 
 @pytest.mark.skipif(not HAS_PACKED, reason="this torch build has no oneDNN prepacked fp32 matmul")
-@pytest.mark.parametrize("rows", [1, 2, 8, 64, layers.PACKED_MAX_ROWS, layers.PACKED_MAX_ROWS + 1])
-def test_packed_linear_matches_f_linear(rows):
+@pytest.mark.parametrize("rows", [1, 2, 8, 64, layers.PACKED_MAX_ROWS, layers.PACKED_MAX_ROWS + 1,
+                                  2 * layers.PACKED_ROW_BUCKET, layers.PACKED_BUCKET_MAX_ROWS + 1])
+def test_packed_linear_matches_f_linear(rows, monkeypatch):
+    """The prepacked copy gives F.linear's product at every row count; above PACKED_MAX_ROWS an fp32 input's rows
+    are padded up to a PACKED_ROW_BUCKET multiple for it (the padding's rows cut off again), past
+    PACKED_BUCKET_MAX_ROWS F.linear takes it."""
     torch.manual_seed(0)
     w = torch.randn(1024, 768) / 32
     packed = layers.pack_weight(w)
     x = torch.randn(rows, 768)
+    shapes = []
+    onednn = torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda a, *rest: shapes.append(a.shape[0]) or onednn(a, *rest))
     with torch.inference_mode():
         out = layers.linear(x, w, packed)
+    assert out.shape == (rows, 1024)
     torch.testing.assert_close(out, F.linear(x, w), rtol=1e-4, atol=1e-4)
+    if rows <= layers.PACKED_MAX_ROWS:
+        assert shapes == [rows]
+    elif rows <= layers.PACKED_BUCKET_MAX_ROWS:
+        assert shapes == [-(-rows // layers.PACKED_ROW_BUCKET) * layers.PACKED_ROW_BUCKET]
+    else:
+        assert shapes == []
+
+
+@pytest.mark.skipif(not HAS_PACKED, reason="this torch build has no oneDNN prepacked fp32 matmul")
+def test_packed_linear_leaves_many_rows_to_autograd():
+    """Where autograd records (a layer that trains), many rows go to F.linear: oneDNN's op has no backward."""
+    torch.manual_seed(0)
+    w = torch.randn(1024, 768) / 32
+    packed = layers.pack_weight(w)
+    x = torch.randn(layers.PACKED_MAX_ROWS + 1, 768, requires_grad=True)
+    layers.linear(x, w, packed).sum().backward()
+    torch.testing.assert_close(x.grad, w.sum(0).expand_as(x), rtol=1e-4, atol=1e-4)
 
 
 def test_pack_weight_declines_what_does_not_pay():
