@@ -7,10 +7,14 @@ Prompts are 64-token slices of held-out standard-library files (text the bundled
 model was not trained on). A batch size ``b`` runs ``--sets`` different sets of ``b`` prompts
 one after the other (at batch 1 a single prompt decides too much: the bundled model falls into
 a loop on some prompts, where drafting is easy or hard for the whole run), and its rate is
-all their tokens over all their time. For each batch size: decode tokens/s without MTP, then
-with MTP for each k, alternating engines run after run (median of --repeats); acceptance per draft position and
-how many greedy sequences are identical to plain decoding are printed (identical in fp32; in
-bf16 the verify pass and the one-token decode round differently, so a near-tie can flip).
+all their tokens over all their time. For each batch size: one unrecorded run of every engine first
+(a server is warm when it serves: the first run pays one-off costs, ~0.85x the rate of the next ones
+with MTP at batch 1), then decode tokens/s without MTP and with MTP for each k, engines alternated run
+after run, --repeats times. The speed-up printed is the median of each repeat's ratio to the run without
+MTP just before it (a ratio of neighbours: the machine's speed drifts by more than the effect between
+repeats), with its range; the rates are medians. Acceptance per draft position and how many greedy
+sequences are identical to plain decoding are printed (identical in fp32; in bf16 the verify pass and
+the one-token decode round differently, so a near-tie can flip).
 """
 
 from __future__ import annotations
@@ -57,7 +61,7 @@ def main() -> None:
     ap.add_argument("--k", default="1,2")
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--output-len", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=6)
     ap.add_argument("--sets", type=int, default=4, help="prompt sets per batch size, run one after the other")
     ap.add_argument("--disable-by-batch-size", type=int, default=0,
                     help="the engines' speculative_disable_by_batch_size (default 0: draft at every batch size)")
@@ -76,6 +80,8 @@ def main() -> None:
         prompt_sets = [prompts[i::args.sets] for i in range(args.sets)]
         rates: dict[int, list[float]] = {k: [] for k in engines}
         outputs = {}
+        for llm in engines.values():  # warm-up, not recorded
+            _run(llm, prompt_sets[:1], args.output_len)
         before = {k: engines[k].engine.stats() for k in ks}
         for _ in range(args.repeats):  # alternate so every engine sees the same machine noise
             for k, llm in engines.items():
@@ -84,12 +90,14 @@ def main() -> None:
         base = statistics.median(rates[0])
         print(f"\nbatch {batch} ({args.sets} sets of {batch} prompts): without MTP {base:7.1f} tok/s")
         for k in ks:
+            ratios = [r / r0 for r, r0 in zip(rates[k], rates[0])]
             same = sum(a == b for a, b in zip(outputs[k], outputs[0]))
             now, was = engines[k].engine.stats(), before[k]
             drafts = now.spec_drafts - was.spec_drafts
             per_pos = [(a - b) / drafts for a, b in zip(now.spec_accepted_per_position, was.spec_accepted_per_position)]
             mean_len = 1 + (now.spec_accepted_tokens - was.spec_accepted_tokens) / drafts
-            print(f"  MTP k={k}: {statistics.median(rates[k]):7.1f} tok/s  ({statistics.median(rates[k]) / base:.2f}x)  "
+            print(f"  MTP k={k}: {statistics.median(rates[k]):7.1f} tok/s  ({statistics.median(ratios):.2f}x, "
+                  f"{min(ratios):.2f}-{max(ratios):.2f}x over {len(ratios)} repeats)  "
                   f"acceptance by position {', '.join(f'{a:.2f}' for a in per_pos)}  "
                   f"tokens/step {mean_len:.2f}  greedy sequences identical {same}/{len(prompts)}")
 
