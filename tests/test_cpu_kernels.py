@@ -35,7 +35,8 @@ def test_packed_linear_matches_f_linear(rows, monkeypatch):
     x = torch.randn(rows, 768)
     shapes = []
     onednn = torch.ops.mkldnn._linear_pointwise
-    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda a, *rest: shapes.append(a.shape[0]) or onednn(a, *rest))
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise",
+                        lambda a, *rest: shapes.append(a.shape[0]) or onednn(a, *rest))
     with torch.inference_mode():
         out = layers.linear(x, w, packed)
     assert out.shape == (rows, 1024)

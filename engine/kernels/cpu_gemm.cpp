@@ -718,7 +718,7 @@ void head_gemm(const torch::Tensor& x, const torch::Tensor& w, torch::Tensor& y)
 // the scores and again for the values, and while the scores of one block are computed the next block's rows
 // (or, at an item's last block, the next item's first) are prefetched into L2, a slice after each tile: the
 // cache streams from memory under the FMAs instead of every block's first touch waiting on it (the kernel
-// 0.75x the time at batch 32, 16 heads, 320 keys, fp32; 2-core AMD EPYC, the caches flushed between calls).
+// 0.78x the time at 32 queries x 16 heads x ~317 keys, fp32; 2-core AMD EPYC, caches flushed between calls).
 // Rows are fp32, or bf16 (a bf16 model's cache) widened
 // to fp32 in registers as grouped_gemm's weights are, queries and arithmetic fp32; or, for a bf16 cache where
 // bf16_dot_enabled(), by AVX512-BF16 (dot_attend: bf16 queries and probabilities, fp32 sums).

@@ -110,7 +110,8 @@ PACKED_MIN_NUMEL = 2**19
 # tokens took 0.865x the time, of 8 x 200 (1600 rows padded to 1792) 0.897x (alternated in one engine; fp32,
 # 2-core AMD EPYC with AVX512-BF16, no AMX). oneDNN keeps a primitive per row count, a few MB each at these
 # sizes, so the row counts are bucketed: the bench preset's engine grew 191 MB over 43 prefill sizes from 300 to
-# 2048 tokens and not at all over 43 more (F.linear: +55 MB, +19 MB), where every row count had grown it before.
+# 2048 tokens and not at all over 43 more (F.linear: +55 MB, +19 MB); taking every row count (8beb7e8, reverted)
+# grew the soak test's engine 66% after its warm-up.
 # Not where autograd records (tools/tune_mtp.py trains through linear): oneDNN's op has no backward.
 PACKED_ROW_BUCKET = 256
 PACKED_BUCKET_MAX_ROWS = 2048
