@@ -99,9 +99,9 @@ class ParallelGroup:
 
 # oneDNN's prepacked fp32 matmul (the kernel torch.compile's CPU backend uses for frozen weights):
 # 2-4x faster than F.linear's MKL sgemm for a few rows (fp32, measured side by side on an AMD EPYC with AVX2,
-# no AVX-512/AMX; bench preset, 8 rows: head 19.7 -> 4.8 ms),
-# no faster for prefill-sized inputs, so rows above PACKED_MAX_ROWS go to F.linear. Each call costs
-# ~40 us of its own, more than a small matmul takes: weights under PACKED_MIN_NUMEL stay unpacked.
+# no AVX-512/AMX; bench preset, 8 rows: head 19.7 -> 4.8 ms). Up to PACKED_MAX_ROWS rows every row count goes
+# as it is (in bf16 F.linear is oneDNN too: more rows go there); each call costs ~40 us of its own, more than a
+# small matmul takes: weights under PACKED_MIN_NUMEL stay unpacked.
 PACKED_MAX_ROWS = 256
 PACKED_MIN_NUMEL = 2**19
 # Above PACKED_MAX_ROWS an fp32 input takes the prepacked copy too, its rows padded with zeros up to a multiple of
@@ -153,7 +153,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None = 
            kernel: Kernel | None = None, kernel_weight: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight)``; for inputs of few rows through ``kernel`` (``cpu_gemm.grouped_gemm``, where
     the weight fits it; reading ``kernel_weight``, ``kernel_copy(weight)``, where given) or ``packed``
-    (``pack_weight(weight)``)."""
+    (``pack_weight(weight)``; in fp32 also a prefill's rows, padded to a PACKED_ROW_BUCKET multiple)."""
     if _by_kernel(x, weight, packed, kernel):
         return kernel(x, (weight if kernel_weight is None else kernel_weight)[None], [x.shape[0]])
     if packed is not None and x.dim() == 2 and x.dtype == weight.dtype and 0 < x.shape[0]:
