@@ -70,7 +70,8 @@ inline __m256 exp8(__m256 x) {
 // y[m * ldy + n] = dot(x row m, w[n]) for m < MB, n < NB; K % 8 == 0. `ahead` is where NB rows
 // K weights apart that a later tile reads start (prefetched), or null. kHoldX: each step's x in a register, loaded
 // once (else GCC folds the load into every FMA that reads it, NB loads a step: the same speed for the GEMMs, which
-// wait on their weights' memory, but ~10% slower attention scores, whose rows come from L2)
+// wait on their weights' memory, but ~10% slower fp32 attention scores, whose rows come from L2; 2-core AMD EPYC
+// with AVX512-BF16, no AMX)
 template <int MB, int NB, typename W, bool kHoldX = false>
 inline void tile(const float* x, int64_t ldx, const W* const* w, int64_t K, float* y, int64_t ldy, const W* ahead) {
   if constexpr (MB * NB == 1) {  // one output: two chains of FMAs (even and odd steps), not one waiting on each
@@ -718,7 +719,8 @@ void head_gemm(const torch::Tensor& x, const torch::Tensor& w, torch::Tensor& y)
 // the scores and again for the values, and while the scores of one block are computed the next block's rows
 // (or, at an item's last block, the next item's first) are prefetched into L2, a slice after each tile: the
 // cache streams from memory under the FMAs instead of every block's first touch waiting on it (the kernel
-// 0.78x the time at 32 queries x 16 heads x ~317 keys, fp32; 2-core AMD EPYC, caches flushed between calls).
+// 0.78x the time at 32 queries x 16 heads x ~317 keys, fp32 cache; 2-core AMD EPYC with AVX512-BF16, no AMX,
+// caches flushed between calls).
 // Rows are fp32, or bf16 (a bf16 model's cache) widened
 // to fp32 in registers as grouped_gemm's weights are, queries and arithmetic fp32; or, for a bf16 cache where
 // bf16_dot_enabled(), by AVX512-BF16 (dot_attend: bf16 queries and probabilities, fp32 sums).

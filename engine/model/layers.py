@@ -156,17 +156,21 @@ def linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None = 
     (``pack_weight(weight)``; in fp32 also a prefill's rows, padded to a PACKED_ROW_BUCKET multiple)."""
     if _by_kernel(x, weight, packed, kernel):
         return kernel(x, (weight if kernel_weight is None else kernel_weight)[None], [x.shape[0]])
-    if packed is not None and x.dim() == 2 and x.dtype == weight.dtype and 0 < x.shape[0]:
-        rows = x.shape[0]
-        if rows <= PACKED_MAX_ROWS:
-            return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, None, "none", [], "")
-        if x.dtype == torch.float32 and rows <= PACKED_BUCKET_MAX_ROWS and not (
-                torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
-            padded = -(-rows // PACKED_ROW_BUCKET) * PACKED_ROW_BUCKET
-            if padded != rows:
-                x = torch.cat([x, x.new_zeros(padded - rows, x.shape[1])])
-            return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, None, "none", [], "")[:rows]
+    rows = x.shape[0] if x.dim() == 2 else 0
+    if packed is not None and x.dtype == weight.dtype and 0 < rows and (rows <= PACKED_MAX_ROWS or (
+            x.dtype == torch.float32 and rows <= PACKED_BUCKET_MAX_ROWS
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))):
+        if rows > PACKED_MAX_ROWS:
+            x = pad_rows(x, PACKED_ROW_BUCKET)
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, None, "none", [], "")[:rows]
     return F.linear(x, weight)
+
+
+def pad_rows(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """``x [N, ...]`` with zero rows appended up to a multiple of ``multiple`` (x itself when N is one): a row count
+    oneDNN has built its primitive for."""
+    extra = -x.shape[0] % multiple
+    return F.pad(x, (0, 0) * (x.dim() - 1) + (0, extra)) if extra else x
 
 
 def _by_kernel(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None, kernel: Kernel | None) -> bool:

@@ -40,7 +40,7 @@ from engine.kernels import cpu_gemm
 from engine.model.config import ModelConfig
 from engine.model.dispatch import MoEDispatcher
 from engine.model.fp8 import FP8, fp8_linear, scale_shape
-from engine.model.layers import MLP, Kernel, ParallelGroup, _param, kernel_copy, kernel_fits, linear
+from engine.model.layers import MLP, Kernel, ParallelGroup, _param, kernel_copy, kernel_fits, linear, pad_rows
 from engine.model.placement import ExpertPlacement
 from engine.model.token_split import TokenSplit
 
@@ -234,9 +234,7 @@ class Experts(nn.Module):
                 if self.fp8:
                     out[rows] = self._fp8_expert(x[rows], e)
                 else:
-                    xe = x[rows]
-                    if n % bucket:  # zero rows up to the bucket: a shape oneDNN has seen (below)
-                        xe = F.pad(xe, (0, 0, 0, bucket - n % bucket))
+                    xe = pad_rows(x[rows], bucket)  # zero rows up to the bucket: a shape oneDNN has seen (below)
                     gate, up = F.linear(xe, self.w13[e]).chunk(2, dim=-1)
                     out[rows] = F.linear(F.silu(gate) * up, self.w2[e])[:n]
                 start += n
