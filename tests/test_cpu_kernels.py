@@ -62,6 +62,10 @@ def test_packed_linear_leaves_many_rows_to_autograd():
 
 def test_pack_weight_declines_what_does_not_pay():
     assert layers.pack_weight(torch.zeros(64, 64)) is None  # under PACKED_MIN_NUMEL: the call overhead dominates
+    if HAS_PACKED:  # fp32 from PACKED_MIN_NUMEL_FP32 (the kernel takes its few rows), bf16 from PACKED_MIN_NUMEL
+        assert layers.pack_weight(torch.zeros(256, 1024)) is not None
+        assert layers.pack_weight(torch.zeros(255, 1024)) is None
+    assert layers.pack_weight(torch.zeros(256, 1024, dtype=torch.bfloat16)) is None
     assert layers.pack_weight(torch.zeros(4, 1024, 1024)) is None
     assert layers.pack_weight(torch.zeros(1024, 1024, dtype=torch.float16)) is None
     if auto_dtype("cpu").dtype != "bfloat16":  # no bf16 matrix instructions: bf16 stays with F.linear
@@ -314,12 +318,14 @@ def test_kernel_off_by_environment_says_why(monkeypatch, caplog):
         cpu_gemm.grouped_gemm(torch.zeros(1, 8), torch.zeros(1, 8, 8), [1])
 
 
+@pytest.mark.parametrize("packed", [False, pytest.param(True, marks=pytest.mark.skipif(
+    not HAS_PACKED, reason="this torch build has no oneDNN prepacked fp32 matmul"))])
 @pytest.mark.parametrize("cpu_kernel", [False, pytest.param(True, marks=needs_kernel)])
 @pytest.mark.parametrize("tokens", [1, 2, 5, 40, 300])
-def test_expert_kernels_agree(tokens, cpu_kernel):
+def test_expert_kernels_agree(tokens, cpu_kernel, packed):
     """Few active slots run expert by expert, many run as one padded bmm, few rows per expert through
-    the CPU kernel, a prefill's many rows expert by expert (each padded to Experts.ROWS_BUCKET rows): same
-    result every way."""
+    the CPU kernel, a prefill's many rows expert by expert (each padded to Experts.ROWS_BUCKET rows; through
+    oneDNN's prepacked copies where held): same result every way."""
     torch.manual_seed(tokens)
     e, d, inter, k = 8, 64, 32, 2
     experts = Experts(e, d, inter, torch.float32)
@@ -327,15 +333,26 @@ def test_expert_kernels_agree(tokens, cpu_kernel):
     with torch.no_grad():
         experts.w13.normal_(std=0.1)
         experts.w2.normal_(std=0.1)
+    if packed:
+        assert experts.pack() == (experts.w13.numel() + experts.w2.numel()) * 4
     ids = torch.randint(0, e, (tokens * k,))
     counts = torch.bincount(ids, minlength=e).tolist()
     x = torch.randn(tokens * k, d)
     with torch.inference_mode():
         out = experts(x, counts)
-        looped = torch.cat([F.linear(F.silu(g) * u, experts.w2[i])
-                            for i, n in enumerate(counts) if n
-                            for g, u in [F.linear(x[sum(counts[:i]):sum(counts[:i]) + n], experts.w13[i]).chunk(2, -1)]])
+        looped = _per_expert(experts, x, counts)
     torch.testing.assert_close(out, looped, rtol=1e-5, atol=1e-5)
+
+
+def _per_expert(experts: Experts, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """What ``experts(x, counts)`` computes, by F.linear expert by expert."""
+    out, start = [], 0
+    for i, n in enumerate(counts):
+        if n:
+            g, u = F.linear(x[start:start + n], experts.w13[i]).chunk(2, -1)
+            out.append(F.linear(F.silu(g) * u, experts.w2[i]))
+            start += n
+    return torch.cat(out)
 
 
 @pytest.mark.skipif(not HAS_PACKED, reason="this torch build has no oneDNN prepacked fp32 matmul")
@@ -429,6 +446,36 @@ def test_bf16_checkpoint_in_fp32_decodes_the_same_through_bf16_copies(monkeypatc
     assert outs[True] == outs[False]
 
 
+@pytest.mark.skipif(not HAS_PACKED, reason="this torch build has no oneDNN prepacked fp32 matmul")
+def test_prefill_experts_run_on_packed_copies_that_follow_slot_rewrites(monkeypatch):
+    """fp32 experts hold a prepacked copy per slot: a prefill's experts (more than PADDED_MAX_ROWS rows) run on
+    them in ROWS_BUCKET-row multiples, not where autograd records, and a slot rewrite (live rebalancing) packs
+    that slot again; bf16 experts hold none."""
+    torch.manual_seed(0)
+    e, d, inter = 4, 64, 32
+    experts = Experts(e, d, inter, torch.float32)
+    with torch.no_grad():
+        experts.w13.normal_(std=0.1)
+        experts.w2.normal_(std=0.1)
+    assert experts.pack() > 0 and len(experts.packed) == e
+    counts = [70, 0, 100, 33]
+    x = torch.randn(sum(counts), d)
+
+    rows = []
+    onednn = torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise",
+                        lambda a, *rest: rows.append(a.shape[0]) or onednn(a, *rest))
+    experts.set_slot(2, {"w13": torch.randn(2 * inter, d) / 8, "w2": torch.randn(d, inter) / 8})
+    with torch.inference_mode():
+        torch.testing.assert_close(experts(x, counts), _per_expert(experts, x, counts), rtol=1e-5, atol=1e-5)
+    assert rows == [96, 96, 128, 128, 64, 64]  # gate/up, then down, of experts 0, 2, 3
+    rows.clear()
+    x.requires_grad_(True)
+    experts(x, counts).sum().backward()  # F.linear: oneDNN's op has no backward
+    assert rows == [] and x.grad is not None
+    assert Experts(e, d, inter, torch.bfloat16).pack() == 0
+
+
 @needs_kernel
 def test_expert_slot_rewrites_keep_the_kernel_copies_true():
     """Live rebalancing writes expert slots: the bf16 copies follow; a slot whose new weights are not bf16
@@ -444,25 +491,16 @@ def test_expert_slot_rewrites_keep_the_kernel_copies_true():
     counts = [2, 1, 0, 3]
     x = torch.randn(sum(counts), d)
 
-    def plain():
-        out, start = [], 0
-        for i, n in enumerate(counts):
-            if n:
-                g, u = F.linear(x[start:start + n], experts.w13[i]).chunk(2, -1)
-                out.append(F.linear(F.silu(g) * u, experts.w2[i]))
-                start += n
-        return torch.cat(out)
-
     new = {"w13": (torch.randn(2 * inter, d) / 8).to(torch.bfloat16).float(),
            "w2": (torch.randn(d, inter) / 8).to(torch.bfloat16).float()}
     experts.set_slot(1, new)
     assert experts.w13_kernel.dtype == torch.bfloat16 and torch.equal(experts.w13_kernel[1].float(), new["w13"])
     with torch.inference_mode():
-        torch.testing.assert_close(experts(x, counts), plain(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(experts(x, counts), _per_expert(experts, x, counts), rtol=1e-5, atol=1e-5)
     experts.set_slot(3, {"w13": torch.randn(2 * inter, d) / 8, "w2": torch.randn(d, inter) / 8})  # not bf16 values
     assert experts.w13_kernel is experts.w13 and experts.w2_kernel is experts.w2
     with torch.inference_mode():
-        torch.testing.assert_close(experts(x, counts), plain(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(experts(x, counts), _per_expert(experts, x, counts), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.skipif(not HAS_PACKED, reason="this torch build has no oneDNN prepacked fp32 matmul")

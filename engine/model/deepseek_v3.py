@@ -364,15 +364,18 @@ class DeepseekV3ForCausalLM(nn.Module):
         return select
 
     def pack_weights(self) -> int:
-        """Hold oneDNN-prepacked copies of the projections and heads that run as matmuls (CPU, fp32:
-        ``layers.pack_weight``) beside the weights; returns the bytes they take (0 where none applies).
-        ``kv_b_proj``'s serves the naive prefill pass, which expands a context's latent through it in one matmul."""
+        """Hold oneDNN-prepacked copies of the projections and heads that run as matmuls (CPU, fp32 or fast bf16:
+        ``layers.pack_weight``) and of fp32 routed experts (``Experts.pack``) beside the weights; returns the
+        bytes they take (0 where none applies). ``kv_b_proj``'s serves the naive prefill pass, which expands a
+        context's latent through it in one matmul."""
         total = 0
         for m in self.modules():
             if isinstance(m, (_Linear, ParallelLMHead)) and not getattr(m, "fp8", False):
                 m.packed = pack_weight(m.weight)
                 if m.packed is not None:
                     total += m.weight.numel() * m.weight.element_size()
+            elif isinstance(m, Experts):
+                total += m.pack()
         return total
 
     def use_cpu_kernels(self) -> bool:
@@ -424,7 +427,7 @@ class DeepseekV3ForCausalLM(nn.Module):
     def _drop_weight_copies(self) -> None:
         """Forget the prepacked weights and the CPU kernel's copies (stale once weights change)."""
         for m in self.modules():
-            if isinstance(m, (_Linear, ParallelLMHead)):
+            if isinstance(m, (_Linear, ParallelLMHead, Experts)):
                 m.packed = None
             if isinstance(m, (_Linear, ParallelLMHead, Gate)):
                 m.kernel_weight = None  # the kernel, if on, reads the weight itself

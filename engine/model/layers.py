@@ -101,9 +101,14 @@ class ParallelGroup:
 # 2-4x faster than F.linear's MKL sgemm for a few rows (fp32, measured side by side on an AMD EPYC with AVX2,
 # no AVX-512/AMX; bench preset, 8 rows: head 19.7 -> 4.8 ms). Up to PACKED_MAX_ROWS rows every row count goes
 # as it is (in bf16 F.linear is oneDNN too: more rows go there); each call costs ~40 us of its own, more than a
-# small matmul takes: weights under PACKED_MIN_NUMEL stay unpacked.
+# small matmul takes: weights under PACKED_MIN_NUMEL stay unpacked. In fp32, where pdserve's CPU kernel takes up to
+# KERNEL_MAX_ROWS rows whatever the weight, from PACKED_MIN_NUMEL_FP32: the bench preset's q_a_proj and shared
+# experts' 256 x 1024 / 1024 x 256 weights ran 1.1-2.4x faster prepacked at every row count from 1 to 2048 (24
+# weights from DRAM, 2-core AMD EPYC with AVX512-BF16, no AMX); their decode step at batch 32 spent ~4 ms in
+# MKL's sgemm at ~64 GFLOP/s.
 PACKED_MAX_ROWS = 256
 PACKED_MIN_NUMEL = 2**19
+PACKED_MIN_NUMEL_FP32 = 2**18
 # Above PACKED_MAX_ROWS an fp32 input takes the prepacked copy too, its rows padded with zeros up to a multiple of
 # PACKED_ROW_BUCKET (up to PACKED_BUCKET_MAX_ROWS rows, the default per-step token budget; F.linear above): oneDNN
 # runs these at ~195 GFLOP/s against MKL's ~146 (bench preset o_proj at 2048 rows) and a prefill step of 8 x 256
@@ -117,15 +122,18 @@ PACKED_ROW_BUCKET = 256
 PACKED_BUCKET_MAX_ROWS = 2048
 
 
-def pack_weight(weight: torch.Tensor) -> torch.Tensor | None:
+def pack_weight(weight: torch.Tensor, min_numel: int | None = None) -> torch.Tensor | None:
     """oneDNN's prepacked copy of a 2-D fp32 or bf16 CPU weight ``[out, in]``, or None where it does not pay
-    (small weights, bf16 without bf16 matrix instructions) or this torch build or machine has no such kernel
-    (non-CPU devices, other dtypes). In bf16 on a CPU with AMX (bench preset, 8 rows, weights from DRAM) it
-    reads the weights ~1.3-1.6x faster than ``F.linear``, which lays them out for AMX on every call."""
+    (weights under ``min_numel``, by default PACKED_MIN_NUMEL / PACKED_MIN_NUMEL_FP32; bf16 without bf16 matrix
+    instructions) or this torch build or machine has no such kernel (non-CPU devices, other dtypes). In bf16 on
+    a CPU with AMX (bench preset, 8 rows, weights from DRAM) it reads the weights ~1.3-1.6x faster than
+    ``F.linear``, which lays them out for AMX on every call."""
     if weight.dtype == torch.bfloat16 and auto_dtype("cpu").dtype != "bfloat16":
         return None
+    if min_numel is None:
+        min_numel = PACKED_MIN_NUMEL_FP32 if weight.dtype == torch.float32 else PACKED_MIN_NUMEL
     if weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16) or weight.dim() != 2 \
-            or weight.numel() < PACKED_MIN_NUMEL:
+            or weight.numel() < min_numel:
         return None
     try:
         return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 8)  # 8: the batch the layout is tuned for
@@ -158,12 +166,22 @@ def linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None = 
         return kernel(x, (weight if kernel_weight is None else kernel_weight)[None], [x.shape[0]])
     rows = x.shape[0] if x.dim() == 2 else 0
     if packed is not None and x.dtype == weight.dtype and 0 < rows and (rows <= PACKED_MAX_ROWS or (
-            x.dtype == torch.float32 and rows <= PACKED_BUCKET_MAX_ROWS
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))):
+            x.dtype == torch.float32 and rows <= PACKED_BUCKET_MAX_ROWS and not records_grad(x, weight))):
         if rows > PACKED_MAX_ROWS:
             x = pad_rows(x, PACKED_ROW_BUCKET)
-        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, None, "none", [], "")[:rows]
+        return packed_matmul(x, packed)[:rows]
     return F.linear(x, weight)
+
+
+def packed_matmul(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """``x [N, in]`` times the weight ``packed`` holds (``pack_weight``), transposed: ``[N, out]``. oneDNN keeps a
+    primitive for every row count it meets, so callers bring few distinct counts (pad_rows)."""
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, None, "none", [], "")
+
+
+def records_grad(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether autograd records a product of ``x`` and ``weight`` (oneDNN's prepacked op has no backward)."""
+    return torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
 
 
 def pad_rows(x: torch.Tensor, multiple: int) -> torch.Tensor:
