@@ -196,6 +196,30 @@ def test_linear_through_the_kernel_matches_f_linear(rows):
 
 
 @needs_kernel
+@pytest.mark.parametrize("rows", [1, 2, 3, 8, layers.KERNEL_MAX_ROWS, layers.KERNEL_MAX_ROWS + 1])
+@pytest.mark.parametrize("avx512", [False, True])
+def test_fp32_linear_takes_the_kernel_over_a_prepacked_weight_up_to_its_limit(rows, avx512, monkeypatch):
+    """fp32: a weight without a prepacked copy takes the kernel up to KERNEL_MAX_ROWS rows, and so does one whose
+    kernel copy is bf16 (half the bytes to read); a prepacked one read as fp32 up to KERNEL_OVER_PACKED_MAX_ROWS
+    (2 on a CPU with AVX-512, where oneDNN is faster from 3 rows). The same numbers every way."""
+    monkeypatch.setattr(layers, "KERNEL_OVER_PACKED_MAX_ROWS", 2 if avx512 else layers.KERNEL_MAX_ROWS)
+    kernel = cpu_gemm.kernel()
+    calls = []
+    spy = lambda *a: calls.append(a) or kernel(*a)  # noqa: E731
+    w = (torch.randn(512, 1024) / 32).bfloat16().float()  # bf16 values: layers.kernel_copy gives a bf16 copy
+    x = torch.randn(rows, 1024)
+    packed = layers.pack_weight(w)
+    with torch.inference_mode():
+        for prepacked, copy, limit in ((None, None, layers.KERNEL_MAX_ROWS),
+                                       (packed, None, layers.KERNEL_OVER_PACKED_MAX_ROWS),
+                                       (packed, layers.kernel_copy(w), layers.KERNEL_MAX_ROWS)):
+            calls.clear()
+            out = layers.linear(x, w, prepacked, spy, copy)
+            torch.testing.assert_close(out, F.linear(x, w), rtol=1e-4, atol=1e-4)
+            assert bool(calls) is (rows <= (layers.KERNEL_MAX_ROWS if prepacked is None else limit))
+
+
+@needs_kernel
 @pytest.mark.parametrize("batch,queries", [(1, 1), (5, 1), (3, 2), (16, 1), (9, 2)])
 def test_absorbed_attention_through_the_kernel_matches_einsum(batch, queries):
     """q·W_UK and o·W_UV per head through the kernel (up to KERNEL_MAX_ROWS rows per head, einsum above)
@@ -426,7 +450,9 @@ def test_kernel_copy_is_bf16_only_where_every_value_is(monkeypatch):
 @needs_kernel
 def test_bf16_checkpoint_in_fp32_decodes_the_same_through_bf16_copies(monkeypatch):
     """The bundled model is stored in bf16; run in fp32, the kernel reads bf16 copies of every weight it
-    takes (the MTP layer's included) and tokens and logprobs are exactly those of reading fp32 weights."""
+    takes (the MTP layer's included) and tokens and logprobs are exactly those of reading fp32 weights (the kernel
+    taking the same rows both ways: on AVX-512 it leaves fp32-read prepacked weights to oneDNN from 3 rows)."""
+    monkeypatch.setattr(layers, "KERNEL_OVER_PACKED_MAX_ROWS", layers.KERNEL_MAX_ROWS)
     prompts = [[(5 * i + 11 * j) % 4000 + 2 for j in range(4 + 5 * i)] for i in range(6)]
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2)
     outs = {}

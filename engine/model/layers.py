@@ -25,7 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from engine.dtype_choice import auto_dtype
+from engine.dtype_choice import auto_dtype, cpu_flags
 from engine.kernels import cpu_gemm
 from engine.model.fp8 import FP8, dequant_tile, fp8_linear, scale_shape
 
@@ -103,9 +103,9 @@ class ParallelGroup:
 # as it is (in bf16 F.linear is oneDNN too: more rows go there); each call costs ~40 us of its own, more than a
 # small matmul takes: weights under PACKED_MIN_NUMEL stay unpacked. In fp32, where pdserve's CPU kernel takes up to
 # KERNEL_MAX_ROWS rows whatever the weight, from PACKED_MIN_NUMEL_FP32: the bench preset's q_a_proj and shared
-# experts' 256 x 1024 / 1024 x 256 weights ran 1.1-2.4x faster prepacked at every row count from 1 to 2048 (24
-# weights from DRAM, 2-core AMD EPYC with AVX512-BF16, no AMX); their decode step at batch 32 spent ~4 ms in
-# MKL's sgemm at ~64 GFLOP/s.
+# experts' 256 x 1024 / 1024 x 256 weights ran 1.1-2.7x faster prepacked at every row count from 1 to 2048 (24
+# weights from DRAM, 2-core AMD EPYC with AVX512-BF16, no AMX), though the decode step at batch 32 gained little
+# from it (0.996x, alternated in one engine).
 PACKED_MAX_ROWS = 256
 PACKED_MIN_NUMEL = 2**19
 PACKED_MIN_NUMEL_FP32 = 2**18
@@ -147,6 +147,14 @@ def pack_weight(weight: torch.Tensor, min_numel: int | None = None) -> torch.Ten
 # DRAM): 1 row 3.96 ms vs prepacked oneDNN 6.56 ms, 8 rows 5.17 vs 8.66 ms, 32 rows 16.7 vs 15.4 ms
 # (so above 16 rows oneDNN).
 KERNEL_MAX_ROWS = 16
+# On a CPU with AVX-512, oneDNN's prepacked fp32 matmul (its AVX-512 kernels) is the faster one from 3 rows where
+# the kernel would read the fp32 weight itself: there such a weight takes the kernel up to this many rows only.
+# 2-core AMD EPYC with AVX-512 and AVX512-BF16, no AMX, fp32: the bench preset's head, o_proj, q_b_proj and dense
+# MLP (232 MB from DRAM) kernel / oneDNN 0.62x the time at 2 rows, 1.09x at 3, 1.71x at 4, 1.49x at 8, 1.64x at
+# 16; the decode step of transformers' fp32 save of the bench preset 0.80x at batch 4, 0.89x at batch 8 (steps
+# alternated in one engine). Where the kernel reads a bf16 copy (kernel_copy: half the bytes) it keeps up to
+# KERNEL_MAX_ROWS: the bench preset's own (bf16-valued) checkpoint took 1.04-1.05x as long with this limit.
+KERNEL_OVER_PACKED_MAX_ROWS = 2 if "avx512f" in (cpu_flags() or ()) else KERNEL_MAX_ROWS
 # In bf16 (a bf16 model) the kernel's AVX512-BF16 products (cpu_gemm.bf16_dot()) take the prepacked weights'
 # matmuls too, up to this many rows: one weight row streamed at a time, 0.5-0.9x oneDNN's time at 1 row and
 # about even at 4-8 (bench preset projections and head in bf16, side by side on a 2-core AMD EPYC with
@@ -162,7 +170,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None = 
     """``F.linear(x, weight)``; for inputs of few rows through ``kernel`` (``cpu_gemm.grouped_gemm``, where
     the weight fits it; reading ``kernel_weight``, ``kernel_copy(weight)``, where given) or ``packed``
     (``pack_weight(weight)``; in fp32 also a prefill's rows, padded to a PACKED_ROW_BUCKET multiple)."""
-    if _by_kernel(x, weight, packed, kernel):
+    if _by_kernel(x, weight, packed, kernel, kernel_weight):
         return kernel(x, (weight if kernel_weight is None else kernel_weight)[None], [x.shape[0]])
     rows = x.shape[0] if x.dim() == 2 else 0
     if packed is not None and x.dtype == weight.dtype and 0 < rows and (rows <= PACKED_MAX_ROWS or (
@@ -191,13 +199,21 @@ def pad_rows(x: torch.Tensor, multiple: int) -> torch.Tensor:
     return F.pad(x, (0, 0) * (x.dim() - 1) + (0, extra)) if extra else x
 
 
-def _by_kernel(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None, kernel: Kernel | None) -> bool:
-    """Whether ``linear`` runs ``x`` through ``kernel``. bf16: the kernel for weights too small to prepack, where
-    oneDNN's per-call cost dominates, and for up to DOT_MAX_ROWS rows by AVX512-BF16; without it (x widened to
-    fp32 in the kernel) AMX streams the large ones faster."""
+def _by_kernel(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None, kernel: Kernel | None,
+               kernel_weight: torch.Tensor | None = None) -> bool:
+    """Whether ``linear`` runs ``x`` through ``kernel`` (reading ``kernel_weight``, else ``weight``), up to
+    KERNEL_MAX_ROWS rows. A weight without a prepacked copy always. fp32: up to KERNEL_OVER_PACKED_MAX_ROWS
+    rows unless the kernel reads a bf16 copy. bf16: up to DOT_MAX_ROWS rows by AVX512-BF16; without it (x
+    widened to fp32 in the kernel) AMX streams the large ones faster."""
     rows = x.shape[0]
-    return kernel is not None and x.dim() == 2 and x.dtype == weight.dtype and 0 < rows <= KERNEL_MAX_ROWS and (
-        x.dtype == torch.float32 or packed is None or (rows <= DOT_MAX_ROWS and cpu_gemm.bf16_dot()))
+    if kernel is None or x.dim() != 2 or x.dtype != weight.dtype or not 0 < rows <= KERNEL_MAX_ROWS:
+        return False
+    if packed is None:  # too small to prepack, where oneDNN's per-call cost dominates
+        return True
+    if x.dtype == torch.float32:
+        return rows <= KERNEL_OVER_PACKED_MAX_ROWS or (kernel_weight is not None
+                                                        and kernel_weight.dtype == torch.bfloat16)
+    return rows <= DOT_MAX_ROWS and cpu_gemm.bf16_dot()
 
 
 def kernel_copy(weight: torch.Tensor) -> torch.Tensor:
@@ -331,7 +347,7 @@ class ParallelLMHead(nn.Module):
         """``forward(h).argmax(-1)`` [N]: on one rank, where ``linear`` would take the kernel, by its
         ``gemm_argmax`` without the logits (the MTP drafts at batch 1, bundled model in bf16: norm, head and argmax
         58-62 -> 43-51 us, side by side on a 2-core AMD EPYC with AVX512-BF16, no AMX)."""
-        if self.tp.size == 1 and _by_kernel(h, self.weight, self.packed, self.kernel):
+        if self.tp.size == 1 and _by_kernel(h, self.weight, self.packed, self.kernel, self.kernel_weight):
             return cpu_gemm.gemm_argmax(h, self.weight if self.kernel_weight is None else self.kernel_weight)
         return self.forward(h).argmax(-1)
 
