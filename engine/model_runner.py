@@ -135,7 +135,8 @@ class ModelRunner:
         if args.prepack_weights:
             packed = model.pack_weights()
             if packed:
-                log.info("prepacked %.1f MiB of projection, head and expert weights for oneDNN's CPU matmuls", packed / 2**20)
+                log.info("prepacked %.1f MiB of projection, head and expert weights for oneDNN's CPU matmuls",
+                         packed / 2**20)
         if args.cpu_kernels and self.device.type == "cpu":
             model.use_cpu_kernels()  # logs whether the kernel is on, and if not, why
         return model.eval()
