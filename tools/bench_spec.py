@@ -9,8 +9,8 @@ one after the other (at batch 1 a single prompt decides too much: the bundled mo
 a loop on some prompts, where drafting is easy or hard for the whole run), and its rate is
 all their tokens over all their time. For each batch size: one unrecorded run of every engine first
 (a server is warm when it serves: the first run pays one-off costs, ~0.85x the rate of the next ones
-with MTP at batch 1; bundled model in bf16 on a 2-core AMD EPYC with AVX512-BF16, no AMX), then decode tokens/s without MTP and with MTP for each k, engines alternated run
-after run, --repeats times. The speed-up printed is the median of each repeat's ratio to the run without
+with MTP at batch 1; bundled model in bf16 on a 2-core AMD EPYC with AVX512-BF16, no AMX), then decode
+tokens/s without MTP and with MTP for each k, engines alternated run after run, --repeats times. The speed-up printed is the median of each repeat's ratio to the run without
 MTP just before it (a ratio of neighbours: the machine's speed drifts by more than the effect between
 repeats), with its range; the rates are medians. Acceptance per draft position and how many greedy
 sequences are identical to plain decoding are printed (identical in fp32; in bf16 the verify pass and

@@ -251,6 +251,7 @@ class Experts(nn.Module):
         bucket = self.ROWS_BUCKET if x.device.type == "cpu" else 1
         packed = self.packed if self.packed is not None and x.dtype == torch.float32 \
             and not records_grad(x, self.w13) else None
+        mm = F.linear if packed is None else packed_matmul  # (rows, weight or its prepacked copy)
         start = 0
         for e, n in enumerate(counts):
             if n:
@@ -259,12 +260,9 @@ class Experts(nn.Module):
                     out[rows] = self._fp8_expert(x[rows], e)
                 else:
                     xe = pad_rows(x[rows], bucket)  # zero rows up to the bucket: a shape oneDNN has seen (below)
-                    if packed is not None:
-                        gate, up = packed_matmul(xe, packed[e][0]).chunk(2, dim=-1)
-                        out[rows] = packed_matmul(F.silu(gate) * up, packed[e][1])[:n]
-                    else:
-                        gate, up = F.linear(xe, self.w13[e]).chunk(2, dim=-1)
-                        out[rows] = F.linear(F.silu(gate) * up, self.w2[e])[:n]
+                    w13, w2 = (self.w13[e], self.w2[e]) if packed is None else packed[e]
+                    gate, up = mm(xe, w13).chunk(2, dim=-1)
+                    out[rows] = mm(F.silu(gate) * up, w2)[:n]
                 start += n
         return out
 
