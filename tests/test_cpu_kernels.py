@@ -17,7 +17,7 @@ from engine.kernels import cpu_gemm
 from engine.model import layers
 from engine.model.deepseek_v3 import MLA
 from engine.model.moe import Experts, Gate
-from kernel_marks import CAN_BUILD, HAS_DOT, needs_kernel
+from kernel_marks import CAN_BUILD, HAS_COL, HAS_DOT, needs_col, needs_kernel
 
 HAS_PACKED = layers.pack_weight(torch.zeros(1024, 1024)) is not None
 
@@ -298,6 +298,67 @@ def test_head_gemm_reads_and_writes_strided_views(rows, bf16):
     torch.testing.assert_close(cpu_gemm.head_gemm(x, w), want, rtol=1e-5, atol=1e-5)  # a new tensor
     with pytest.raises(RuntimeError, match="do not agree"):
         cpu_gemm.head_gemm(x, w, torch.empty(rows, heads, n + 1))
+
+
+@needs_col
+@pytest.mark.parametrize("rows", [1, 7, 8, 9, 33])
+def test_head_gemm_from_column_tiles(rows):
+    """Per-head weights in cpu_gemm.col_layout (an fp32 model's W_UK and W_UV on a CPU with AVX-512): fp32 rows
+    that are a slice of a wider tensor (every row tail of the 8-row passes), the result written into a slice,
+    nothing outside it changed; bf16 weights holding exact values give the fp32 weights' numbers bit for bit;
+    with the tiles off the layout is refused."""
+    cpu_gemm.load()
+    torch.manual_seed(rows)
+    heads, k, n = 3, 40, 64
+    x = torch.randn(rows, heads, k + 24)[..., :k]
+    w = torch.randn(heads, n, k).bfloat16().float()  # exact bf16 values
+    assert cpu_gemm.col_fits(w) and cpu_gemm.col_fits(w.bfloat16()) and not cpu_gemm.col_fits(w[:, :40])
+    cols = cpu_gemm.col_layout(w)
+    assert cols.shape == (heads, n // 32, k, 32)
+    want = torch.einsum("mhk,hnk->mhn", x, w)
+    wide = torch.full((rows, heads, n + 8), 7.0)
+    cpu_gemm.head_gemm(x, cols, wide[..., :n])
+    torch.testing.assert_close(wide[..., :n], want, rtol=1e-5, atol=1e-5)
+    assert bool((wide[..., n:] == 7.0).all())
+    assert torch.equal(cpu_gemm.head_gemm(x, cpu_gemm.col_layout(w.bfloat16())), wide[..., :n])
+    was = cpu_gemm.set_col_tiles(False)
+    try:
+        assert not cpu_gemm.col_fits(w)
+        with pytest.raises(RuntimeError, match="AVX-512"):
+            cpu_gemm.head_gemm(x, cols)
+    finally:
+        cpu_gemm.set_col_tiles(was)
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [3, 40])
+def test_fp32_model_takes_column_tiles_where_the_cpu_has_avx512(rows):
+    """An fp32 MLA layer lays W_UK and W_UV out in column tiles where the CPU has AVX-512 (else as
+    grouped_gemm's tiles read them); its absorbed decode products then run through the kernel past
+    KERNEL_MAX_ROWS (torch's bmm before) with the plain path's numbers."""
+    from engine.args import default_model
+    from engine.model.attention import MLAWeights, _absorbed_one
+    from engine.model.config import ModelConfig
+    from engine.model.rope import RotaryEmbedding
+
+    cpu_gemm.load()
+    torch.manual_seed(rows)
+    cfg = ModelConfig.from_dir(default_model())
+    mla = MLA(cfg, 0, RotaryEmbedding(cfg, 64), torch.float32, layers.ParallelGroup.single())
+    mla.kv_b_proj.weight.data.normal_(0, 0.1)
+    assert mla.use_cpu_kernel(cpu_gemm.kernel())
+    assert mla.w_uk_t.dim() == mla.w_uv_kernel.dim() == (4 if HAS_COL else 3)
+    fast = mla.mla_weights(torch.float32)
+    heads, nope, rope, rank = mla.heads, mla.nope, mla.rope_dim, mla.kv_lora_rank
+    plain = MLAWeights.from_kv_b_proj(mla.kv_b_proj.weight, heads, nope, mla.v_dim, cfg.softmax_scale)
+    q_nope, q_pe = torch.randn(rows, heads, nope), torch.randn(rows, heads, rope)
+    ctx = torch.randn(rows + 5, rank + rope)
+    calls = []
+    fast.kernel = lambda *a: calls.append(a[1].dim()) or cpu_gemm.head_gemm(*a)
+    with torch.inference_mode():
+        torch.testing.assert_close(_absorbed_one(q_nope, q_pe, ctx, fast), _absorbed_one(q_nope, q_pe, ctx, plain),
+                                   rtol=1e-4, atol=1e-4)
+    assert calls == ([4, 4] if HAS_COL else [3, 3] if rows <= layers.KERNEL_MAX_ROWS else [])
 
 
 @needs_kernel

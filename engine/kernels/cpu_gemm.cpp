@@ -651,22 +651,126 @@ void head_gemm_pairs(const torch::Tensor& x, const torch::Tensor& w, torch::Tens
   });
 }
 
+// ---- head_gemm from weights in column-tile layout (AVX-512, fp32 rows) -------------------------------
+//
+// The absorbed MLA products of an fp32 model: K = Dn = 128 for q . W_UK, and every row meets every weight
+// row of its head. grouped_gemm's tiles (dot products along K, then a sum across the 8 lanes per output)
+// spend a third of their time on those sums at K = 128, and stop at KERNEL_MAX_ROWS rows (torch's bmm past
+// them). In column-tile layout (tile_layout() in cpu_gemm.py: w [H, N, K] -> [H, N/32, K, 32]) an item's
+// weights are one contiguous stream of K vectors of 32 columns: each row's x[k] broadcast times the two
+// 16-lane halves adds into 32 outputs at once (outer products: nothing summed across lanes), up to
+// kColRows rows (16 accumulators) sharing each pair of weight vectors loaded; past them the next rows read
+// the item's tile again from L1 / L2. Rows are fp32; weights fp32 or bf16 holding exact values (widened in
+// registers: the same products and sums in k order, bit for bit).
+
+#define PDSERVE_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl")))
+
+constexpr int64_t kColTile = 32;  // columns per tile
+constexpr int kColRows = 8;       // rows per pass: 2 x 8 accumulators
+
+bool g_col_tiles = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+
+bool col_tiles_enabled() { return g_col_tiles; }
+
+bool set_col_tiles(bool on) {
+  TORCH_CHECK(!on || (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")),
+              "set_col_tiles: this CPU has no AVX-512");
+  const bool was = g_col_tiles;
+  g_col_tiles = on;
+  return was;
+}
+
+PDSERVE_AVX512 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+PDSERVE_AVX512 inline __m512 load16(const at::BFloat16* p) {
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+
+// y[m * ldy + c] = sum_k x[m * ldx + k] * w[k * 32 + c] for m < MB, c < 32, the sums in k order
+template <int MB, typename W>
+PDSERVE_AVX512 inline void col_tile(const float* x, int64_t ldx, const W* w, int64_t K, float* y, int64_t ldy) {
+  __m512 acc[MB][2];
+  for (int m = 0; m < MB; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    const __m512 w0 = load16(w + k * kColTile), w1 = load16(w + k * kColTile + 16);
+    for (int m = 0; m < MB; ++m) {
+      const __m512 xv = _mm512_set1_ps(x[m * ldx + k]);
+      acc[m][0] = _mm512_fmadd_ps(xv, w0, acc[m][0]);
+      acc[m][1] = _mm512_fmadd_ps(xv, w1, acc[m][1]);
+    }
+  }
+  for (int m = 0; m < MB; ++m) {
+    _mm512_storeu_ps(y + m * ldy, acc[m][0]);
+    _mm512_storeu_ps(y + m * ldy + 16, acc[m][1]);
+  }
+}
+
+// rows x [M, K] (ldx apart) times one tile w [K, 32] -> y [M, 32] (ldy apart)
+template <typename W>
+PDSERVE_AVX512 void col_rows(const float* x, int64_t ldx, int64_t M, const W* w, int64_t K, float* y, int64_t ldy) {
+  for (int64_t m = 0; m < M; m += kColRows) {
+    const float* xm = x + m * ldx;
+    float* ym = y + m * ldy;
+    switch (std::min<int64_t>(kColRows, M - m)) {
+      case 1: col_tile<1, W>(xm, ldx, w, K, ym, ldy); break;
+      case 2: col_tile<2, W>(xm, ldx, w, K, ym, ldy); break;
+      case 3: col_tile<3, W>(xm, ldx, w, K, ym, ldy); break;
+      case 4: col_tile<4, W>(xm, ldx, w, K, ym, ldy); break;
+      case 5: col_tile<5, W>(xm, ldx, w, K, ym, ldy); break;
+      case 6: col_tile<6, W>(xm, ldx, w, K, ym, ldy); break;
+      case 7: col_tile<7, W>(xm, ldx, w, K, ym, ldy); break;
+      default: col_tile<8, W>(xm, ldx, w, K, ym, ldy); break;
+    }
+  }
+}
+
+// head_gemm for weights in column-tile layout, w [H, N/32, K, 32] fp32 or bf16: fp32 rows (bf16 rows widened
+// first); items are (head, tile) over torch's threads
+void head_gemm_cols(const torch::Tensor& x, const torch::Tensor& w, torch::Tensor& y) {
+  TORCH_CHECK(g_col_tiles, "head_gemm: weights in column-tile layout need AVX-512 (col_tiles_enabled())");
+  TORCH_CHECK(w.is_contiguous() && w.size(3) == kColTile,
+              "head_gemm: weights in column-tile layout are [H, N/32, K, 32], contiguous");
+  const int64_t M = x.size(0), H = x.size(1), K = x.size(2), tiles = w.size(1), N = tiles * kColTile;
+  TORCH_CHECK(w.size(0) == H && w.size(2) == K && y.size(0) == M && y.size(1) == H && y.size(2) == N,
+              "head_gemm: x ", x.sizes(), ", w ", w.sizes(), ", y ", y.sizes(), " do not agree");
+  TORCH_CHECK(x.stride(2) == 1 && y.stride(2) == 1, "head_gemm: last dims dense");
+  if (M == 0) return;
+  if (x.scalar_type() == torch::kBFloat16) return head_gemm_cols(x.to(torch::kFloat32), w, y);
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  auto run = [&](const auto* wp) {
+    at::parallel_for(0, H * tiles, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t h = b / tiles, t = b % tiles;
+        col_rows(xp + h * x.stride(1), x.stride(0), M, wp + (h * tiles + t) * K * kColTile, K,
+                 yp + h * y.stride(1) + t * kColTile, y.stride(0));
+      }
+    });
+  };
+  if (w.scalar_type() == torch::kBFloat16)
+    run(w.data_ptr<at::BFloat16>());
+  else
+    run(w.data_ptr<float>());
+}
+
 // y[m, h] = w[h] @ x[m, h] for every row m and head h: x [M, H, K] and y [M, H, N] with any row and head
 // strides (their last dims dense), w [H, N, K]. The absorbed MLA products per head (q_nope . W_UK into the
 // query's latent part, the latent output . W_UV), read and written in place: no copy of x into head-major
 // rows and none of y back, and y may be a slice of a wider tensor. Items are (head, block of kBlockN weight
 // rows) as in grouped_gemm. x fp32, or bf16 (AVX512-BF16 products with bf16 weights where enabled, else
 // widened first); y fp32.
-// w may be in pair layout (head_gemm_pairs).
+// w may be in pair layout (head_gemm_pairs) or column-tile layout (head_gemm_cols).
 void head_gemm(const torch::Tensor& x, const torch::Tensor& w, torch::Tensor& y) {
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu() && y.device().is_cpu(), "head_gemm: CPU tensors only");
   TORCH_CHECK((x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16) &&
               y.scalar_type() == torch::kFloat32 &&
               (w.scalar_type() == torch::kFloat32 || w.scalar_type() == torch::kBFloat16),
               "head_gemm: x float32 or bfloat16, y float32, w float32 or bfloat16");
-  TORCH_CHECK(x.dim() == 3 && (w.dim() == 3 || w.dim() == 5) && y.dim() == 3,
-              "head_gemm: x [M, H, K], w [H, N, K] (or pair layout [H, N/32, K/2, 32, 2]), y [M, H, N]");
+  TORCH_CHECK(x.dim() == 3 && w.dim() >= 3 && w.dim() <= 5 && y.dim() == 3,
+              "head_gemm: x [M, H, K], w [H, N, K] (or pair layout [H, N/32, K/2, 32, 2], or column-tile layout "
+              "[H, N/32, K, 32]), y [M, H, N]");
   if (w.dim() == 5) return head_gemm_pairs(x, w, y);
+  if (w.dim() == 4) return head_gemm_cols(x, w, y);
   const int64_t M = x.size(0), H = x.size(1), K = x.size(2), N = w.size(1);
   TORCH_CHECK(w.size(0) == H && w.size(2) == K && y.size(0) == M && y.size(1) == H && y.size(2) == N,
               "head_gemm: x ", x.sizes(), ", w ", w.sizes(), ", y ", y.sizes(), " do not agree");
@@ -1611,6 +1715,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("route", &route, "DeepSeek-V3 routing: sigmoid scores, bias, group-limited top-k -> (ids, weights)");
   m.def("bf16_dot_enabled", &bf16_dot_enabled, "whether bf16 rows run through the AVX512-BF16 products");
   m.def("set_bf16_dot", &set_bf16_dot, "turn the AVX512-BF16 products on or off (on only where the CPU has them); "
+        "returns the previous setting");
+  m.def("col_tiles_enabled", &col_tiles_enabled, "whether head_gemm takes weights in column-tile layout (AVX-512)");
+  m.def("set_col_tiles", &set_col_tiles, "turn the column-tile layout on or off (on only where the CPU has AVX-512); "
         "returns the previous setting");
   m.def("parallel_threads", &parallel_threads, "threads grouped_gemm's parallel_for spreads `items` over");
 }

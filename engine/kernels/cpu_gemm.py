@@ -101,6 +101,8 @@ def load() -> ModuleType | None:
         else:
             if os.environ.get("PDSERVE_CPU_KERNEL_BF16_DOT", "1") == "0":
                 module.set_bf16_dot(False)
+            if os.environ.get("PDSERVE_CPU_KERNEL_COL_TILES", "1") == "0":
+                module.set_col_tiles(False)
             log.info("CPU kernel loaded for decode-sized matmuls (engine/kernels/cpu_gemm.cpp, AVX2 + FMA%s)",
                      "; a bf16 model's products by AVX512-BF16" if module.bf16_dot_enabled() else "")
         _state.update(module=module, reason=reason)
@@ -169,15 +171,53 @@ def head_gemm(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None)
     given (any row and head strides, the last dim dense: e.g. a slice of a wider tensor), read from ``x`` in
     place. ``x`` fp32, or bf16 (as in ``grouped_gemm``); ``out`` fp32; ``w`` fp32 or bf16 holding exact values,
     or bf16 in ``pair_layout`` (bf16 ``x`` by the AVX512-BF16 products while ``bf16_dot()``, else widened to
-    fp32). ``load()`` must have succeeded."""
+    fp32), or either in ``col_layout`` (while ``col_tiles()``; bf16 ``x`` widened). ``load()`` must have
+    succeeded."""
     if out is None:
-        n = w.shape[1] * PAIR_TILE if w.dim() == 5 else w.shape[1]
+        n = w.shape[1] * (PAIR_TILE if w.dim() == 5 else COL_TILE) if w.dim() > 3 else w.shape[1]
         out = x.new_empty(x.shape[0], x.shape[1], n, dtype=torch.float32)
     _module().head_gemm(x, w, out)  # type: ignore[attr-defined]
     return out
 
 
 PAIR_TILE = 32  # weight rows per tile of pair_layout
+COL_TILE = 32  # weight rows (output columns) per tile of col_layout
+
+
+def col_tiles() -> bool:
+    """Whether the loaded kernel's ``head_gemm`` takes weights in ``col_layout`` (a CPU with AVX-512, unless
+    ``PDSERVE_CPU_KERNEL_COL_TILES=0`` or ``set_col_tiles(False)``)."""
+    module = _state.get("module")
+    return module is not None and module.col_tiles_enabled()  # type: ignore[attr-defined]
+
+
+def set_col_tiles(on: bool) -> bool:
+    """Turn ``head_gemm``'s column-tile layout on (only where the CPU has AVX-512) or off, for side-by-side runs
+    and tests; returns the previous setting. Weights already laid out keep their layout. ``load()`` must have
+    succeeded."""
+    return _module().set_col_tiles(on)  # type: ignore[attr-defined]
+
+
+def col_fits(w: torch.Tensor) -> bool:
+    """Whether ``col_layout`` takes this per-head weight ``[H, N, K]``: fp32 or bf16, N a multiple of 32, and
+    the kernel's column tiles on (``col_tiles()``)."""
+    return (w.dim() == 3 and w.dtype in (torch.float32, torch.bfloat16) and w.shape[1] % COL_TILE == 0
+            and col_tiles())
+
+
+# head_gemm on column tiles up to this many rows, torch's bmm past it. Bench preset's W_UK / W_UV (16 heads),
+# fp32, weights from memory, 2-core AMD EPYC with AVX-512 and AVX512-BF16, no AMX, side by side in one process:
+# 8 rows 0.72x / 0.52x the time of grouped_gemm's tiles (the path to 16 rows before), 32 rows 0.72x / 0.62x
+# bmm's, 512 rows 0.91x / 0.81x, 2048 rows 1.13x / 0.86x
+COL_MAX_ROWS = 512
+
+
+def col_layout(w: torch.Tensor) -> torch.Tensor:
+    """Per-head weights ``w [H, N, K]`` as ``head_gemm``'s AVX-512 column tiles read them (fp32 rows):
+    ``[H, N/32, K, 32]``, each tile of 32 weight rows one contiguous stream of K vectors of its 32 columns
+    (``cpu_gemm.cpp`` says why). A copy; ``col_fits(w)`` must hold."""
+    heads, n, k = w.shape
+    return w.detach().reshape(heads, n // COL_TILE, COL_TILE, k).transpose(2, 3).contiguous()
 
 
 def pair_fits(w: torch.Tensor) -> bool:

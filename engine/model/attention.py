@@ -353,8 +353,10 @@ def _naive(q_nope: torch.Tensor, q_pe: torch.Tensor, ctx: torch.Tensor, w: MLAWe
 
 
 def _few_rows(x: torch.Tensor, w: MLAWeights) -> bool:
-    """Whether ``w.kernel`` takes x [..., H, K]: at most KERNEL_MAX_ROWS rows per head."""
-    return w.kernel is not None and 0 < x[..., 0, 0].numel() <= KERNEL_MAX_ROWS and x.dtype == torch.float32
+    """Whether ``w.kernel`` takes x [..., H, K]: at most KERNEL_MAX_ROWS rows per head, or
+    ``cpu_gemm.COL_MAX_ROWS`` with its weights in column tiles (``cpu_gemm.col_layout``: 4-D)."""
+    limit = cpu_gemm.COL_MAX_ROWS if w.w_uk_t is not None and w.w_uk_t.dim() == 4 else KERNEL_MAX_ROWS
+    return w.kernel is not None and 0 < x[..., 0, 0].numel() <= limit and x.dtype == torch.float32
 
 
 def _absorb_query(q_nope: torch.Tensor, q_pe: torch.Tensor, w: MLAWeights) -> torch.Tensor:

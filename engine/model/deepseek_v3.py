@@ -120,8 +120,13 @@ class MLA(nn.Module):
             self.kernel = self.w_uk_t = self.w_uv_kernel = self.decode_attention = None
             return False
         self.kernel = cpu_gemm.head_gemm
-        self.w_uk_t = kernel_copy(MLAWeights.kernel_layout(w.weight, self.heads, self.nope, self.v_dim))
-        self.w_uv_kernel = kernel_copy(w.weight.view(self.heads, self.nope + self.v_dim, -1)[:, self.nope:])
+        uk_t = MLAWeights.kernel_layout(w.weight, self.heads, self.nope, self.v_dim)  # [H, R, Dn]
+        uv = w.weight.view(self.heads, self.nope + self.v_dim, -1)[:, self.nope:]  # [H, Dv, R]
+        if w.weight.dtype == torch.float32 and cpu_gemm.col_fits(uk_t) and cpu_gemm.col_fits(uv):
+            # an fp32 model on a CPU with AVX-512: both in column tiles (cpu_gemm.cpp), bf16 where exact
+            self.w_uk_t, self.w_uv_kernel = kernel_copy(cpu_gemm.col_layout(uk_t)), kernel_copy(cpu_gemm.col_layout(uv))
+        else:
+            self.w_uk_t, self.w_uv_kernel = kernel_copy(uk_t), kernel_copy(uv)
         if (w.weight.dtype == torch.bfloat16 and cpu_gemm.bf16_dot() and cpu_gemm.pair_fits(self.w_uk_t)
                 and cpu_gemm.pair_fits(self.w_uv_kernel)):
             # a bf16 model with the AVX512-BF16 products: both in the layout those read fastest (cpu_gemm.cpp)
