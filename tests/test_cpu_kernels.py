@@ -243,15 +243,19 @@ def test_absorbed_attention_through_the_kernel_matches_einsum(batch, queries):
 @needs_kernel
 @pytest.mark.parametrize("query_lens, longer", [([1], 0), ([1, 1, 1, 1, 1], 0), ([2, 1, 3], 0), ([1] * 17, 0),
                                                 ([1, 3], 130)])
-def test_decode_attention_kernel_matches_torch(query_lens, longer):
+@pytest.mark.parametrize("heads, lanes", [(12, False), (32, False), (32, True)])
+def test_decode_attention_kernel_matches_torch(query_lens, longer, heads, lanes):
     """MLA decode attention by the kernel, reading rows where they lie in the paged cache (contexts of
     different lengths across blocks, speculative queries attending causal prefixes, heads split over
-    items when the queries are few, contexts of several key blocks: the online softmax), equals the
-    gathered-rows torch path; the other rows of the cache are never read."""
+    items when the queries are few, contexts of several key blocks: the online softmax, every tail of
+    the 16-key score tiles), equals the gathered-rows torch path; the other rows of the cache are never read.
+    With AVX-512 (``lanes``) 16 heads at a time sit in the vector lanes (heads a multiple of 16)."""
     from engine.model.attention import AttentionMetadata, MLAWeights, mla_attention
 
+    if lanes and not HAS_COL:
+        pytest.skip("the heads-in-lanes decode attention needs a CPU with AVX-512")
     torch.manual_seed(len(query_lens) * 7 + sum(query_lens))
-    heads, nope, rope, v, rank, block = 12, 16, 8, 24, 32, 4
+    nope, rope, v, rank, block = 16, 8, 24, 32, 4
     weight = torch.randn(heads * (nope + v), rank) / 8
     plain = MLAWeights.from_kv_b_proj(weight, heads, nope, v, 0.2)
     cpu_gemm.load()
@@ -270,8 +274,13 @@ def test_decode_attention_kernel_matches_torch(query_lens, longer):
         torch.manual_seed(0)
         cache[torch.tensor([b for tb in tables for b in tb])] = torch.randn(sum(map(len, tables)), block, rank + rope)
         meta = AttentionMetadata.paged(query_lens, context_lens, tables, block, [cache], torch.device("cpu"))
-        with torch.inference_mode():
-            outs.append(mla_attention(q_nope, q_pe, latent, k_pe, w, meta, 0))
+        was = cpu_gemm.set_col_tiles(lanes) if HAS_COL else False
+        try:
+            with torch.inference_mode():
+                outs.append(mla_attention(q_nope, q_pe, latent, k_pe, w, meta, 0))
+        finally:
+            if HAS_COL:
+                cpu_gemm.set_col_tiles(was)
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-4)
 
 

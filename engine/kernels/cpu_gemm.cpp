@@ -1058,6 +1058,116 @@ PDSERVE_BF16_DOT void dot_attend(const float* qf, int64_t heads, int64_t D, cons
 }
 
 // mla_decode's work items over the threads, for cache rows of type W.
+// ---- the same attention with the heads in the lanes (AVX-512, fp32 cache) ----------------------------
+//
+// attend() keeps a head's scores as dot products along D (each summed across the 8 lanes at its end) and
+// adds values 4 heads x 16 columns at a time. With AVX-512, 16 heads fit one vector: the item's queries are
+// transposed once (qT [D][16], 36 KB at D = 576), and a key row's score for all 16 heads is sum_d qT[d] *
+// row[d] broadcast: 16 keys' scores accumulate in 16 registers side by side (outer products, nothing summed
+// across lanes), the online softmax runs down the keys with each head's running maximum and sum in its lane
+// (vector max, exp, add: no per-head loops), and the values add 16 columns of a row times each head's
+// probability broadcast into 16 heads' accumulators. Same blocks of kKeyBlock rows and prefetching as
+// attend(); items hold a multiple of 16 heads, looped 16 at a time over each block while its rows are in L2.
+
+PDSERVE_AVX512 inline __m512 exp16(__m512 x) {
+  return _mm512_insertf32x8(_mm512_castps256_ps512(exp8(_mm512_castps512_ps256(x))),
+                            exp8(_mm512_extractf32x8_ps(x, 1)), 1);
+}
+
+constexpr int64_t kLaneHeads = 16;
+
+// s[t * 16 + h] = qT[., h] . keys[t] for t < KB: KB key rows' scores, 16 heads in the lanes. The rows' D
+// values are broadcast one at a time; `ahead` prefetches a slice of the next block every 64 values.
+template <int KB>
+PDSERVE_AVX512 inline void lane_scores(const float* qT, const float* const* keys, int64_t D, float* s,
+                                       RowPrefetch<float>& ahead, int64_t& tick, int64_t ticks) {
+  __m512 acc[KB];
+  for (int t = 0; t < KB; ++t) acc[t] = _mm512_setzero_ps();
+  for (int64_t d0 = 0; d0 < D; d0 += 64) {
+    const int64_t d1 = std::min(D, d0 + 64);
+    for (int64_t d = d0; d < d1; ++d) {
+      const __m512 qv = _mm512_loadu_ps(qT + d * kLaneHeads);
+      for (int t = 0; t < KB; ++t) acc[t] = _mm512_fmadd_ps(qv, _mm512_set1_ps(keys[t][d]), acc[t]);
+    }
+    ahead.upto(++tick, ticks);
+  }
+  for (int t = 0; t < KB; ++t) _mm512_storeu_ps(s + t * kLaneHeads, acc[t]);
+}
+
+// One item of lane_attend: 16 heads' queries q [16, D] (rows D apart) over rows keys[0 .. n) -> out [16, R]
+// (rows R apart). qT: [D][16] scratch; s: [kKeyBlock][16] scratch.
+PDSERVE_AVX512 void lane_attend(const float* q, int64_t D, const float* const* keys, int64_t n, int64_t R,
+                                float scale, float* qT, float* s, float* out, const float* const* next_keys,
+                                int64_t next_n) {
+  for (int64_t h = 0; h < kLaneHeads; ++h)
+    for (int64_t d = 0; d < D; ++d) qT[d * kLaneHeads + h] = q[h * D + d];
+  std::fill(out, out + kLaneHeads * R, 0.f);
+  const __m512 vscale = _mm512_set1_ps(scale);
+  __m512 top = _mm512_set1_ps(-INFINITY), sum = _mm512_setzero_ps();
+  RowPrefetch<float> ahead;
+  const int64_t chunks = (D + 63) / 64;
+  for (int64_t j0 = 0; j0 < n; j0 += kKeyBlock) {
+    const int64_t nb = std::min(kKeyBlock, n - j0);
+    const float* const* block_keys = keys + j0;
+    ahead.next_block(keys, j0, n, next_keys, next_n, D);
+    // scores, 16 keys at a time (then 8, 4, 2, 1 for the block's tail)
+    int64_t tick = 0;
+    const int64_t ticks = chunks * ((nb + 15) / 16 + 4);
+    for (int64_t t = 0; t < nb;) {
+      const int64_t left = nb - t;
+      float* st = s + t * kLaneHeads;
+      if (left >= 16) { lane_scores<16>(qT, block_keys + t, D, st, ahead, tick, ticks); t += 16; }
+      else if (left >= 8) { lane_scores<8>(qT, block_keys + t, D, st, ahead, tick, ticks); t += 8; }
+      else if (left >= 4) { lane_scores<4>(qT, block_keys + t, D, st, ahead, tick, ticks); t += 4; }
+      else if (left >= 2) { lane_scores<2>(qT, block_keys + t, D, st, ahead, tick, ticks); t += 2; }
+      else { lane_scores<1>(qT, block_keys + t, D, st, ahead, tick, ticks); t += 1; }
+    }
+    ahead.upto(1, 1);
+    // online softmax down the keys, every head in its lane
+    __m512 block_top = _mm512_set1_ps(-INFINITY);
+    for (int64_t t = 0; t < nb; ++t)
+      block_top = _mm512_max_ps(block_top, _mm512_mul_ps(_mm512_loadu_ps(s + t * kLaneHeads), vscale));
+    const __m512 new_top = _mm512_max_ps(top, block_top);
+    if (_mm512_cmp_ps_mask(new_top, top, _CMP_GT_OQ) != 0) {
+      const __m512 shrink = exp16(_mm512_sub_ps(top, new_top));  // ~1e-38 for the first block: out and sum are 0
+      sum = _mm512_mul_ps(sum, shrink);
+      if (j0 > 0) {
+        alignas(64) float f[kLaneHeads];
+        _mm512_store_ps(f, shrink);
+        for (int64_t h = 0; h < kLaneHeads; ++h) {
+          const __m512 fh = _mm512_set1_ps(f[h]);
+          for (int64_t c = 0; c < R; c += 16)
+            _mm512_storeu_ps(out + h * R + c, _mm512_mul_ps(_mm512_loadu_ps(out + h * R + c), fh));
+        }
+      }
+      top = new_top;
+    }
+    for (int64_t t = 0; t < nb; ++t) {
+      const __m512 p = exp16(_mm512_fmsub_ps(_mm512_loadu_ps(s + t * kLaneHeads), vscale, top));
+      _mm512_storeu_ps(s + t * kLaneHeads, p);
+      sum = _mm512_add_ps(sum, p);
+    }
+    // out[h, c .. + 16] += sum_t p[t, h] * row_t[c .. + 16]: 16 heads' accumulators per 16 columns
+    for (int64_t c = 0; c < R; c += 16) {
+      __m512 acc[kLaneHeads];
+      for (int64_t h = 0; h < kLaneHeads; ++h) acc[h] = _mm512_loadu_ps(out + h * R + c);
+      for (int64_t t = 0; t < nb; ++t) {
+        const __m512 v = _mm512_loadu_ps(block_keys[t] + c);
+        const float* pt = s + t * kLaneHeads;
+        for (int64_t h = 0; h < kLaneHeads; ++h) acc[h] = _mm512_fmadd_ps(_mm512_set1_ps(pt[h]), v, acc[h]);
+      }
+      for (int64_t h = 0; h < kLaneHeads; ++h) _mm512_storeu_ps(out + h * R + c, acc[h]);
+    }
+  }
+  alignas(64) float inv[kLaneHeads];
+  _mm512_store_ps(inv, _mm512_div_ps(_mm512_set1_ps(1.f), sum));
+  for (int64_t h = 0; h < kLaneHeads; ++h) {
+    const __m512 ih = _mm512_set1_ps(inv[h]);
+    for (int64_t c = 0; c < R; c += 16)
+      _mm512_storeu_ps(out + h * R + c, _mm512_mul_ps(_mm512_loadu_ps(out + h * R + c), ih));
+  }
+}
+
 template <typename W>
 void decode_items(const float* qp, const W* cp, const int64_t* sq, const int64_t* kn, const int64_t* sl, int64_t M,
                   int64_t H, int64_t D, int64_t L, int64_t R, double scale, float* op) {
@@ -1066,22 +1176,44 @@ void decode_items(const float* qp, const W* cp, const int64_t* sq, const int64_t
   while (group % 2 == 0 && group / 2 >= 4 && M * (H / group) < 2 * at::get_num_threads()) group /= 2;
   const int64_t groups = H / group;
   const bool dot = std::is_same_v<W, at::BFloat16> && g_bf16_dot && R % 32 == 0;
-  auto item_rows = [&](int64_t i, std::vector<const W*>& rows) {  // item i's rows, where they lie in the cache
-    const int64_t m = i / groups;
+  auto query_rows = [&](int64_t m, std::vector<const W*>& rows) {  // query m's rows, where they lie in the cache
     rows.resize(kn[m]);
     for (int64_t j = 0; j < kn[m]; ++j) rows[j] = cp + sl[sq[m] * L + j] * D;
   };
+  if constexpr (std::is_same_v<W, float>) {
+    // an fp32 cache with AVX-512: 16 heads in the lanes (lane_attend), items of (query, 16 heads) where they
+    // give every thread one
+    if (g_col_tiles && H % kLaneHeads == 0 && M * (H / kLaneHeads) >= at::get_num_threads()) {
+      const int64_t slices = H / kLaneHeads;
+      at::parallel_for(0, M * slices, 1, [&](int64_t i0, int64_t i1) {
+        std::vector<const float*> rows, next;  // this item's rows and the next one's (prefetched during this one)
+        std::vector<float> qT(D * kLaneHeads), s(kKeyBlock * kLaneHeads);
+        query_rows(i0 / slices, next);
+        for (int64_t i = i0; i < i1; ++i) {
+          const int64_t m = i / slices, h0 = (i % slices) * kLaneHeads;
+          std::swap(rows, next);
+          if (i + 1 < i1)
+            query_rows((i + 1) / slices, next);
+          else
+            next.clear();
+          lane_attend(qp + (m * H + h0) * D, D, rows.data(), kn[m], R, static_cast<float>(scale), qT.data(),
+                      s.data(), op + (m * H + h0) * R, next.data(), static_cast<int64_t>(next.size()));
+        }
+      });
+      return;
+    }
+  }
   at::parallel_for(0, M * groups, 1, [&](int64_t i0, int64_t i1) {
     std::vector<const W*> rows, next;  // this item's rows and the next one's (prefetched during this one)
     std::vector<float> s(group * kKeyBlock), top(group), sum(group);
     std::vector<at::BFloat16> qb(dot ? group * D : 0), pb(dot ? group * kKeyBlock : 0);
-    item_rows(i0, next);
+    query_rows(i0 / groups, next);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t m = i / groups, h0 = (i % groups) * group;
       const int64_t n = kn[m];
       std::swap(rows, next);
       if (i + 1 < i1)
-        item_rows(i + 1, next);
+        query_rows((i + 1) / groups, next);
       else
         next.clear();
       if constexpr (std::is_same_v<W, at::BFloat16>) {
@@ -1149,11 +1281,6 @@ torch::Tensor mla_decode(const torch::Tensor& q, const torch::Tensor& cache, con
 // 1.6-2.6 ms vs 6.8-7.9 ms for torch's path with its copies; 2048 tokens 92-114 vs 194-222 ms; a prefill step of
 // 8 x 256 tokens 0.81x the time (the two alternated in one engine).
 constexpr int64_t kPrefillQueries = 32;
-
-PDSERVE_BF16_DOT inline __m512 exp16(__m512 x) {
-  return _mm512_insertf32x8(_mm512_castps256_ps512(exp8(_mm512_castps512_ps256(x))),
-                            exp8(_mm512_extractf32x8_ps(x, 1)), 1);
-}
 
 template <typename T>
 struct PrefillViewsOf {
