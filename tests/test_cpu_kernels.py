@@ -191,6 +191,37 @@ def test_linear_through_the_kernel_matches_f_linear(rows):
     torch.testing.assert_close(out, F.linear(x, w), rtol=1e-4, atol=1e-4)
 
 
+@needs_col
+@pytest.mark.parametrize("rows", [1, 3, 8, 9, layers.KERNEL_COL_MAX_ROWS, layers.KERNEL_COL_MAX_ROWS + 1])
+def test_fp32_linear_takes_column_tiles_up_to_their_limit(rows, monkeypatch):
+    """On a CPU with AVX-512 an fp32 weight's kernel copy is in column tiles (bf16 where every value is one, fp32
+    otherwise; a weight whose rows are no multiple of 32 keeps kernel_copy's), and linear runs fp32 inputs of up
+    to KERNEL_COL_MAX_ROWS through them (the grouped-GEMM kernel never reads that layout; past the limit the
+    prepacked matmul): F.linear's numbers, bf16 copy and fp32 copy bit for bit the same."""
+    cpu_gemm.load()
+    torch.manual_seed(rows)
+    w = (torch.randn(512, 1024) / 32).bfloat16().float()
+    x = torch.randn(rows, 1024)
+    exact, inexact = layers.linear_kernel_weight(w), layers.linear_kernel_weight(w + 1e-4)
+    assert exact.shape == inexact.shape == (1, 512 // 32, 1024, 32)
+    assert exact.dtype == torch.bfloat16 and inexact.dtype == torch.float32
+    monkeypatch.setenv("PDSERVE_CPU_KERNEL_BF16", "0")
+    as_fp32 = layers.linear_kernel_weight(w)
+    assert as_fp32.dtype == torch.float32
+    odd = torch.randn(40, 1024)
+    assert layers.linear_kernel_weight(odd).shape == odd.shape and not isinstance(
+        layers.linear_kernel_weight(torch.nn.Parameter(odd, requires_grad=False)), torch.nn.Parameter)
+    kernel = cpu_gemm.kernel()
+    grouped, heads = [], []
+    spy = lambda *a: grouped.append(a) or kernel(*a)  # noqa: E731
+    monkeypatch.setattr(cpu_gemm, "head_gemm", lambda *a, _f=cpu_gemm.head_gemm: heads.append(a) or _f(*a))
+    with torch.inference_mode():
+        outs = [layers.linear(x, w, layers.pack_weight(w), spy, copy) for copy in (exact, as_fp32)]
+    torch.testing.assert_close(outs[0], F.linear(x, w), rtol=1e-4, atol=1e-4)
+    assert torch.equal(outs[0], outs[1])
+    assert not grouped and len(heads) == (2 if rows <= layers.KERNEL_COL_MAX_ROWS else 0)
+
+
 @needs_kernel
 @pytest.mark.parametrize("rows", [1, 2, 3, 8, layers.KERNEL_MAX_ROWS, layers.KERNEL_MAX_ROWS + 1])
 @pytest.mark.parametrize("avx512", [False, True])
@@ -419,10 +450,10 @@ def test_expert_kernels_agree(tokens, cpu_kernel, packed):
     torch.manual_seed(tokens)
     e, d, inter, k = 8, 64, 32, 2
     experts = Experts(e, d, inter, torch.float32)
-    assert experts.use_cpu_kernel(cpu_gemm.kernel() if cpu_kernel else None) is cpu_kernel
     with torch.no_grad():
         experts.w13.normal_(std=0.1)
         experts.w2.normal_(std=0.1)
+    assert experts.use_cpu_kernel(cpu_gemm.kernel() if cpu_kernel else None) is cpu_kernel  # its copies: of these
     if packed:
         assert experts.pack() == (experts.w13.numel() + experts.w2.numel()) * 4
     ids = torch.randint(0, e, (tokens * k,))
@@ -570,8 +601,9 @@ def test_prefill_experts_run_on_packed_copies_that_follow_slot_rewrites(monkeypa
 
 @needs_kernel
 def test_expert_slot_rewrites_keep_the_kernel_copies_true():
-    """Live rebalancing writes expert slots: the bf16 copies follow; a slot whose new weights are not bf16
-    values sends the kernel back to the fp32 weights, and the result stays the plain matmuls'."""
+    """Live rebalancing writes expert slots: the bf16 copies follow (in column tiles on a CPU with AVX-512); a
+    slot whose new weights are not bf16 values sends the kernel back to the fp32 weights (or fp32 column tiles
+    of them), and the result stays the plain matmuls'."""
     torch.manual_seed(0)
     e, d, inter = 4, 64, 32
     experts = Experts(e, d, inter, torch.float32)
@@ -586,11 +618,21 @@ def test_expert_slot_rewrites_keep_the_kernel_copies_true():
     new = {"w13": (torch.randn(2 * inter, d) / 8).to(torch.bfloat16).float(),
            "w2": (torch.randn(d, inter) / 8).to(torch.bfloat16).float()}
     experts.set_slot(1, new)
-    assert experts.w13_kernel.dtype == torch.bfloat16 and torch.equal(experts.w13_kernel[1].float(), new["w13"])
+    cols = experts.w13_kernel.dim() == 4
+    assert cols is HAS_COL
+    laid = (lambda w: cpu_gemm.col_layout(w[None])[0]) if cols else (lambda w: w)  # noqa: E731
+    assert experts.w13_kernel.dtype == torch.bfloat16 and torch.equal(experts.w13_kernel[1].float(), laid(new["w13"]))
+    assert torch.equal(experts.w2_kernel[1].float(), laid(new["w2"]))
     with torch.inference_mode():
         torch.testing.assert_close(experts(x, counts), _per_expert(experts, x, counts), rtol=1e-5, atol=1e-5)
     experts.set_slot(3, {"w13": torch.randn(2 * inter, d) / 8, "w2": torch.randn(d, inter) / 8})  # not bf16 values
-    assert experts.w13_kernel is experts.w13 and experts.w2_kernel is experts.w2
+    if cols:
+        experts.set_slot(0, {"w13": torch.randn(2 * inter, d) / 8, "w2": torch.randn(d, inter) / 8})  # fp32 tiles
+        assert torch.equal(experts.w13_kernel, cpu_gemm.col_layout(experts.w13))
+        assert torch.equal(experts.w2_kernel, cpu_gemm.col_layout(experts.w2))
+    else:
+        assert experts.w13_kernel.data_ptr() == experts.w13.data_ptr()
+        assert experts.w2_kernel.data_ptr() == experts.w2.data_ptr()
     with torch.inference_mode():
         torch.testing.assert_close(experts(x, counts), _per_expert(experts, x, counts), rtol=1e-5, atol=1e-5)
 
@@ -827,7 +869,7 @@ def test_bf16_experts_through_the_kernel_are_the_fp32_products_rounded(tokens, k
         b.data.copy_(torch.randn(b.shape) * 0.2)
         a.data.copy_(b.data.float())
     assert bf16.kernel_fits and fp32.use_cpu_kernel(cpu_gemm.kernel()) and bf16.use_cpu_kernel(cpu_gemm.kernel())
-    assert bf16.w13_kernel is bf16.w13 and bf16.w2_kernel is bf16.w2
+    assert bf16.w13_kernel.data_ptr() == bf16.w13.data_ptr() and bf16.w2_kernel.data_ptr() == bf16.w2.data_ptr()
     x = torch.randn(tokens, hidden).bfloat16()
     phys = torch.stack([torch.randperm(slots)[:k] for _ in range(tokens)])
     weights = torch.rand(tokens, k)

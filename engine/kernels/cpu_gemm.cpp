@@ -394,9 +394,102 @@ PDSERVE_BF16_DOT void pair_rows(const at::BFloat16* x, int64_t ldx, int64_t M, c
   }
 }
 
+// ---- head_gemm from weights in column-tile layout (AVX-512, fp32 rows) -------------------------------
+//
+// The absorbed MLA products of an fp32 model: K = Dn = 128 for q . W_UK, and every row meets every weight
+// row of its head. grouped_gemm's tiles (dot products along K, then a sum across the 8 lanes per output)
+// spend a third of their time on those sums at K = 128, and stop at KERNEL_MAX_ROWS rows (torch's bmm past
+// them). In column-tile layout (tile_layout() in cpu_gemm.py: w [H, N, K] -> [H, N/32, K, 32]) an item's
+// weights are one contiguous stream of K vectors of 32 columns: each row's x[k] broadcast times the two
+// 16-lane halves adds into 32 outputs at once (outer products: nothing summed across lanes), up to
+// kColRows rows (16 accumulators) sharing each pair of weight vectors loaded; past them the next rows read
+// the item's tile again from L1 / L2. Rows are fp32; weights fp32 or bf16 holding exact values (widened in
+// registers: the same products and sums in k order, bit for bit).
+
+#define PDSERVE_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl")))
+
+constexpr int64_t kColTile = 32;  // columns per tile
+constexpr int kColRows = 8;       // rows per pass: 2 x 8 accumulators
+
+bool g_col_tiles = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+
+bool col_tiles_enabled() { return g_col_tiles; }
+
+bool set_col_tiles(bool on) {
+  TORCH_CHECK(!on || (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")),
+              "set_col_tiles: this CPU has no AVX-512");
+  const bool was = g_col_tiles;
+  g_col_tiles = on;
+  return was;
+}
+
+PDSERVE_AVX512 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+PDSERVE_AVX512 inline __m512 load16(const at::BFloat16* p) {
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+
+// y[m * ldy + c] = sum_k x[m * ldx + k] * w[k * 32 + c] for m < MB, c < 32, the sums in k order
+template <int MB, typename W>
+PDSERVE_AVX512 inline void col_tile(const float* x, int64_t ldx, const W* w, int64_t K, float* y, int64_t ldy) {
+  __m512 acc[MB][2];
+  for (int m = 0; m < MB; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    const __m512 w0 = load16(w + k * kColTile), w1 = load16(w + k * kColTile + 16);
+    for (int m = 0; m < MB; ++m) {
+      const __m512 xv = _mm512_set1_ps(x[m * ldx + k]);
+      acc[m][0] = _mm512_fmadd_ps(xv, w0, acc[m][0]);
+      acc[m][1] = _mm512_fmadd_ps(xv, w1, acc[m][1]);
+    }
+  }
+  for (int m = 0; m < MB; ++m) {
+    _mm512_storeu_ps(y + m * ldy, acc[m][0]);
+    _mm512_storeu_ps(y + m * ldy + 16, acc[m][1]);
+  }
+}
+
+// rows x [M, K] (ldx apart) times one tile w [K, 32] -> y [M, 32] (ldy apart)
+template <typename W>
+PDSERVE_AVX512 void col_rows(const float* x, int64_t ldx, int64_t M, const W* w, int64_t K, float* y, int64_t ldy) {
+  for (int64_t m = 0; m < M; m += kColRows) {
+    const float* xm = x + m * ldx;
+    float* ym = y + m * ldy;
+    switch (std::min<int64_t>(kColRows, M - m)) {
+      case 1: col_tile<1, W>(xm, ldx, w, K, ym, ldy); break;
+      case 2: col_tile<2, W>(xm, ldx, w, K, ym, ldy); break;
+      case 3: col_tile<3, W>(xm, ldx, w, K, ym, ldy); break;
+      case 4: col_tile<4, W>(xm, ldx, w, K, ym, ldy); break;
+      case 5: col_tile<5, W>(xm, ldx, w, K, ym, ldy); break;
+      case 6: col_tile<6, W>(xm, ldx, w, K, ym, ldy); break;
+      case 7: col_tile<7, W>(xm, ldx, w, K, ym, ldy); break;
+      default: col_tile<8, W>(xm, ldx, w, K, ym, ldy); break;
+    }
+  }
+}
+
+// grouped() for weights in column-tile layout, w [E, N/32, K, 32] (experts contiguous): items of (active expert,
+// kBlockN columns), each column tile by col_rows
+template <typename W>
+void grouped_cols(const float* xp, const std::vector<int64_t>& counts, const W* wp, int64_t N, int64_t K, float* yp) {
+  const int64_t tiles = N / kColTile;
+  expert_blocks(counts, N, [&](int64_t e, int64_t r, int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; n += kColTile)
+      col_rows(xp + r * K, K, counts[e], wp + (e * tiles + n / kColTile) * K * kColTile, K, yp + r * N + n, N);
+  });
+}
+
+// N of weights [E, N, K], or of weights in column-tile layout [E, N/32, K, 32]
+int64_t weight_rows(const torch::Tensor& w) { return w.dim() == 4 ? w.size(1) * kColTile : w.size(1); }
+
 void check_weights(const torch::Tensor& w, const char* what) {
   TORCH_CHECK(w.device().is_cpu() && (w.scalar_type() == torch::kFloat32 || w.scalar_type() == torch::kBFloat16),
               what, ": weights float32 or bfloat16 on the CPU");
+  if (w.dim() == 4) {  // column-tile layout
+    TORCH_CHECK(g_col_tiles, what, ": weights in column-tile layout need AVX-512 (col_tiles_enabled())");
+    TORCH_CHECK(w.is_contiguous() && w.size(3) == kColTile, what,
+                ": weights in column-tile layout are [E, N/32, K, 32], contiguous");
+    return;
+  }
   // experts may sit apart (stride(0) >= N * K: per-head blocks of a larger matrix), each one dense
   TORCH_CHECK(w.dim() == 3 && w.stride(2) == 1 && w.stride(1) == w.size(2) && w.stride(0) >= w.size(1) * w.size(2),
               what, ": w [E, N, K] with dense rows, got strides ", w.strides());
@@ -405,7 +498,11 @@ void check_weights(const torch::Tensor& w, const char* what) {
 
 // grouped() over w as its dtype says
 void grouped_any(const float* xp, const std::vector<int64_t>& counts, const torch::Tensor& w, float* yp) {
-  if (w.scalar_type() == torch::kBFloat16)
+  if (w.dim() == 4 && w.scalar_type() == torch::kBFloat16)
+    grouped_cols(xp, counts, w.data_ptr<at::BFloat16>(), weight_rows(w), w.size(2), yp);
+  else if (w.dim() == 4)
+    grouped_cols(xp, counts, w.data_ptr<float>(), weight_rows(w), w.size(2), yp);
+  else if (w.scalar_type() == torch::kBFloat16)
     grouped(xp, counts, w.data_ptr<at::BFloat16>(), w.stride(0), w.size(1), w.size(2), yp);
   else
     grouped(xp, counts, w.data_ptr<float>(), w.stride(0), w.size(1), w.size(2), yp);
@@ -418,7 +515,7 @@ torch::Tensor grouped_sums(const torch::Tensor& x, const torch::Tensor& w, const
   check_weights(w, what);
   TORCH_CHECK(x.device().is_cpu() && (x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16) &&
               x.dim() == 2 && x.is_contiguous(), what, ": x [T, K] float32 or bfloat16, contiguous");
-  const int64_t E = w.size(0), N = w.size(1), K = w.size(2);
+  const int64_t E = w.size(0), N = weight_rows(w), K = w.size(2);
   TORCH_CHECK(x.size(1) == K, what, ": x has ", x.size(1), " columns, w rows have ", K);
   TORCH_CHECK(static_cast<int64_t>(counts.size()) == E, what, ": ", counts.size(), " counts for ", E, " experts");
   int64_t total = 0;
@@ -430,7 +527,7 @@ torch::Tensor grouped_sums(const torch::Tensor& x, const torch::Tensor& w, const
   auto y = torch::empty({x.size(0), N}, x.options().dtype(torch::kFloat32));
   if (x.scalar_type() == torch::kFloat32)
     grouped_any(x.data_ptr<float>(), counts, w, y.data_ptr<float>());
-  else if (w.scalar_type() == torch::kBFloat16 && g_bf16_dot)
+  else if (w.dim() == 3 && w.scalar_type() == torch::kBFloat16 && g_bf16_dot)
     dot_grouped(x.data_ptr<at::BFloat16>(), counts, w.data_ptr<at::BFloat16>(), w.stride(0), N, K, y.data_ptr<float>());
   else
     grouped_any(x.to(torch::kFloat32).data_ptr<float>(), counts, w, y.data_ptr<float>());
@@ -516,12 +613,13 @@ torch::Tensor moe_experts(const torch::Tensor& x, const torch::Tensor& slots, co
   TORCH_CHECK(x.device().is_cpu() && (x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16) &&
               x.dim() == 2 && x.is_contiguous(), "moe_experts: x [T, D] float32 or bfloat16, contiguous");
   const bool dot = x.scalar_type() == torch::kBFloat16 && w13.scalar_type() == torch::kBFloat16 &&
-                   w2.scalar_type() == torch::kBFloat16 && g_bf16_dot;
+                   w2.scalar_type() == torch::kBFloat16 && w13.dim() == 3 && w2.dim() == 3 && g_bf16_dot;
   if (x.scalar_type() == torch::kBFloat16 && !dot)
     return moe_experts(x.to(torch::kFloat32), slots, weights, w13, w2, load).to(torch::kBFloat16);
   const auto f32 = x.options().dtype(torch::kFloat32);
-  const int64_t T = x.size(0), D = x.size(1), E = w13.size(0), I = w13.size(1) / 2;
-  TORCH_CHECK(w13.size(2) == D && w13.size(1) == 2 * I && w2.size(0) == E && w2.size(1) == D && w2.size(2) == I,
+  const int64_t T = x.size(0), D = x.size(1), E = w13.size(0), I = weight_rows(w13) / 2;
+  TORCH_CHECK(w13.size(2) == D && weight_rows(w13) == 2 * I && w2.size(0) == E && weight_rows(w2) == D &&
+              w2.size(2) == I,
               "moe_experts: w13 [E, 2I, D] and w2 [E, D, I] for D = ", D, ", got ", w13.sizes(), " and ", w2.sizes());
   TORCH_CHECK(slots.scalar_type() == torch::kLong && slots.dim() == 2 && slots.size(0) == T &&
               weights.scalar_type() == torch::kFloat32 && weights.sizes() == slots.sizes(),
@@ -649,79 +747,6 @@ void head_gemm_pairs(const torch::Tensor& x, const torch::Tensor& w, torch::Tens
         wide_pair_rows(x.data_ptr<float>() + h * x.stride(1), x.stride(0), M, wt, K, yt, y.stride(0));
     }
   });
-}
-
-// ---- head_gemm from weights in column-tile layout (AVX-512, fp32 rows) -------------------------------
-//
-// The absorbed MLA products of an fp32 model: K = Dn = 128 for q . W_UK, and every row meets every weight
-// row of its head. grouped_gemm's tiles (dot products along K, then a sum across the 8 lanes per output)
-// spend a third of their time on those sums at K = 128, and stop at KERNEL_MAX_ROWS rows (torch's bmm past
-// them). In column-tile layout (tile_layout() in cpu_gemm.py: w [H, N, K] -> [H, N/32, K, 32]) an item's
-// weights are one contiguous stream of K vectors of 32 columns: each row's x[k] broadcast times the two
-// 16-lane halves adds into 32 outputs at once (outer products: nothing summed across lanes), up to
-// kColRows rows (16 accumulators) sharing each pair of weight vectors loaded; past them the next rows read
-// the item's tile again from L1 / L2. Rows are fp32; weights fp32 or bf16 holding exact values (widened in
-// registers: the same products and sums in k order, bit for bit).
-
-#define PDSERVE_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl")))
-
-constexpr int64_t kColTile = 32;  // columns per tile
-constexpr int kColRows = 8;       // rows per pass: 2 x 8 accumulators
-
-bool g_col_tiles = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
-
-bool col_tiles_enabled() { return g_col_tiles; }
-
-bool set_col_tiles(bool on) {
-  TORCH_CHECK(!on || (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")),
-              "set_col_tiles: this CPU has no AVX-512");
-  const bool was = g_col_tiles;
-  g_col_tiles = on;
-  return was;
-}
-
-PDSERVE_AVX512 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-PDSERVE_AVX512 inline __m512 load16(const at::BFloat16* p) {
-  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
-}
-
-// y[m * ldy + c] = sum_k x[m * ldx + k] * w[k * 32 + c] for m < MB, c < 32, the sums in k order
-template <int MB, typename W>
-PDSERVE_AVX512 inline void col_tile(const float* x, int64_t ldx, const W* w, int64_t K, float* y, int64_t ldy) {
-  __m512 acc[MB][2];
-  for (int m = 0; m < MB; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; ++k) {
-    const __m512 w0 = load16(w + k * kColTile), w1 = load16(w + k * kColTile + 16);
-    for (int m = 0; m < MB; ++m) {
-      const __m512 xv = _mm512_set1_ps(x[m * ldx + k]);
-      acc[m][0] = _mm512_fmadd_ps(xv, w0, acc[m][0]);
-      acc[m][1] = _mm512_fmadd_ps(xv, w1, acc[m][1]);
-    }
-  }
-  for (int m = 0; m < MB; ++m) {
-    _mm512_storeu_ps(y + m * ldy, acc[m][0]);
-    _mm512_storeu_ps(y + m * ldy + 16, acc[m][1]);
-  }
-}
-
-// rows x [M, K] (ldx apart) times one tile w [K, 32] -> y [M, 32] (ldy apart)
-template <typename W>
-PDSERVE_AVX512 void col_rows(const float* x, int64_t ldx, int64_t M, const W* w, int64_t K, float* y, int64_t ldy) {
-  for (int64_t m = 0; m < M; m += kColRows) {
-    const float* xm = x + m * ldx;
-    float* ym = y + m * ldy;
-    switch (std::min<int64_t>(kColRows, M - m)) {
-      case 1: col_tile<1, W>(xm, ldx, w, K, ym, ldy); break;
-      case 2: col_tile<2, W>(xm, ldx, w, K, ym, ldy); break;
-      case 3: col_tile<3, W>(xm, ldx, w, K, ym, ldy); break;
-      case 4: col_tile<4, W>(xm, ldx, w, K, ym, ldy); break;
-      case 5: col_tile<5, W>(xm, ldx, w, K, ym, ldy); break;
-      case 6: col_tile<6, W>(xm, ldx, w, K, ym, ldy); break;
-      case 7: col_tile<7, W>(xm, ldx, w, K, ym, ldy); break;
-      default: col_tile<8, W>(xm, ldx, w, K, ym, ldy); break;
-    }
-  }
 }
 
 // head_gemm for weights in column-tile layout, w [H, N/32, K, 32] fp32 or bf16: fp32 rows (bf16 rows widened

@@ -142,8 +142,9 @@ def grouped_gemm(x: torch.Tensor, w: torch.Tensor, counts: list[int]) -> torch.T
     """``x [T, K]`` (rows grouped by expert, ``counts[e]`` each, in expert order) times ``w [E, N, K]``
     -> ``[T, N]`` in x's dtype: row t times ``w[expert of t].T``. CPU tensors: ``w`` fp32 or bf16, ``x`` fp32,
     or bf16 (AVX512-BF16 products with bf16 weights where ``bf16_dot()``, else widened to fp32 and the result
-    rounded back); ``load()`` must have succeeded."""
-    if w.stride(2) != 1 or w.stride(1) != w.shape[2]:
+    rounded back); ``w`` may be in ``col_layout`` (``[E, N/32, K, 32]``, while ``col_tiles()``; bf16 ``x`` widened).
+    ``load()`` must have succeeded."""
+    if w.dim() == 3 and (w.stride(2) != 1 or w.stride(1) != w.shape[2]):
         w = w.contiguous()  # experts may sit apart (a stride between them), each one's rows must be dense
     return _module().grouped_gemm(x.contiguous(), w, counts)  # type: ignore[attr-defined]
 
@@ -160,7 +161,8 @@ def moe_experts(x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor, w13
                 load: torch.Tensor | None = None) -> torch.Tensor:
     """A step's routed experts on one rank, whole: ``x [T, D]``, each token's ``slots [T, k]`` (int64) and
     ``weights [T, k]`` -> ``[T, D]``, the weighted sum of its experts' SiLU MLPs (``w13 [E, 2I, D]`` = gate
-    then up, ``w2 [E, D, I]``; fp32 or bf16 holding exact values); ``load [E]`` (int64), where given, gets
+    then up, ``w2 [E, D, I]``; fp32 or bf16 holding exact values; both may be in ``col_layout``, as in
+    ``grouped_gemm``); ``load [E]`` (int64), where given, gets
     each slot's copies added. ``x`` fp32, or bf16 (as in ``grouped_gemm``); the result in x's dtype. ``load()``
     must have succeeded."""
     return _module().moe_experts(x.contiguous(), slots, weights, w13, w2, load)  # type: ignore[attr-defined]

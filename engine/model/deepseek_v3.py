@@ -57,6 +57,7 @@ from engine.model.layers import (
     VocabParallelEmbedding,
     _Linear,
     kernel_copy,
+    linear_kernel_weight,
     kernel_fits,
     pack_weight,
 )
@@ -401,7 +402,7 @@ class DeepseekV3ForCausalLM(nn.Module):
         per_head = {id(m.kv_b_proj) for m in attention}
         for m in linears:
             m.kernel = kernel
-            m.kernel_weight = kernel_copy(m.weight) if kernel is not None and id(m) not in per_head else None
+            m.kernel_weight = linear_kernel_weight(m.weight) if kernel is not None and id(m) not in per_head else None
         for m in experts + attention:
             m.use_cpu_kernel(kernel)
         for m in self.modules():
@@ -437,7 +438,7 @@ class DeepseekV3ForCausalLM(nn.Module):
             if isinstance(m, (_Linear, ParallelLMHead, Gate)):
                 m.kernel_weight = None  # the kernel, if on, reads the weight itself
             elif isinstance(m, Experts) and m.kernel is not None:
-                m.w13_kernel, m.w2_kernel = m.w13, m.w2
+                m.w13_kernel, m.w2_kernel = m.w13.detach(), m.w2.detach()
             elif isinstance(m, MLA):
                 m.use_cpu_kernel(None)
                 m._weights = None  # its contiguous copies of W_UK / W_UV (MLAWeights) are built again

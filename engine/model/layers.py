@@ -140,7 +140,8 @@ def pack_weight(weight: torch.Tensor, min_numel: int = PACKED_MIN_NUMEL) -> torc
 # (so above 16 rows oneDNN).
 KERNEL_MAX_ROWS = 16
 # On a CPU with AVX-512, oneDNN's prepacked fp32 matmul (its AVX-512 kernels) is the faster one from 3 rows where
-# the kernel would read the fp32 weight itself: there such a weight takes the kernel up to this many rows only.
+# the kernel would read the fp32 weight itself: there such a weight takes the kernel up to this many rows only
+# (where its kernel copy is not in column tiles, KERNEL_COL_MAX_ROWS: those run fp32 rows faster than either).
 # 2-core AMD EPYC with AVX-512 and AVX512-BF16, no AMX, fp32: the bench preset's head, o_proj, q_b_proj and dense
 # MLP (232 MB from DRAM) kernel / oneDNN 0.62x the time at 2 rows, 1.09x at 3, 1.71x at 4, 1.49x at 8, 1.64x at
 # 16; the decode step of transformers' fp32 save of the bench preset 0.80x at batch 4, 0.89x at batch 8 (steps
@@ -154,6 +155,13 @@ KERNEL_OVER_PACKED_MAX_ROWS = 2 if "avx512f" in (cpu_flags() or ()) else KERNEL_
 # Batch-1 decode and its speculative verification (k + 1 rows) are this size.
 DOT_MAX_ROWS = 4
 
+# On a CPU with AVX-512 an fp32 weight's kernel copy is in column tiles (``linear_kernel_weight``), which take fp32
+# rows up to this many: outer products with 8 rows per weight vector, no sums across lanes. 2-core AMD EPYC with
+# AVX-512 and AVX512-BF16, no AMX, fp32 weights from DRAM, side by side in one process, column tiles / prepacked
+# oneDNN: the bench preset's head (67 MB) 0.71x the time at 1 row, 0.65x at 8, 0.84x at 16, 0.93x at 32, 0.99x at
+# 48; its o_proj 0.71x at 8, 0.92x at 32, 1.01x at 40; the grouped_gemm tiles 0.93x at 1 row, 0.52x at 8
+KERNEL_COL_MAX_ROWS = 32
+
 Kernel = Callable[[torch.Tensor, torch.Tensor, list[int]], torch.Tensor]  # engine.kernels.cpu_gemm.grouped_gemm
 
 
@@ -161,7 +169,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None = 
            kernel: Kernel | None = None, kernel_weight: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight)``; for inputs of few rows through ``kernel`` (``cpu_gemm.grouped_gemm``, where
     the weight fits it; reading ``kernel_weight``, ``kernel_copy(weight)``, where given) or ``packed``
-    (``pack_weight(weight)``; in fp32 also a prefill's rows, padded to a PACKED_ROW_BUCKET multiple)."""
+    (``pack_weight(weight)``; in fp32 also a prefill's rows, padded to a PACKED_ROW_BUCKET multiple). A
+    ``kernel_weight`` in column tiles (``linear_kernel_weight``) takes fp32 inputs of up to KERNEL_COL_MAX_ROWS."""
+    if _by_columns(x, kernel, kernel_weight):
+        return cpu_gemm.head_gemm(x[:, None], kernel_weight)[:, 0]
     if _by_kernel(x, weight, packed, kernel, kernel_weight):
         return kernel(x, (weight if kernel_weight is None else kernel_weight)[None], [x.shape[0]])
     rows = x.shape[0] if x.dim() == 2 else 0
@@ -191,14 +202,24 @@ def pad_rows(x: torch.Tensor, multiple: int) -> torch.Tensor:
     return F.pad(x, (0, 0) * (x.dim() - 1) + (0, extra)) if extra else x
 
 
+def _by_columns(x: torch.Tensor, kernel: Kernel | None, kernel_weight: torch.Tensor | None) -> bool:
+    """Whether ``linear`` runs ``x`` through the kernel's column tiles: ``kernel_weight`` in that layout (4-D),
+    fp32 rows, at most KERNEL_COL_MAX_ROWS of them."""
+    return (kernel is not None and kernel_weight is not None and kernel_weight.dim() == 4 and x.dim() == 2
+            and x.dtype == torch.float32 and 0 < x.shape[0] <= KERNEL_COL_MAX_ROWS)
+
+
 def _by_kernel(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None, kernel: Kernel | None,
                kernel_weight: torch.Tensor | None = None) -> bool:
     """Whether ``linear`` runs ``x`` through ``kernel`` (reading ``kernel_weight``, else ``weight``), up to
     KERNEL_MAX_ROWS rows. A weight without a prepacked copy always. fp32: up to KERNEL_OVER_PACKED_MAX_ROWS
     rows unless the kernel reads a bf16 copy. bf16: up to DOT_MAX_ROWS rows by AVX512-BF16; without it (x
-    widened to fp32 in the kernel) AMX streams the large ones faster."""
+    widened to fp32 in the kernel) AMX streams the large ones faster. Never a ``kernel_weight`` in column
+    tiles (``_by_columns``)."""
     rows = x.shape[0]
     if kernel is None or x.dim() != 2 or x.dtype != weight.dtype or not 0 < rows <= KERNEL_MAX_ROWS:
+        return False
+    if kernel_weight is not None and kernel_weight.dim() == 4:
         return False
     if packed is None:  # too small to prepack, where oneDNN's per-call cost dominates
         return True
@@ -220,6 +241,16 @@ def kernel_copy(weight: torch.Tensor) -> torch.Tensor:
     if torch.any(w.view(torch.int32) & 0xFFFF):  # bits below bf16's mantissa: not a bf16 value
         return weight
     return w.to(torch.bfloat16, memory_format=torch.contiguous_format)
+
+
+def linear_kernel_weight(weight: torch.Tensor) -> torch.Tensor:
+    """What the CPU kernel reads for a projection's, head's or router's ``weight [out, in]``: on a CPU with
+    AVX-512 an fp32 weight in column tiles (``cpu_gemm.col_layout``, ``[1, out/32, in, 32]``, bf16 where every
+    value is one), else ``kernel_copy(weight)`` (the weight itself detached: a tensor, not a second registration
+    of the parameter under the module's ``kernel_weight``)."""
+    if weight.dtype == torch.float32 and weight.dim() == 2 and cpu_gemm.col_fits(weight[None]):
+        return kernel_copy(cpu_gemm.col_layout(weight[None]))
+    return kernel_copy(weight).detach()
 
 
 def kernel_fits(weight: torch.Tensor) -> bool:
