@@ -1092,7 +1092,8 @@ PDSERVE_BF16_DOT void dot_attend(const float* qf, int64_t heads, int64_t D, cons
 // across lanes), the online softmax runs down the keys with each head's running maximum and sum in its lane
 // (vector max, exp, add: no per-head loops), and the values add 16 columns of a row times each head's
 // probability broadcast into 16 heads' accumulators. Same blocks of kKeyBlock rows and prefetching as
-// attend(); items hold a multiple of 16 heads, looped 16 at a time over each block while its rows are in L2.
+// attend(). Items are (query, 16 heads); where a query has more heads, its items follow each other on a
+// thread, the next one reading the rows the last left in L2 (at most 1 MB / 2.3 KB ~ 450 of them).
 
 PDSERVE_AVX512 inline __m512 exp16(__m512 x) {
   return _mm512_insertf32x8(_mm512_castps256_ps512(exp8(_mm512_castps512_ps256(x))),

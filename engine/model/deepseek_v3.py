@@ -57,8 +57,8 @@ from engine.model.layers import (
     VocabParallelEmbedding,
     _Linear,
     kernel_copy,
-    linear_kernel_weight,
     kernel_fits,
+    linear_kernel_weight,
     pack_weight,
 )
 from engine.model.moe import Experts, Gate, MoE
@@ -418,6 +418,10 @@ class DeepseekV3ForCausalLM(nn.Module):
         if copies:
             log.info("the CPU kernel reads %.1f MiB of weights as bf16 copies: the checkpoint's values are bf16, "
                      "so its fp32 products are the same, from half the bytes", copies / 2**20)
+        tiles = sum(t.numel() * t.element_size() for t in self.kernel_weights()
+                    if t.dtype == torch.float32 and t.dim() == 4)
+        if tiles:
+            log.info("the CPU kernel holds %.1f MiB of fp32 weights in column tiles (AVX-512) beside them", tiles / 2**20)
         return kernel is not None
 
     def kernel_weights(self):
