@@ -103,8 +103,9 @@ def load() -> ModuleType | None:
                 module.set_bf16_dot(False)
             if os.environ.get("PDSERVE_CPU_KERNEL_COL_TILES", "1") == "0":
                 module.set_col_tiles(False)
-            log.info("CPU kernel loaded for decode-sized matmuls (engine/kernels/cpu_gemm.cpp, AVX2 + FMA%s)",
-                     "; a bf16 model's products by AVX512-BF16" if module.bf16_dot_enabled() else "")
+            log.info("CPU kernel loaded for decode-sized matmuls (engine/kernels/cpu_gemm.cpp, AVX2 + FMA%s%s)",
+                     "; a bf16 model's products by AVX512-BF16" if module.bf16_dot_enabled() else "",
+                     "; an fp32 model's weights in column tiles by AVX-512" if module.col_tiles_enabled() else "")
         _state.update(module=module, reason=reason)
         return module
 
