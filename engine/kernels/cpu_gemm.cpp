@@ -399,7 +399,7 @@ PDSERVE_BF16_DOT void pair_rows(const at::BFloat16* x, int64_t ldx, int64_t M, c
 // The absorbed MLA products of an fp32 model: K = Dn = 128 for q . W_UK, and every row meets every weight
 // row of its head. grouped_gemm's tiles (dot products along K, then a sum across the 8 lanes per output)
 // spend a third of their time on those sums at K = 128, and stop at KERNEL_MAX_ROWS rows (torch's bmm past
-// them). In column-tile layout (tile_layout() in cpu_gemm.py: w [H, N, K] -> [H, N/32, K, 32]) an item's
+// them). In column-tile layout (col_layout() in cpu_gemm.py: w [H, N, K] -> [H, N/32, K, 32]) an item's
 // weights are one contiguous stream of K vectors of 32 columns: each row's x[k] broadcast times the two
 // 16-lane halves adds into 32 outputs at once (outer products: nothing summed across lanes), up to
 // kColRows rows (16 accumulators) sharing each pair of weight vectors loaded; past them the next rows read
@@ -1082,7 +1082,6 @@ PDSERVE_BF16_DOT void dot_attend(const float* qf, int64_t heads, int64_t D, cons
   }
 }
 
-// mla_decode's work items over the threads, for cache rows of type W.
 // ---- the same attention with the heads in the lanes (AVX-512, fp32 cache) ----------------------------
 //
 // attend() keeps a head's scores as dot products along D (each summed across the 8 lanes at its end) and
@@ -1194,6 +1193,7 @@ PDSERVE_AVX512 void lane_attend(const float* q, int64_t D, const float* const* k
   }
 }
 
+// mla_decode's work items over the threads, for cache rows of type W.
 template <typename W>
 void decode_items(const float* qp, const W* cp, const int64_t* sq, const int64_t* kn, const int64_t* sl, int64_t M,
                   int64_t H, int64_t D, int64_t L, int64_t R, double scale, float* op) {
