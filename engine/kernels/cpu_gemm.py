@@ -196,7 +196,8 @@ def col_tiles() -> bool:
 
 def set_col_tiles(on: bool) -> bool:
     """Turn ``head_gemm``'s column-tile layout on (only where the CPU has AVX-512) or off, for side-by-side runs
-    and tests; returns the previous setting. Weights already laid out keep their layout. ``load()`` must have
+    and tests; returns the previous setting. Weights already laid out keep their layout, which the kernel refuses
+    while the tiles are off: lay them out again (the model's ``use_cpu_kernels()``). ``load()`` must have
     succeeded."""
     return _module().set_col_tiles(on)  # type: ignore[attr-defined]
 
