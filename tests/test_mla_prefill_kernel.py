@@ -1,6 +1,6 @@
 """The CPU kernel's MLA prefill attention (``cpu_gemm.mla_prefill``, engine/kernels/cpu_gemm.cpp): the naive
-pass's causal attention read from the projections' views, in fp32 (AVX2 + FMA, every CPU the kernel builds on)
-and in bf16 (the AVX512-BF16 products, only on a CPU with them).
+pass's causal attention read from the projections' views, in fp32 (AVX2 + FMA, every CPU the kernel builds on; AVX-512
+where the CPU has it) and in bf16 (the AVX512-BF16 products, only on a CPU with them).
 
 It must equal the fp32 attention on the same values (to fp32 rounding, or to bf16's precision) at every tail its
 blocks have (query blocks of 16 or 32, key blocks of 64, a chunk after cached context), with keys past a query's
@@ -14,7 +14,7 @@ import torch
 
 from engine.kernels import cpu_gemm
 from engine.model.attention import MLAWeights, _naive
-from kernel_marks import needs_dot, needs_kernel
+from kernel_marks import HAS_COL, needs_col, needs_dot, needs_kernel
 
 SHAPES = [(1, 1, 2), (5, 5, 3), (17, 17, 2), (33, 33, 4), (7, 100, 2), (64, 64, 16), (100, 300, 8), (65, 130, 1)]
 
@@ -54,9 +54,34 @@ def _check(dtype, queries, keys, heads, atol):
 
 @needs_kernel
 @pytest.mark.parametrize("queries, keys, heads", SHAPES)
-def test_fp32_prefill_attention_of_strided_views(queries, keys, heads):
+@pytest.mark.parametrize("avx512", [False, pytest.param(True, marks=needs_col)])
+def test_fp32_prefill_attention_of_strided_views(queries, keys, heads, avx512):
+    """In 8 lanes (AVX2 + FMA, 16-query items) and, on a CPU with AVX-512 while the column tiles are on, in 16
+    (32-query items, lane masks on the diagonal)."""
     cpu_gemm.load()
-    _check(torch.float32, queries, keys, heads, atol=1e-5)
+    was = cpu_gemm.set_col_tiles(avx512) if HAS_COL else False
+    try:
+        _check(torch.float32, queries, keys, heads, atol=1e-5)
+    finally:
+        if HAS_COL:
+            cpu_gemm.set_col_tiles(was)
+
+
+@needs_col
+@pytest.mark.parametrize("queries, keys, heads", [(33, 33, 4), (45, 300, 3), (100, 130, 2)])
+def test_fp32_prefill_attention_is_the_same_in_8_and_16_lanes(queries, keys, heads):
+    """Per lane the two widths do the same arithmetic in the same order: bit for bit the same result."""
+    cpu_gemm.load()
+    torch.manual_seed(queries + keys)
+    kv, q, k_pe = torch.randn(keys, heads, 96), torch.randn(queries, heads, 48), torch.randn(keys, 16)
+    outs = []
+    for avx512 in (False, True):
+        was = cpu_gemm.set_col_tiles(avx512)
+        try:
+            outs.append(cpu_gemm.mla_prefill(q[..., :32], q[..., 32:], kv[..., :32], k_pe, kv[..., 32:], 0.3))
+        finally:
+            cpu_gemm.set_col_tiles(was)
+    assert torch.equal(outs[0], outs[1])
 
 
 @needs_dot

@@ -1438,78 +1438,135 @@ PDSERVE_BF16_DOT void prefill_item(const PrefillViews& a, int64_t h, int64_t q0,
   }
 }
 
-// ---- MLA prefill attention (fp32, AVX2 + FMA) ------------------------------------------------------------
+// ---- MLA prefill attention (fp32: AVX2 + FMA, or AVX-512) --------------------------------------------------
 //
-// The same pass for an fp32 model, in 8 lanes: an item's kPrefillQueries32 queries go in transposed
-// ([D][kPrefillQueries32]), so a key's scores against them are FMAs of its dims broadcast, kScoreKeys32 keys a
-// tile (each query vector loaded serving all of them); the same online softmax over the queries' lanes;
-// out += p @ v two queries by 32 value columns at a time (8 accumulators), each probability broadcast, from the
-// block's values copied side by side. Sums in fp32 in another order than torch's: equal to its attention within
-// fp32 rounding. Bench preset (16 heads, causal), fp32, 2-core AMD EPYC with AVX-512 and AVX512-BF16, no AMX:
-// 256 tokens 3.1-4.2 ms
-// (80-108 GFLOP/s) vs 8.3-11.0 ms for torch's fused attention with the copies it needs (the keys' two parts
-// concatenated, V padded to the key width); 1024 tokens 51-67 vs 81 ms; 4096 tokens 860-990 vs 830 ms, where
-// the keys a 16-query item re-reads come from L3 (hence cpu_gemm.FP32_PREFILL_MAX_KEYS). 32 queries an item
-// (4 vectors, 2 or 3 keys a tile) was no faster.
-constexpr int kQueryVectors32 = 2;  // 8 queries each
-constexpr int64_t kPrefillQueries32 = 8 * kQueryVectors32;
-constexpr int kScoreKeys32 = 4;  // keys per score tile
+// The same pass for an fp32 model, in 8 lanes (AVX2 + FMA) or, on a CPU with AVX-512 while the column tiles are on,
+// 16: an item's 2 x lanes queries go in transposed ([D][queries]), so a key's scores against them are FMAs of its
+// dims broadcast, L::kScoreKeys keys a tile (each query vector loaded serving all of them); the same online
+// softmax over the queries' lanes; out += p @ v L::kValueQueries queries by 32 value columns at a time, each
+// probability broadcast, from the block's values copied side by side. Per lane the two widths do the same
+// arithmetic in the same order (their results are equal bit for bit). Sums in fp32 in another order than
+// torch's: equal to its attention within fp32 rounding. Bench preset (16 heads, causal), fp32, 2-core AMD EPYC
+// with AVX-512 and AVX512-BF16, no AMX, 8 lanes: 256 tokens 3.1-4.2 ms (80-108 GFLOP/s) vs 8.3-11.0 ms for
+// torch's fused attention with the copies it needs (the keys' two parts concatenated, V padded to the key
+// width); 1024 tokens 51-67 vs 81 ms; 4096 tokens 860-990 vs 830 ms, where the keys a 16-query item re-reads
+// come from L3 (hence cpu_gemm.FP32_PREFILL_MAX_KEYS); 32 queries an item (4 vectors, 2 or 3 keys a tile) was
+// no faster there. 16 lanes (32 queries an item, 6 keys a tile, 4 queries a value tile): 0.69x the 8 lanes' time
+// at 256 tokens, 0.73x at 1024, 0.70x at 2048.
+constexpr int kQueryVectors = 2;  // query vectors per item
+
+struct Lanes8 {  // AVX2 + FMA
+  using V = __m256;
+  static constexpr int kLanes = 8, kScoreKeys = 4, kValueQueries = 2;
+  static V load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static V set1(float x) { return _mm256_set1_ps(x); }
+  static V zero() { return _mm256_setzero_ps(); }
+  static V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static V fmsub(V a, V b, V c) { return _mm256_fmsub_ps(a, b, c); }
+  static V max(V a, V b) { return _mm256_max_ps(a, b); }
+  static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+  static V sub(V a, V b) { return _mm256_sub_ps(a, b); }
+  static V add(V a, V b) { return _mm256_add_ps(a, b); }
+  static V exp(V x) { return exp8(x); }
+  // -inf in the lanes l where base + l < first (keys past those queries' positions)
+  static V mask_before(V row, int32_t base, int32_t first) {
+    const __m256i qi = _mm256_add_epi32(_mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0), _mm256_set1_epi32(base));
+    return _mm256_blendv_ps(row, set1(-INFINITY), _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(first), qi)));
+  }
+  static V zero_where_ninf(V p, V row) { return _mm256_blendv_ps(p, zero(), _mm256_cmp_ps(row, set1(-INFINITY), _CMP_EQ_OQ)); }
+};
+
+struct Lanes16 {  // AVX-512
+  using V = __m512;
+  static constexpr int kLanes = 16, kScoreKeys = 6, kValueQueries = 4;
+  PDSERVE_AVX512 static V load(const float* p) { return _mm512_loadu_ps(p); }
+  PDSERVE_AVX512 static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+  PDSERVE_AVX512 static V set1(float x) { return _mm512_set1_ps(x); }
+  PDSERVE_AVX512 static V zero() { return _mm512_setzero_ps(); }
+  PDSERVE_AVX512 static V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  PDSERVE_AVX512 static V fmsub(V a, V b, V c) { return _mm512_fmsub_ps(a, b, c); }
+  PDSERVE_AVX512 static V max(V a, V b) { return _mm512_max_ps(a, b); }
+  PDSERVE_AVX512 static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+  PDSERVE_AVX512 static V sub(V a, V b) { return _mm512_sub_ps(a, b); }
+  PDSERVE_AVX512 static V add(V a, V b) { return _mm512_add_ps(a, b); }
+  PDSERVE_AVX512 static V exp(V x) { return exp16(x); }
+  PDSERVE_AVX512 static V mask_before(V row, int32_t base, int32_t first) {
+    const __m512i qi = _mm512_add_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                        _mm512_set1_epi32(base));
+    return _mm512_mask_blend_ps(_mm512_cmplt_epi32_mask(qi, _mm512_set1_epi32(first)), row, set1(-INFINITY));
+  }
+  PDSERVE_AVX512 static V zero_where_ninf(V p, V row) {
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(row, set1(-INFINITY), _CMP_EQ_OQ), p, zero());
+  }
+};
+
+// acc[m] += the n dims of key rows[m] broadcast times the item's queries q [n][queries], for m < MB
+template <typename L, int MB>
+inline void prefill_score_dims(const float* const* rows, int64_t n, const float* q, typename L::V (*acc)[kQueryVectors]) {
+  constexpr int QV = kQueryVectors, QB = L::kLanes * QV;
+  for (int64_t d = 0; d < n; ++d, q += QB) {
+    typename L::V qv[QV];
+    for (int u = 0; u < QV; ++u) qv[u] = L::load(q + L::kLanes * u);
+    for (int m = 0; m < MB; ++m) {
+      const typename L::V k = L::set1(rows[m][d]);
+      for (int u = 0; u < QV; ++u) acc[m][u] = L::fmadd(k, qv[u], acc[m][u]);
+    }
+  }
+}
 
 // scores of keys [j, j + MB) of head h against the item's queries qt [D][QB] -> s[jj * QB + q]
-template <int MB>
-inline void prefill_score_tile32(const PrefillViewsOf<float>& a, int64_t h, int64_t j, const float* qt, float* s) {
-  constexpr int QV = kQueryVectors32, QB = 8 * QV;
-  __m256 acc[MB][QV];
+template <typename L, int MB>
+inline void prefill_score_tile(const PrefillViewsOf<float>& a, int64_t h, int64_t j, const float* qt, float* s) {
+  constexpr int QV = kQueryVectors, QB = L::kLanes * QV;
+  typename L::V acc[MB][QV];
   for (int m = 0; m < MB; ++m)
-    for (int u = 0; u < QV; ++u) acc[m][u] = _mm256_setzero_ps();
+    for (int u = 0; u < QV; ++u) acc[m][u] = L::zero();
   const float* kn[MB];
   const float* kr[MB];
   for (int m = 0; m < MB; ++m) kn[m] = a.kn + (j + m) * a.kn0 + h * a.kn1, kr[m] = a.kr + (j + m) * a.kr0;
-  auto dims = [&](const float* const* rows, int64_t n, const float* q) {
-    for (int64_t d = 0; d < n; ++d, q += QB) {
-      __m256 qv[QV];
-      for (int u = 0; u < QV; ++u) qv[u] = _mm256_loadu_ps(q + 8 * u);
-      for (int m = 0; m < MB; ++m) {
-        const __m256 k = _mm256_broadcast_ss(rows[m] + d);
-        for (int u = 0; u < QV; ++u) acc[m][u] = _mm256_fmadd_ps(k, qv[u], acc[m][u]);
-      }
-    }
-  };
-  dims(kn, a.Dn, qt);
-  dims(kr, a.Dr, qt + a.Dn * QB);
+  prefill_score_dims<L, MB>(kn, a.Dn, qt, acc);
+  prefill_score_dims<L, MB>(kr, a.Dr, qt + a.Dn * QB, acc);
   for (int m = 0; m < MB; ++m)
-    for (int u = 0; u < QV; ++u) _mm256_storeu_ps(s + m * QB + 8 * u, acc[m][u]);
+    for (int u = 0; u < QV; ++u) L::store(s + m * QB + L::kLanes * u, acc[m][u]);
 }
 
-// out[q][c .. c + 32) += sum_jj p[jj][q] v[jj][c .. c + 32) for the NQ queries from q
-template <int NQ>
-inline void prefill_values32(const float* p, int64_t nb, const float* vh, int64_t v0, int64_t q, int64_t c, float* out,
-                             int64_t Dv) {
-  __m256 acc[NQ][4];
+// out[q][c .. c + 32) += sum_jj p[jj][q] v[jj][c .. c + 32) for the NQ queries from q (p's rows QB apart)
+template <typename L, int NQ>
+inline void prefill_values(const float* p, int64_t nb, const float* vh, int64_t v0, int64_t q, int64_t c, float* out,
+                           int64_t Dv) {
+  constexpr int VV = 32 / L::kLanes, QB = L::kLanes * kQueryVectors;
+  typename L::V acc[NQ][VV];
   for (int i = 0; i < NQ; ++i)
-    for (int u = 0; u < 4; ++u) acc[i][u] = _mm256_loadu_ps(out + (q + i) * Dv + c + 8 * u);
+    for (int u = 0; u < VV; ++u) acc[i][u] = L::load(out + (q + i) * Dv + c + L::kLanes * u);
   for (int64_t jj = 0; jj < nb; ++jj) {
     const float* vr = vh + jj * v0 + c;
-    const __m256 v[4] = {_mm256_loadu_ps(vr), _mm256_loadu_ps(vr + 8), _mm256_loadu_ps(vr + 16), _mm256_loadu_ps(vr + 24)};
+    typename L::V v[VV];
+    for (int u = 0; u < VV; ++u) v[u] = L::load(vr + L::kLanes * u);
     for (int i = 0; i < NQ; ++i) {
-      const __m256 pi = _mm256_broadcast_ss(p + jj * kPrefillQueries32 + q + i);
-      for (int u = 0; u < 4; ++u) acc[i][u] = _mm256_fmadd_ps(pi, v[u], acc[i][u]);
+      const typename L::V pi = L::set1(p[jj * QB + q + i]);
+      for (int u = 0; u < VV; ++u) acc[i][u] = L::fmadd(pi, v[u], acc[i][u]);
     }
   }
   for (int i = 0; i < NQ; ++i)
-    for (int u = 0; u < 4; ++u) _mm256_storeu_ps(out + (q + i) * Dv + c + 8 * u, acc[i][u]);
+    for (int u = 0; u < VV; ++u) L::store(out + (q + i) * Dv + c + L::kLanes * u, acc[i][u]);
 }
 
-struct PrefillScratch32 {
+template <typename L>
+struct PrefillScratchF {
+  static constexpr int64_t kQueries = L::kLanes * kQueryVectors;
   std::vector<float> qt, s, out, vb;
-  PrefillScratch32(int64_t D, int64_t Dv) : qt(D * kPrefillQueries32), s(kKeyBlock * kPrefillQueries32),
-                                            out(kPrefillQueries32 * Dv), vb(kKeyBlock * Dv) {}
+  PrefillScratchF(int64_t D, int64_t Dv) : qt(D * kQueries), s(kKeyBlock * kQueries), out(kQueries * Dv),
+                                           vb(kKeyBlock * Dv) {}
 };
 
 // one item: head h, queries [q0, q0 + qb) -> o [Q, H, Dv] fp32
-void prefill_item32(const PrefillViewsOf<float>& a, int64_t h, int64_t q0, int64_t qb, float scale,
-                    PrefillScratch32& w, float* o) {
-  constexpr int64_t QB = kPrefillQueries32;
+template <typename L>
+inline void prefill_item_f(const PrefillViewsOf<float>& a, int64_t h, int64_t q0, int64_t qb, float scale,
+                           PrefillScratchF<L>& w, float* o) {
+  using V = typename L::V;
+  constexpr int64_t QB = PrefillScratchF<L>::kQueries;
+  constexpr int QV = kQueryVectors, N = L::kLanes;
   const int64_t D = a.Dn + a.Dr, Dv = a.Dv, past = a.L - a.Q;
   float* qt = w.qt.data();
   for (int64_t q = 0; q < QB; ++q) {  // transposed, missing queries zero
@@ -1520,72 +1577,80 @@ void prefill_item32(const PrefillViewsOf<float>& a, int64_t h, int64_t q0, int64
   float* s = w.s.data();
   float* out = w.out.data();
   std::fill(out, out + QB * Dv, 0.f);
-  constexpr int QV = kQueryVectors32;
-  __m256 top[QV], sum[QV];
-  for (int u = 0; u < QV; ++u) top[u] = _mm256_set1_ps(-INFINITY), sum[u] = _mm256_setzero_ps();
-  const __m256 vscale = _mm256_set1_ps(scale), ninf = _mm256_set1_ps(-INFINITY);
-  const __m256i lane = _mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0);
+  V top[QV], sum[QV];
+  for (int u = 0; u < QV; ++u) top[u] = L::set1(-INFINITY), sum[u] = L::zero();
+  const V vscale = L::set1(scale);
   const int64_t n = past + q0 + qb;  // keys any of the item's queries attends
   for (int64_t j0 = 0; j0 < n; j0 += kKeyBlock) {
     const int64_t nb = std::min(kKeyBlock, n - j0);
     int64_t jj = 0;
-    for (; jj + kScoreKeys32 <= nb; jj += kScoreKeys32) prefill_score_tile32<kScoreKeys32>(a, h, j0 + jj, qt, s + jj * QB);
-    for (; jj < nb; ++jj) prefill_score_tile32<1>(a, h, j0 + jj, qt, s + jj * QB);
+    for (; jj + L::kScoreKeys <= nb; jj += L::kScoreKeys)
+      prefill_score_tile<L, L::kScoreKeys>(a, h, j0 + jj, qt, s + jj * QB);
+    for (; jj < nb; ++jj) prefill_score_tile<L, 1>(a, h, j0 + jj, qt, s + jj * QB);
     // key j0 + jj is past query q's position where q < j0 + jj - past - q0 (the diagonal blocks)
     const bool diagonal = j0 + nb - 1 > past + q0;
-    __m256 most[QV];
-    for (int u = 0; u < QV; ++u) most[u] = ninf;
+    V most[QV];
+    for (int u = 0; u < QV; ++u) most[u] = L::set1(-INFINITY);
     for (jj = 0; jj < nb; ++jj) {
-      for (int half = 0; half < QV; ++half) {
-        __m256 row = _mm256_loadu_ps(s + jj * QB + half * 8);
+      for (int u = 0; u < QV; ++u) {
+        V row = L::load(s + jj * QB + u * N);
         if (diagonal) {
-          const __m256i qi = _mm256_add_epi32(lane, _mm256_set1_epi32(static_cast<int32_t>(half * 8)));
-          const __m256i first_past = _mm256_set1_epi32(static_cast<int32_t>(j0 + jj - past - q0));
-          row = _mm256_blendv_ps(row, ninf, _mm256_castsi256_ps(_mm256_cmpgt_epi32(first_past, qi)));
-          _mm256_storeu_ps(s + jj * QB + half * 8, row);
+          row = L::mask_before(row, static_cast<int32_t>(u * N), static_cast<int32_t>(j0 + jj - past - q0));
+          L::store(s + jj * QB + u * N, row);
         }
-        most[half] = _mm256_max_ps(most[half], row);
+        most[u] = L::max(most[u], row);
       }
     }
-    alignas(32) float shrink_q[QB];
-    for (int half = 0; half < QV; ++half) {  // every query has key 0, so its top is finite after the first block
-      const __m256 new_top = _mm256_max_ps(top[half], _mm256_mul_ps(most[half], vscale));
-      const __m256 shrink = exp8(_mm256_sub_ps(top[half], new_top));  // ~1e-38 for the first block: out, sum 0
-      top[half] = new_top;
-      sum[half] = _mm256_mul_ps(sum[half], shrink);
-      _mm256_store_ps(shrink_q + half * 8, shrink);
+    alignas(64) float shrink_q[QB];
+    for (int u = 0; u < QV; ++u) {  // every query has key 0, so its top is finite after the first block
+      const V new_top = L::max(top[u], L::mul(most[u], vscale));
+      const V shrink = L::exp(L::sub(top[u], new_top));  // ~1e-38 for the first block: out, sum 0
+      top[u] = new_top;
+      sum[u] = L::mul(sum[u], shrink);
+      L::store(shrink_q + u * N, shrink);
     }
     for (int64_t q = 0; q < qb; ++q) {
-      const __m256 f = _mm256_set1_ps(shrink_q[q]);
-      for (int64_t c = 0; c < Dv; c += 8)
-        _mm256_storeu_ps(out + q * Dv + c, _mm256_mul_ps(_mm256_loadu_ps(out + q * Dv + c), f));
+      const V f = L::set1(shrink_q[q]);
+      for (int64_t c = 0; c < Dv; c += N) L::store(out + q * Dv + c, L::mul(L::load(out + q * Dv + c), f));
     }
     for (jj = 0; jj < nb; ++jj) {
-      for (int half = 0; half < QV; ++half) {
-        const __m256 row = _mm256_loadu_ps(s + jj * QB + half * 8);
-        __m256 p = exp8(_mm256_fmsub_ps(row, vscale, top[half]));
-        p = _mm256_blendv_ps(p, _mm256_setzero_ps(), _mm256_cmp_ps(row, ninf, _CMP_EQ_OQ));  // past keys weigh 0
-        sum[half] = _mm256_add_ps(sum[half], p);
-        _mm256_storeu_ps(s + jj * QB + half * 8, p);
+      for (int u = 0; u < QV; ++u) {
+        const V row = L::load(s + jj * QB + u * N);
+        const V p = L::zero_where_ninf(L::exp(L::fmsub(row, vscale, top[u])), row);  // past keys weigh 0
+        sum[u] = L::add(sum[u], p);
+        L::store(s + jj * QB + u * N, p);
       }
     }
-    // the block's values side by side first: each is read once per two queries and 32 columns, and a head's
+    // the block's values side by side first: each is read once per value tile and 32 columns, and a head's
     // rows lie a power of two apart in kv_b's output (16 KB in the bench preset), all in one L1 set
     float* vb = w.vb.data();
     for (jj = 0; jj < nb; ++jj) std::memcpy(vb + jj * Dv, a.v + (j0 + jj) * a.v0 + h * a.v1, Dv * sizeof(float));
     for (int64_t c = 0; c < Dv; c += 32) {
       int64_t q = 0;
-      for (; q + 2 <= qb; q += 2) prefill_values32<2>(s, nb, vb, Dv, q, c, out, Dv);
-      if (q < qb) prefill_values32<1>(s, nb, vb, Dv, q, c, out, Dv);
+      for (; q + L::kValueQueries <= qb; q += L::kValueQueries)
+        prefill_values<L, L::kValueQueries>(s, nb, vb, Dv, q, c, out, Dv);
+      for (; q < qb; ++q) prefill_values<L, 1>(s, nb, vb, Dv, q, c, out, Dv);
     }
   }
-  alignas(32) float sum_q[QB];
-  for (int u = 0; u < QV; ++u) _mm256_store_ps(sum_q + 8 * u, sum[u]);
+  alignas(64) float sum_q[QB];
+  for (int u = 0; u < QV; ++u) L::store(sum_q + N * u, sum[u]);
   for (int64_t q = 0; q < qb; ++q) {
-    const __m256 inv = _mm256_set1_ps(1.f / sum_q[q]);
+    const V inv = L::set1(1.f / sum_q[q]);
     float* dst = o + ((q0 + q) * a.H + h) * Dv;
-    for (int64_t c = 0; c < Dv; c += 8) _mm256_storeu_ps(dst + c, _mm256_mul_ps(_mm256_loadu_ps(out + q * Dv + c), inv));
+    for (int64_t c = 0; c < Dv; c += N) L::store(dst + c, L::mul(L::load(out + q * Dv + c), inv));
   }
+}
+
+void prefill_item8(const PrefillViewsOf<float>& a, int64_t h, int64_t q0, int64_t qb, float scale,
+                   PrefillScratchF<Lanes8>& w, float* o) {
+  prefill_item_f<Lanes8>(a, h, q0, qb, scale, w, o);
+}
+
+// flatten: every call inlined into this AVX-512 function, the 16-lane helpers included
+PDSERVE_AVX512 __attribute__((flatten)) void prefill_item16(const PrefillViewsOf<float>& a, int64_t h, int64_t q0,
+                                                            int64_t qb, float scale, PrefillScratchF<Lanes16>& w,
+                                                            float* o) {
+  prefill_item_f<Lanes16>(a, h, q0, qb, scale, w, o);
 }
 
 template <typename T>
@@ -1634,8 +1699,12 @@ torch::Tensor mla_prefill(const torch::Tensor& q_nope, const torch::Tensor& q_pe
     TORCH_CHECK(v.size(2) % 32 == 0, "mla_prefill: values a multiple of 32 wide");
     const auto a = prefill_views<float>(q_nope, q_pe, k_nope, k_pe, v);
     float* op = o.data_ptr<float>();
-    prefill_items<PrefillViewsOf<float>, PrefillScratch32>(a, kPrefillQueries32,
-        [&](int64_t h, int64_t q0, int64_t qb, PrefillScratch32& w) { prefill_item32(a, h, q0, qb, fscale, w, op); });
+    if (g_col_tiles)  // AVX-512
+      prefill_items<PrefillViewsOf<float>, PrefillScratchF<Lanes16>>(a, PrefillScratchF<Lanes16>::kQueries,
+          [&](int64_t h, int64_t q0, int64_t qb, PrefillScratchF<Lanes16>& w) { prefill_item16(a, h, q0, qb, fscale, w, op); });
+    else
+      prefill_items<PrefillViewsOf<float>, PrefillScratchF<Lanes8>>(a, PrefillScratchF<Lanes8>::kQueries,
+          [&](int64_t h, int64_t q0, int64_t qb, PrefillScratchF<Lanes8>& w) { prefill_item8(a, h, q0, qb, fscale, w, op); });
     return o;
   }
   TORCH_CHECK(g_bf16_dot, "mla_prefill: needs the AVX512-BF16 products (bf16_dot_enabled())");

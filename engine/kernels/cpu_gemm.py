@@ -254,8 +254,8 @@ def mla_prefill(q_nope: torch.Tensor, q_pe: torch.Tensor, k_nope: torch.Tensor, 
     """MLA's expanded (naive) attention of a prefill chunk, causal: ``q_nope [Q, H, Dn]``, ``q_pe [Q, H, Dr]``,
     ``k_nope [L, H, Dn]``, ``k_pe [L, Dr]`` (shared by the heads), ``v [L, H, Dv]``, views with any row and head
     strides (the last dim dense); query i sits at position L - Q + i and attends keys 0 .. L - Q + i.
-    -> ``[Q, H, Dv]`` in their dtype: fp32 by AVX2 + FMA, or bf16 by the AVX512-BF16 products (only while
-    ``bf16_dot()``; Dn, Dr even). Dv a multiple of 32 (``prefill_fits``)."""
+    -> ``[Q, H, Dv]`` in their dtype: fp32 by AVX2 + FMA (AVX-512 while ``col_tiles()``), or bf16 by the
+    AVX512-BF16 products (only while ``bf16_dot()``; Dn, Dr even). Dv a multiple of 32 (``prefill_fits``)."""
     return _module().mla_prefill(q_nope, q_pe, k_nope, k_pe, v, scale)  # type: ignore[attr-defined]
 
 

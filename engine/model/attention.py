@@ -335,7 +335,7 @@ def _naive(q_nope: torch.Tensor, q_pe: torch.Tensor, ctx: torch.Tensor, w: MLAWe
         # step of 8 x 256 tokens 0.81x, alternated in one engine; 2-core AMD EPYC with AVX512-BF16, no AMX);
         # fp32 by AVX2 + FMA up to cpu_gemm.FP32_PREFILL_MAX_KEYS keys (bench preset, 256 tokens: 3-4 vs 8-11 ms;
         # a prefill step of 8 x 256 tokens 0.91x, 1350 vs 1485 ms, alternated in one engine; 2-core AMD EPYC with
-        # AVX512-BF16, no AMX, the model in fp32)
+        # AVX512-BF16, no AMX, the model in fp32), in 16 lanes where the CPU has AVX-512 (0.70-0.74x that)
         return w.prefill_attention(q_nope, q_pe, kv[..., :nope], c_pe, kv[..., nope:], w.scale)
     kv = kv.transpose(0, 1)  # [H, L, Dn+Dv]
     k_nope, v = kv[..., :nope], kv[..., nope:]
