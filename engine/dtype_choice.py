@@ -13,6 +13,13 @@ The choice and its reason are logged once and reported by ``/version`` and
 ``pdserve checkpoint inspect``. ``--dtype bfloat16`` / ``float32`` skip the rule. The FP8 paths
 compute in the model dtype, so they follow it; ``tools/train_tiny.py`` uses bf16 autocast only
 where this rule picks bf16.
+
+``PDSERVE_CPU_MAX_ISA=avx2`` makes pdserve take the CPU for one with nothing past AVX2 + FMA: ``cpu_flags()``
+drops the AVX-512 and AMX flags, so this rule, the CPU kernel's AVX-512 / AVX512-BF16 paths and the row
+limits chosen by ISA all act as on such a CPU. With torch's and oneDNN's own caps (``ATEN_CPU_CAPABILITY=avx2``,
+``ONEDNN_MAX_CPU_ISA=AVX2``) an AVX-512 machine stands in for an AVX2-only one; ``tools/bench_serving.py
+--max-cpu-isa avx2`` sets all three for every server it starts. Other values are ignored with a warning, as
+torch does with an unknown ``ATEN_CPU_CAPABILITY``.
 """
 
 from __future__ import annotations
@@ -20,12 +27,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import os
 import time
 
 log = logging.getLogger("pdserve.engine")
 
 BF16_MIN_SPEEDUP = 1.0  # the micro-benchmark picks bf16 when fp32 time / bf16 time >= this
 _X86_BF16 = ("amx_bf16", "avx512_bf16")
+MAX_ISA_ENV = "PDSERVE_CPU_MAX_ISA"
+_ABOVE_AVX2 = ("avx512", "amx")  # prefixes of the x86 flags an "avx2" cap drops
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,13 +45,36 @@ class DtypeChoice:
 
 
 def cpu_flags() -> set[str] | None:
-    """The CPU's feature flags (x86 ``flags`` / Arm ``Features`` of /proc/cpuinfo); None where unreadable."""
+    """The CPU's feature flags (x86 ``flags`` / Arm ``Features`` of /proc/cpuinfo), less those above
+    ``max_isa()``; None where unreadable."""
+    flags = _proc_flags()
+    if flags is None or max_isa() is None:
+        return None if flags is None else set(flags)
+    return {f for f in flags if not f.startswith(_ABOVE_AVX2)}
+
+
+def max_isa() -> str | None:
+    """``"avx2"`` where ``PDSERVE_CPU_MAX_ISA`` caps the ISA pdserve uses, else None."""
+    value = os.environ.get(MAX_ISA_ENV, "").strip().lower()
+    if value in ("", "avx2"):
+        return value or None
+    _warn_max_isa(value)
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_max_isa(value: str) -> None:
+    log.warning("ignoring %s=%s: the one cap known is avx2", MAX_ISA_ENV, value)
+
+
+@functools.lru_cache(maxsize=1)
+def _proc_flags() -> frozenset[str] | None:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
                 key = line.split(":", 1)[0].strip()
                 if key in ("flags", "Features"):
-                    return set(line.split(":", 1)[1].split())
+                    return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
     return None
@@ -81,6 +114,8 @@ def auto_dtype(device_type: str) -> DtypeChoice:
     """``dtype=auto`` on a device of this type (``"cuda"`` or ``"cpu"``), decided once per process."""
     choice = (DtypeChoice("bfloat16", "CUDA device") if device_type == "cuda"
               else choose_cpu_dtype(cpu_flags()))
+    if device_type != "cuda" and max_isa():
+        choice = DtypeChoice(choice.dtype, f"{choice.reason} ({MAX_ISA_ENV}={max_isa()})")
     log.info("dtype auto -> %s (%s)", choice.dtype, choice.reason)
     return choice
 

@@ -1,6 +1,7 @@
 """``tools/bench_serving.py`` on a tiny setting, as CI runs every benchmark script: pdserve and the
-transformers baseline really serve the workload, a vLLM without its venv is reported as not run
-(and fails the exit status), the docs block is regenerated, and no server outlives the script.
+transformers baseline really serve the workload (capped at AVX2 by ``--max-cpu-isa avx2``, as on a CPU without
+AVX-512), a vLLM without its venv is reported as not run (and fails the exit status), the docs block is
+regenerated, and no server outlives the script.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import subprocess
 import sys
 
 import pytest
+
+from engine.dtype_choice import cpu_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "tools", "bench_serving.py")
@@ -44,7 +47,7 @@ def test_tiny_run_serves_two_and_reports_vllm_not_run(tool, tmp_path):
          "--vllm-venv", str(tmp_path / "no-vllm-venv"), "--concurrency", "1,2", "--num-prompts", "2",
          "--hf-num-prompts", "2", "--input-len", "16", "--output-len", "4", "--start-timeout", "120",
          "--request-timeout", "60", "--work-dir", str(tmp_path / "work"), "--json", str(out),
-         "--write-docs", str(docs)],
+         "--write-docs", str(docs), "--max-cpu-isa", "avx2"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=220)
     log = proc.stdout[-4000:] + proc.stderr[-4000:]
     assert proc.returncode == 1, log  # vLLM was asked for and could not run
@@ -58,6 +61,7 @@ def test_tiny_run_serves_two_and_reports_vllm_not_run(tool, tmp_path):
         srv = servers[name]
         assert srv["status"] == "ok", srv["reason"]
         assert f"--dtype {doc['dtype']}" in " ".join(srv["cmd"])  # the one resolved dtype for every server
+        assert srv["env"] | tool.MAX_ISA_ENV == srv["env"]  # torch, oneDNN and pdserve capped at AVX2
         assert [r["concurrency"] for r in srv["runs"]] == [1, 2]
         seeds = [r["command"].split(" --seed ")[1].split()[0] for r in srv["runs"]]
         if name == "pdserve":  # its /metrics counts the prompt tokens found cached: none, every prompt is new
@@ -77,6 +81,9 @@ def test_tiny_run_serves_two_and_reports_vllm_not_run(tool, tmp_path):
     block = text.split(BEGIN)[1].split(END)[0]
     assert block.strip() == doc["markdown"] and "(not generated yet)" not in block
     assert tool.cpu_description() in block and doc["dtype"] in block
+    assert "every server capped at AVX2" in block and "PDSERVE_CPU_MAX_ISA=avx2 .venv/bin/pdserve serve" in block
+    if "avx2" in (cpu_flags() or ()):  # x86: `auto` resolved as on a CPU without AVX512-BF16
+        assert doc["dtype"] == "float32" and "PDSERVE_CPU_MAX_ISA=avx2" in doc["dtype_reason"]
     assert "| 1 | pdserve | " in block and "| 2 | transformers " in block
     assert "| 1 | vLLM CPU | not run: no vLLM venv (build it with tools/peers/setup_vllm.sh) |" in block
     # the commands, with the checkpoint as $CKPT

@@ -17,7 +17,7 @@ from engine.kernels import cpu_gemm
 from engine.model import layers
 from engine.model.deepseek_v3 import MLA
 from engine.model.moe import Experts, Gate
-from kernel_marks import CAN_BUILD, HAS_COL, HAS_DOT, needs_col, needs_kernel
+from kernel_marks import CAN_BUILD, HAS_AVX512, HAS_DOT, WIDTHS, avx512_code, needs_avx512, needs_kernel
 
 HAS_PACKED = layers.pack_weight(torch.zeros(1024, 1024)) is not None
 
@@ -191,32 +191,34 @@ def test_linear_through_the_kernel_matches_f_linear(rows):
     torch.testing.assert_close(out, F.linear(x, w), rtol=1e-4, atol=1e-4)
 
 
-@needs_col
-@pytest.mark.parametrize("rows", [1, 3, 8, 9, layers.KERNEL_COL_MAX_ROWS, layers.KERNEL_COL_MAX_ROWS + 1])
-def test_fp32_linear_takes_column_tiles_up_to_their_limit(rows, monkeypatch):
-    """On a CPU with AVX-512 an fp32 weight's kernel copy is in column tiles (bf16 where every value is one, fp32
-    otherwise; a weight whose rows are no multiple of 32 keeps kernel_copy's), and linear runs fp32 inputs of up
-    to KERNEL_COL_MAX_ROWS through them (the grouped-GEMM kernel never reads that layout; past the limit the
-    prepacked matmul): F.linear's numbers, bf16 copy and fp32 copy bit for bit the same."""
-    cpu_gemm.load()
+@needs_kernel
+@pytest.mark.parametrize("avx512", WIDTHS)
+@pytest.mark.parametrize("rows", [1, 3, 4, 8, 9, layers.KERNEL_COL_MAX_ROWS, layers.KERNEL_COL_MAX_ROWS + 1])
+def test_fp32_linear_takes_column_tiles_up_to_their_limit(rows, avx512, monkeypatch):
+    """An fp32 weight's kernel copy is in column tiles (bf16 where every value is one, fp32 otherwise; a weight
+    whose rows are no multiple of 32 keeps kernel_copy's), and linear runs fp32 inputs of up to
+    KERNEL_COL_MAX_ROWS through them (the grouped-GEMM kernel never reads that layout; past the limit the
+    prepacked matmul), in AVX2 code and in AVX-512 code where the CPU has it: F.linear's numbers, bf16 copy and
+    fp32 copy bit for bit the same."""
     torch.manual_seed(rows)
     w = (torch.randn(512, 1024) / 32).bfloat16().float()
     x = torch.randn(rows, 1024)
-    exact, inexact = layers.linear_kernel_weight(w), layers.linear_kernel_weight(w + 1e-4)
-    assert exact.shape == inexact.shape == (1, 512 // 32, 1024, 32)
-    assert exact.dtype == torch.bfloat16 and inexact.dtype == torch.float32
-    monkeypatch.setenv("PDSERVE_CPU_KERNEL_BF16", "0")
-    as_fp32 = layers.linear_kernel_weight(w)
-    assert as_fp32.dtype == torch.float32
-    odd = torch.randn(40, 1024)
-    assert layers.linear_kernel_weight(odd).shape == odd.shape and not isinstance(
-        layers.linear_kernel_weight(torch.nn.Parameter(odd, requires_grad=False)), torch.nn.Parameter)
-    kernel = cpu_gemm.kernel()
-    grouped, heads = [], []
-    spy = lambda *a: grouped.append(a) or kernel(*a)  # noqa: E731
-    monkeypatch.setattr(cpu_gemm, "head_gemm", lambda *a, _f=cpu_gemm.head_gemm: heads.append(a) or _f(*a))
-    with torch.inference_mode():
-        outs = [layers.linear(x, w, layers.pack_weight(w), spy, copy) for copy in (exact, as_fp32)]
+    with avx512_code(avx512):
+        exact, inexact = layers.linear_kernel_weight(w), layers.linear_kernel_weight(w + 1e-4)
+        assert exact.shape == inexact.shape == (1, 512 // 32, 1024, 32)
+        assert exact.dtype == torch.bfloat16 and inexact.dtype == torch.float32
+        monkeypatch.setenv("PDSERVE_CPU_KERNEL_BF16", "0")
+        as_fp32 = layers.linear_kernel_weight(w)
+        assert as_fp32.dtype == torch.float32
+        odd = torch.randn(40, 1024)
+        assert layers.linear_kernel_weight(odd).shape == odd.shape and not isinstance(
+            layers.linear_kernel_weight(torch.nn.Parameter(odd, requires_grad=False)), torch.nn.Parameter)
+        kernel = cpu_gemm.kernel()
+        grouped, heads = [], []
+        spy = lambda *a: grouped.append(a) or kernel(*a)  # noqa: E731
+        monkeypatch.setattr(cpu_gemm, "head_gemm", lambda *a, _f=cpu_gemm.head_gemm: heads.append(a) or _f(*a))
+        with torch.inference_mode():
+            outs = [layers.linear(x, w, layers.pack_weight(w), spy, copy) for copy in (exact, as_fp32)]
     torch.testing.assert_close(outs[0], F.linear(x, w), rtol=1e-4, atol=1e-4)
     assert torch.equal(outs[0], outs[1])
     assert not grouped and len(heads) == (2 if rows <= layers.KERNEL_COL_MAX_ROWS else 0)
@@ -283,7 +285,7 @@ def test_decode_attention_kernel_matches_torch(query_lens, longer, heads, lanes)
     With AVX-512 (``lanes``) 16 heads at a time sit in the vector lanes (heads a multiple of 16)."""
     from engine.model.attention import AttentionMetadata, MLAWeights, mla_attention
 
-    if lanes and not HAS_COL:
+    if lanes and not HAS_AVX512:
         pytest.skip("the heads-in-lanes decode attention needs a CPU with AVX-512")
     torch.manual_seed(len(query_lens) * 7 + sum(query_lens))
     nope, rope, v, rank, block = 16, 8, 24, 32, 4
@@ -305,13 +307,8 @@ def test_decode_attention_kernel_matches_torch(query_lens, longer, heads, lanes)
         torch.manual_seed(0)
         cache[torch.tensor([b for tb in tables for b in tb])] = torch.randn(sum(map(len, tables)), block, rank + rope)
         meta = AttentionMetadata.paged(query_lens, context_lens, tables, block, [cache], torch.device("cpu"))
-        was = cpu_gemm.set_col_tiles(lanes) if HAS_COL else False
-        try:
-            with torch.inference_mode():
-                outs.append(mla_attention(q_nope, q_pe, latent, k_pe, w, meta, 0))
-        finally:
-            if HAS_COL:
-                cpu_gemm.set_col_tiles(was)
+        with avx512_code(lanes), torch.inference_mode():
+            outs.append(mla_attention(q_nope, q_pe, latent, k_pe, w, meta, 0))
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-4)
 
 
@@ -340,42 +337,56 @@ def test_head_gemm_reads_and_writes_strided_views(rows, bf16):
         cpu_gemm.head_gemm(x, w, torch.empty(rows, heads, n + 1))
 
 
-@needs_col
-@pytest.mark.parametrize("rows", [1, 7, 8, 9, 33])
-def test_head_gemm_from_column_tiles(rows):
-    """Per-head weights in cpu_gemm.col_layout (an fp32 model's W_UK and W_UV on a CPU with AVX-512): fp32 rows
-    that are a slice of a wider tensor (every row tail of the 8-row passes), the result written into a slice,
-    nothing outside it changed; bf16 weights holding exact values give the fp32 weights' numbers bit for bit;
-    with the tiles off the layout is refused."""
-    cpu_gemm.load()
+@needs_kernel
+@pytest.mark.parametrize("avx512", WIDTHS)
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 7, 8, 9, 33])
+def test_head_gemm_from_column_tiles(rows, avx512):
+    """Per-head weights in cpu_gemm.col_layout (an fp32 model's W_UK and W_UV), in AVX2 code (3-row passes) and
+    AVX-512 code (8-row passes) where the CPU has it: fp32 rows that are a slice of a wider tensor (every split
+    of the rows over passes), the result written into a slice, nothing outside it changed; bf16 weights holding
+    exact values give the fp32 weights' numbers bit for bit; with the tiles off the layout is refused."""
     torch.manual_seed(rows)
     heads, k, n = 3, 40, 64
     x = torch.randn(rows, heads, k + 24)[..., :k]
     w = torch.randn(heads, n, k).bfloat16().float()  # exact bf16 values
-    assert cpu_gemm.col_fits(w) and cpu_gemm.col_fits(w.bfloat16()) and not cpu_gemm.col_fits(w[:, :40])
-    cols = cpu_gemm.col_layout(w)
-    assert cols.shape == (heads, n // 32, k, 32)
     want = torch.einsum("mhk,hnk->mhn", x, w)
     wide = torch.full((rows, heads, n + 8), 7.0)
-    cpu_gemm.head_gemm(x, cols, wide[..., :n])
+    with avx512_code(avx512):
+        assert cpu_gemm.col_fits(w) and cpu_gemm.col_fits(w.bfloat16()) and not cpu_gemm.col_fits(w[:, :40])
+        cols = cpu_gemm.col_layout(w)
+        assert cols.shape == (heads, n // 32, k, 32)
+        cpu_gemm.head_gemm(x, cols, wide[..., :n])
+        assert torch.equal(cpu_gemm.head_gemm(x, cpu_gemm.col_layout(w.bfloat16())), wide[..., :n])
+        was = cpu_gemm.set_col_tiles(False)
+        try:
+            assert not cpu_gemm.col_fits(w)
+            with pytest.raises(RuntimeError, match="column tiles are off"):
+                cpu_gemm.head_gemm(x, cols)
+        finally:
+            cpu_gemm.set_col_tiles(was)
     torch.testing.assert_close(wide[..., :n], want, rtol=1e-5, atol=1e-5)
     assert bool((wide[..., n:] == 7.0).all())
-    assert torch.equal(cpu_gemm.head_gemm(x, cpu_gemm.col_layout(w.bfloat16())), wide[..., :n])
-    was = cpu_gemm.set_col_tiles(False)
-    try:
-        assert not cpu_gemm.col_fits(w)
-        with pytest.raises(RuntimeError, match="AVX-512"):
-            cpu_gemm.head_gemm(x, cols)
-    finally:
-        cpu_gemm.set_col_tiles(was)
+
+
+@needs_avx512
+@pytest.mark.parametrize("rows", [1, 4, 9, 33])
+def test_column_tiles_are_the_same_in_avx2_and_avx512_code(rows):
+    """Per output the two widths add the same products in k order: bit for bit the same result."""
+    torch.manual_seed(rows)
+    x, w = torch.randn(rows, 2, 200), cpu_gemm.col_layout(torch.randn(2, 96, 200))
+    outs = []
+    for avx512 in (False, True):
+        with avx512_code(avx512):
+            outs.append(cpu_gemm.head_gemm(x, w))
+    assert torch.equal(outs[0], outs[1])
 
 
 @needs_kernel
 @pytest.mark.parametrize("rows", [3, 40])
-def test_fp32_model_takes_column_tiles_where_the_cpu_has_avx512(rows):
-    """An fp32 MLA layer lays W_UK and W_UV out in column tiles where the CPU has AVX-512 (else as
-    grouped_gemm's tiles read them); its absorbed decode products then run through the kernel past
-    KERNEL_MAX_ROWS (torch's bmm before) with the plain path's numbers."""
+def test_fp32_model_takes_column_tiles(rows):
+    """An fp32 MLA layer lays W_UK and W_UV out in column tiles (as grouped_gemm's tiles read them where the
+    tiles are off); its absorbed decode products then run through the kernel past KERNEL_MAX_ROWS (torch's bmm
+    before) with the plain path's numbers."""
     from engine.args import default_model
     from engine.model.attention import MLAWeights, _absorbed_one
     from engine.model.config import ModelConfig
@@ -387,7 +398,8 @@ def test_fp32_model_takes_column_tiles_where_the_cpu_has_avx512(rows):
     mla = MLA(cfg, 0, RotaryEmbedding(cfg, 64), torch.float32, layers.ParallelGroup.single())
     mla.kv_b_proj.weight.data.normal_(0, 0.1)
     assert mla.use_cpu_kernel(cpu_gemm.kernel())
-    assert mla.w_uk_t.dim() == mla.w_uv_kernel.dim() == (4 if HAS_COL else 3)
+    cols = cpu_gemm.col_tiles()
+    assert mla.w_uk_t.dim() == mla.w_uv_kernel.dim() == (4 if cols else 3)
     fast = mla.mla_weights(torch.float32)
     heads, nope, rope, rank = mla.heads, mla.nope, mla.rope_dim, mla.kv_lora_rank
     plain = MLAWeights.from_kv_b_proj(mla.kv_b_proj.weight, heads, nope, mla.v_dim, cfg.softmax_scale)
@@ -398,7 +410,7 @@ def test_fp32_model_takes_column_tiles_where_the_cpu_has_avx512(rows):
     with torch.inference_mode():
         torch.testing.assert_close(_absorbed_one(q_nope, q_pe, ctx, fast), _absorbed_one(q_nope, q_pe, ctx, plain),
                                    rtol=1e-4, atol=1e-4)
-    assert calls == ([4, 4] if HAS_COL else [3, 3] if rows <= layers.KERNEL_MAX_ROWS else [])
+    assert calls == ([4, 4] if cols else [3, 3] if rows <= layers.KERNEL_MAX_ROWS else [])
 
 
 @needs_kernel
@@ -619,7 +631,7 @@ def test_expert_slot_rewrites_keep_the_kernel_copies_true():
            "w2": (torch.randn(d, inter) / 8).to(torch.bfloat16).float()}
     experts.set_slot(1, new)
     cols = experts.w13_kernel.dim() == 4
-    assert cols is HAS_COL
+    assert cols is cpu_gemm.col_tiles()
     laid = (lambda w: cpu_gemm.col_layout(w[None])[0]) if cols else (lambda w: w)  # noqa: E731
     assert experts.w13_kernel.dtype == torch.bfloat16 and torch.equal(experts.w13_kernel[1].float(), laid(new["w13"]))
     assert torch.equal(experts.w2_kernel[1].float(), laid(new["w2"]))

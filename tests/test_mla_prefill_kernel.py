@@ -14,7 +14,7 @@ import torch
 
 from engine.kernels import cpu_gemm
 from engine.model.attention import MLAWeights, _naive
-from kernel_marks import HAS_COL, needs_col, needs_dot, needs_kernel
+from kernel_marks import WIDTHS, avx512_code, needs_avx512, needs_dot, needs_kernel
 
 SHAPES = [(1, 1, 2), (5, 5, 3), (17, 17, 2), (33, 33, 4), (7, 100, 2), (64, 64, 16), (100, 300, 8), (65, 130, 1)]
 
@@ -54,33 +54,24 @@ def _check(dtype, queries, keys, heads, atol):
 
 @needs_kernel
 @pytest.mark.parametrize("queries, keys, heads", SHAPES)
-@pytest.mark.parametrize("avx512", [False, pytest.param(True, marks=needs_col)])
+@pytest.mark.parametrize("avx512", WIDTHS)
 def test_fp32_prefill_attention_of_strided_views(queries, keys, heads, avx512):
-    """In 8 lanes (AVX2 + FMA, 16-query items) and, on a CPU with AVX-512 while the column tiles are on, in 16
-    (32-query items, lane masks on the diagonal)."""
-    cpu_gemm.load()
-    was = cpu_gemm.set_col_tiles(avx512) if HAS_COL else False
-    try:
+    """In 8 lanes (AVX2 + FMA, 16-query items) and, on a CPU with AVX-512, in 16 (32-query items, lane masks on
+    the diagonal)."""
+    with avx512_code(avx512):
         _check(torch.float32, queries, keys, heads, atol=1e-5)
-    finally:
-        if HAS_COL:
-            cpu_gemm.set_col_tiles(was)
 
 
-@needs_col
+@needs_avx512
 @pytest.mark.parametrize("queries, keys, heads", [(33, 33, 4), (45, 300, 3), (100, 130, 2)])
 def test_fp32_prefill_attention_is_the_same_in_8_and_16_lanes(queries, keys, heads):
     """Per lane the two widths do the same arithmetic in the same order: bit for bit the same result."""
-    cpu_gemm.load()
     torch.manual_seed(queries + keys)
     kv, q, k_pe = torch.randn(keys, heads, 96), torch.randn(queries, heads, 48), torch.randn(keys, 16)
     outs = []
     for avx512 in (False, True):
-        was = cpu_gemm.set_col_tiles(avx512)
-        try:
+        with avx512_code(avx512):
             outs.append(cpu_gemm.mla_prefill(q[..., :32], q[..., 32:], kv[..., :32], k_pe, kv[..., 32:], 0.3))
-        finally:
-            cpu_gemm.set_col_tiles(was)
     assert torch.equal(outs[0], outs[1])
 
 

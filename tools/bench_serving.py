@@ -3,7 +3,8 @@
     .venv/bin/python tools/bench_serving.py [--model DIR | --preset bench] [--servers pdserve,vllm,transformers]
         [--concurrency 1,8,32] [--num-prompts N[,N2,...]] [--hf-num-prompts N[,N2,...]]
         [--input-len 256] [--output-len 128] [--vocab-size V] [--dtype auto|float32|bfloat16]
-        [--vllm-venv DIR] [--rounds N] [--work-dir DIR] [--json OUT] [--write-docs docs/BENCHMARKS.md]
+        [--max-cpu-isa avx2] [--vllm-venv DIR] [--rounds N] [--work-dir DIR] [--json OUT]
+        [--write-docs docs/BENCHMARKS.md]
 
 Without --model, a random checkpoint of --preset is made with ``pdserve checkpoint make-random``
 in the work directory. The dtype is resolved once (``auto``: engine.dtype_choice's rule for this
@@ -20,6 +21,12 @@ work directory (kept, and printed at the end); a server that fails to start is r
 with the tail of its log. vLLM runs from its own venv (--vllm-venv, else $VLLM_VENV; built by
 tools/peers/setup_vllm.sh) with tcmalloc and the venv's libiomp5.so preloaded when present;
 without that venv its rows say "not run".
+
+With --max-cpu-isa avx2 every server runs with ``ATEN_CPU_CAPABILITY=avx2``, ``ONEDNN_MAX_CPU_ISA=AVX2`` and
+``PDSERVE_CPU_MAX_ISA=avx2`` (``MAX_ISA_ENV``): torch's and oneDNN's kernels stop at AVX2, pdserve takes the
+CPU for one without AVX-512 (its dtype rule and its kernel's paths) and tools/peers/vllm_launch.py has vLLM
+load its AVX2 kernel build; ``dtype auto`` resolves as on such a CPU (float32). The same core's caches and
+memory stay, so it stands in for an AVX2-only machine of that generation, not for an older one.
 
 With --rounds N the servers run N times over, in turn, the order reversed every other round (pdserve,
 vLLM, vLLM, pdserve, ...): on a machine whose speed drifts from minute to minute (a shared VM) two
@@ -135,6 +142,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0, help="pdserve bench --seed is this plus the level")
     ap.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
                     help="auto: bf16 where this CPU runs it fast, else fp32 (engine.dtype_choice)")
+    ap.add_argument("--max-cpu-isa", choices=["avx2"], default=None,
+                    help="run every server as on a CPU with nothing past AVX2 + FMA (torch's, oneDNN's and "
+                         "pdserve's caps; vLLM loads its AVX2 build): an AVX-512 machine standing in for an "
+                         "AVX2-only one")
     ap.add_argument("--vllm-venv", default=os.environ.get("VLLM_VENV"), metavar="DIR",
                     help="vLLM's venv (default: $VLLM_VENV)")
     ap.add_argument("--rounds", type=_positive_int, default=1, metavar="N",
@@ -363,6 +374,10 @@ def _tail(path: str, lines: int = 30) -> str:
 
 def _indent(text: str) -> str:
     return "\n".join("    | " + line for line in text.splitlines())
+
+
+# --max-cpu-isa avx2: the environment every server gets (module docstring).
+MAX_ISA_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "PDSERVE_CPU_MAX_ISA": "avx2"}
 
 
 # Prompt tokens a server found in its prefix cache (Prometheus counters; transformers' server has none).
@@ -617,12 +632,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench_serving: --vocab-size must be in [1, {model_vocab}] for this checkpoint", file=sys.stderr)
         return 2
 
+    if args.max_cpu_isa:
+        os.environ.update(MAX_ISA_ENV)  # this process resolves `auto` as the servers will
     choice = dtype_choice.resolve(args.dtype, "cpu")
     print(f"dtype {choice.dtype} ({choice.reason}); every server gets --dtype {choice.dtype}", flush=True)
     if args.vllm_venv:
         shown.name(args.vllm_venv, "VLLM_VENV")
 
-    meta = {"cpu": cpu_description(), "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+    cpu = cpu_description() + (f", every server capped at AVX2 ({' '.join(f'{k}={v}' for k, v in MAX_ISA_ENV.items())})"
+                               if args.max_cpu_isa else "")
+    meta = {"cpu": cpu, "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
             "commit": _git_commit(), "dtype": choice.dtype, "dtype_reason": choice.reason, "checkpoint": ckpt,
             "vocab_size": vocab, "input_len": args.input_len, "output_len": args.output_len, "seed": args.seed,
             "concurrency": args.concurrency, "work_dir": work, "num_prompts": {}, "rounds": rounds,
@@ -631,6 +650,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in range(1, rounds + 1):
         for name in (args.servers if r % 2 else args.servers[::-1]):
             srv = make_server(name, ckpt, choice.dtype, args, shown)
+            if args.max_cpu_isa and srv.cmd is not None:
+                srv.env = {**MAX_ISA_ENV, **srv.env}
             srv.round, srv.tag = r, (f"{name}-r{r}" if rounds > 1 else name)
             prompts = prompts_per_level(args.hf_num_prompts if name == "transformers" else args.num_prompts, name,
                                         args.concurrency)

@@ -67,6 +67,71 @@ inline __m256 exp8(__m256 x) {
   return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
 }
 
+// ---- vector widths: AVX2 + FMA (8 lanes) or AVX-512 (16) ---------------------------------------------
+//
+// Code written once for both widths takes one of these as its template parameter (the column tiles, the fp32
+// prefill attention). The AVX-512 instance is called from a function with the AVX-512 target and `flatten`,
+// so its helpers inline into AVX-512 code while the 8-lane one stays AVX2 code; the binary is built for
+// AVX2 + FMA and takes the AVX-512 paths only where the CPU has them (g_avx512).
+
+#define PDSERVE_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl")))
+
+PDSERVE_AVX512 inline __m512 exp16(__m512 x) {
+  return _mm512_insertf32x8(_mm512_castps256_ps512(exp8(_mm512_castps512_ps256(x))),
+                            exp8(_mm512_extractf32x8_ps(x, 1)), 1);
+}
+
+struct Lanes8 {  // AVX2 + FMA
+  using V = __m256;
+  static constexpr int kLanes = 8, kScoreKeys = 4, kValueQueries = 2, kColRows = 3;
+  static V load(const float* p) { return _mm256_loadu_ps(p); }
+  static V load(const at::BFloat16* p) { return load8(p); }
+  static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static V set1(float x) { return _mm256_set1_ps(x); }
+  static V zero() { return _mm256_setzero_ps(); }
+  static V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static V fmsub(V a, V b, V c) { return _mm256_fmsub_ps(a, b, c); }
+  static V max(V a, V b) { return _mm256_max_ps(a, b); }
+  static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+  static V sub(V a, V b) { return _mm256_sub_ps(a, b); }
+  static V add(V a, V b) { return _mm256_add_ps(a, b); }
+  static V exp(V x) { return exp8(x); }
+  // -inf in the lanes l where base + l < first (keys past those queries' positions)
+  static V mask_before(V row, int32_t base, int32_t first) {
+    const __m256i qi = _mm256_add_epi32(_mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0), _mm256_set1_epi32(base));
+    return _mm256_blendv_ps(row, set1(-INFINITY), _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(first), qi)));
+  }
+  static V zero_where_ninf(V p, V row) { return _mm256_blendv_ps(p, zero(), _mm256_cmp_ps(row, set1(-INFINITY), _CMP_EQ_OQ)); }
+};
+
+struct Lanes16 {  // AVX-512
+  using V = __m512;
+  static constexpr int kLanes = 16, kScoreKeys = 6, kValueQueries = 4, kColRows = 8;
+  PDSERVE_AVX512 static V load(const float* p) { return _mm512_loadu_ps(p); }
+  PDSERVE_AVX512 static V load(const at::BFloat16* p) {  // widened exactly, as load8
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+  }
+  PDSERVE_AVX512 static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+  PDSERVE_AVX512 static V set1(float x) { return _mm512_set1_ps(x); }
+  PDSERVE_AVX512 static V zero() { return _mm512_setzero_ps(); }
+  PDSERVE_AVX512 static V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  PDSERVE_AVX512 static V fmsub(V a, V b, V c) { return _mm512_fmsub_ps(a, b, c); }
+  PDSERVE_AVX512 static V max(V a, V b) { return _mm512_max_ps(a, b); }
+  PDSERVE_AVX512 static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+  PDSERVE_AVX512 static V sub(V a, V b) { return _mm512_sub_ps(a, b); }
+  PDSERVE_AVX512 static V add(V a, V b) { return _mm512_add_ps(a, b); }
+  PDSERVE_AVX512 static V exp(V x) { return exp16(x); }
+  PDSERVE_AVX512 static V mask_before(V row, int32_t base, int32_t first) {
+    const __m512i qi = _mm512_add_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                        _mm512_set1_epi32(base));
+    return _mm512_mask_blend_ps(_mm512_cmplt_epi32_mask(qi, _mm512_set1_epi32(first)), row, set1(-INFINITY));
+  }
+  PDSERVE_AVX512 static V zero_where_ninf(V p, V row) {
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(row, set1(-INFINITY), _CMP_EQ_OQ), p, zero());
+  }
+};
+
 // y[m * ldy + n] = dot(x row m, w[n]) for m < MB, n < NB; K % 8 == 0. `ahead` is where NB rows
 // K weights apart that a later tile reads start (prefetched), or null. kHoldX: each step's x in a register, loaded
 // once (else GCC folds the load into every FMA that reads it, NB loads a step: the same speed for the GEMMs, which
@@ -394,77 +459,112 @@ PDSERVE_BF16_DOT void pair_rows(const at::BFloat16* x, int64_t ldx, int64_t M, c
   }
 }
 
-// ---- head_gemm from weights in column-tile layout (AVX-512, fp32 rows) -------------------------------
+// ---- weights in column-tile layout (fp32 rows; AVX2 + FMA or AVX-512) ---------------------------------
 //
 // The absorbed MLA products of an fp32 model: K = Dn = 128 for q . W_UK, and every row meets every weight
 // row of its head. grouped_gemm's tiles (dot products along K, then a sum across the 8 lanes per output)
 // spend a third of their time on those sums at K = 128, and stop at KERNEL_MAX_ROWS rows (torch's bmm past
 // them). In column-tile layout (col_layout() in cpu_gemm.py: w [H, N, K] -> [H, N/32, K, 32]) an item's
-// weights are one contiguous stream of K vectors of 32 columns: each row's x[k] broadcast times the two
-// 16-lane halves adds into 32 outputs at once (outer products: nothing summed across lanes), up to
-// kColRows rows (16 accumulators) sharing each pair of weight vectors loaded; past them the next rows read
-// the item's tile again from L1 / L2. Rows are fp32; weights fp32 or bf16 holding exact values (widened in
-// registers: the same products and sums in k order, bit for bit).
-
-#define PDSERVE_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl")))
+// weights are one contiguous stream of K vectors of 32 columns: each row's x[k] broadcast times the tile's
+// vectors adds into 32 outputs at once (outer products: nothing summed across lanes), up to kColPass rows
+// sharing each weight vector loaded (AVX-512: 8 rows x 2 vectors, 16 accumulators; AVX2: 3 rows x 4 vectors,
+// 12 of its 16 registers, the weights read by the FMAs from L1; bf16 weights in AVX2: 2 rows beside the 4 vectors
+// widened once into registers, where 3 rows widened every vector for each row: the bench preset's decode step
+// capped at AVX2 took 1.04x the grouped-GEMM tiles' time that way, 0.90-0.95x with 2); past them the next rows
+// read the item's tile again from L1 / L2, the rows split evenly over the passes. The same layout serves both
+// widths, so it does not depend on the CPU. Rows are fp32; weights fp32 or bf16 holding exact values (widened
+// in registers: the same products and sums in k order, bit for bit, at either width).
 
 constexpr int64_t kColTile = 32;  // columns per tile
-constexpr int kColRows = 8;       // rows per pass: 2 x 8 accumulators
 
-bool g_col_tiles = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+bool g_avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+bool g_col_tiles = true;
+
+bool avx512_enabled() { return g_avx512; }
+
+bool set_avx512(bool on) {
+  TORCH_CHECK(!on || (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")),
+              "set_avx512: this CPU has no AVX-512");
+  const bool was = g_avx512;
+  g_avx512 = on;
+  return was;
+}
 
 bool col_tiles_enabled() { return g_col_tiles; }
 
 bool set_col_tiles(bool on) {
-  TORCH_CHECK(!on || (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")),
-              "set_col_tiles: this CPU has no AVX-512");
   const bool was = g_col_tiles;
   g_col_tiles = on;
   return was;
 }
 
-PDSERVE_AVX512 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-PDSERVE_AVX512 inline __m512 load16(const at::BFloat16* p) {
-  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
-}
-
 // y[m * ldy + c] = sum_k x[m * ldx + k] * w[k * 32 + c] for m < MB, c < 32, the sums in k order
-template <int MB, typename W>
-PDSERVE_AVX512 inline void col_tile(const float* x, int64_t ldx, const W* w, int64_t K, float* y, int64_t ldy) {
-  __m512 acc[MB][2];
-  for (int m = 0; m < MB; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; ++k) {
-    const __m512 w0 = load16(w + k * kColTile), w1 = load16(w + k * kColTile + 16);
-    for (int m = 0; m < MB; ++m) {
-      const __m512 xv = _mm512_set1_ps(x[m * ldx + k]);
-      acc[m][0] = _mm512_fmadd_ps(xv, w0, acc[m][0]);
-      acc[m][1] = _mm512_fmadd_ps(xv, w1, acc[m][1]);
+template <typename L, int MB, typename W>
+inline void col_tile(const float* x, int64_t ldx, const W* w, int64_t K, float* y, int64_t ldy) {
+  constexpr int NV = kColTile / L::kLanes;
+  typename L::V acc[MB][NV];
+  for (int m = 0; m < MB; ++m)
+    for (int v = 0; v < NV; ++v) acc[m][v] = L::zero();
+  for (int64_t k = 0; k < K; ++k, w += kColTile) {
+    if constexpr (std::is_same_v<W, float>) {
+      for (int m = 0; m < MB; ++m) {
+        const typename L::V xv = L::set1(x[m * ldx + k]);
+        for (int v = 0; v < NV; ++v) acc[m][v] = L::fmadd(xv, L::load(w + v * L::kLanes), acc[m][v]);
+      }
+    } else {  // bf16: each vector widened once into a register
+      typename L::V wv[NV];
+      for (int v = 0; v < NV; ++v) wv[v] = L::load(w + v * L::kLanes);
+      for (int m = 0; m < MB; ++m) {
+        const typename L::V xv = L::set1(x[m * ldx + k]);
+        for (int v = 0; v < NV; ++v) acc[m][v] = L::fmadd(xv, wv[v], acc[m][v]);
+      }
     }
   }
-  for (int m = 0; m < MB; ++m) {
-    _mm512_storeu_ps(y + m * ldy, acc[m][0]);
-    _mm512_storeu_ps(y + m * ldy + 16, acc[m][1]);
+  for (int m = 0; m < MB; ++m)
+    for (int v = 0; v < NV; ++v) L::store(y + m * ldy + v * L::kLanes, acc[m][v]);
+}
+
+// rows a pass: L::kColRows, but 2 for bf16 weights in 8 lanes (8 accumulators beside the 4 widened vectors)
+template <typename L, typename W>
+constexpr int kColPass = (L::kLanes == 8 && !std::is_same_v<W, float>) ? 2 : L::kColRows;
+
+// col_tile for `rows` <= MB rows
+template <typename L, typename W, int MB = kColPass<L, W>>
+inline void col_tile_of(int64_t rows, const float* x, int64_t ldx, const W* w, int64_t K, float* y, int64_t ldy) {
+  if constexpr (MB > 1) {
+    if (rows < MB) return col_tile_of<L, W, MB - 1>(rows, x, ldx, w, K, y, ldy);
   }
+  col_tile<L, MB, W>(x, ldx, w, K, y, ldy);
 }
 
 // rows x [M, K] (ldx apart) times one tile w [K, 32] -> y [M, 32] (ldy apart)
-template <typename W>
-PDSERVE_AVX512 void col_rows(const float* x, int64_t ldx, int64_t M, const W* w, int64_t K, float* y, int64_t ldy) {
-  for (int64_t m = 0; m < M; m += kColRows) {
-    const float* xm = x + m * ldx;
-    float* ym = y + m * ldy;
-    switch (std::min<int64_t>(kColRows, M - m)) {
-      case 1: col_tile<1, W>(xm, ldx, w, K, ym, ldy); break;
-      case 2: col_tile<2, W>(xm, ldx, w, K, ym, ldy); break;
-      case 3: col_tile<3, W>(xm, ldx, w, K, ym, ldy); break;
-      case 4: col_tile<4, W>(xm, ldx, w, K, ym, ldy); break;
-      case 5: col_tile<5, W>(xm, ldx, w, K, ym, ldy); break;
-      case 6: col_tile<6, W>(xm, ldx, w, K, ym, ldy); break;
-      case 7: col_tile<7, W>(xm, ldx, w, K, ym, ldy); break;
-      default: col_tile<8, W>(xm, ldx, w, K, ym, ldy); break;
-    }
+template <typename L, typename W>
+inline void col_rows_of(const float* x, int64_t ldx, int64_t M, const W* w, int64_t K, float* y, int64_t ldy) {
+  const int64_t passes = (M + kColPass<L, W> - 1) / kColPass<L, W>;
+  for (int64_t p = 0, m = 0; p < passes; ++p) {
+    const int64_t rows = (M - m + passes - p - 1) / (passes - p);
+    col_tile_of<L, W>(rows, x + m * ldx, ldx, w, K, y + m * ldy, ldy);
+    m += rows;
   }
+}
+
+template <typename W>
+void col_rows8(const float* x, int64_t ldx, int64_t M, const W* w, int64_t K, float* y, int64_t ldy) {
+  col_rows_of<Lanes8, W>(x, ldx, M, w, K, y, ldy);
+}
+
+template <typename W>  // flatten: the 16-lane helpers inlined into this AVX-512 function
+PDSERVE_AVX512 __attribute__((flatten)) void col_rows16(const float* x, int64_t ldx, int64_t M, const W* w, int64_t K,
+                                                        float* y, int64_t ldy) {
+  col_rows_of<Lanes16, W>(x, ldx, M, w, K, y, ldy);
+}
+
+template <typename W>
+void col_rows(const float* x, int64_t ldx, int64_t M, const W* w, int64_t K, float* y, int64_t ldy) {
+  if (g_avx512)
+    col_rows16(x, ldx, M, w, K, y, ldy);
+  else
+    col_rows8(x, ldx, M, w, K, y, ldy);
 }
 
 // grouped() for weights in column-tile layout, w [E, N/32, K, 32] (experts contiguous): items of (active expert,
@@ -485,7 +585,7 @@ void check_weights(const torch::Tensor& w, const char* what) {
   TORCH_CHECK(w.device().is_cpu() && (w.scalar_type() == torch::kFloat32 || w.scalar_type() == torch::kBFloat16),
               what, ": weights float32 or bfloat16 on the CPU");
   if (w.dim() == 4) {  // column-tile layout
-    TORCH_CHECK(g_col_tiles, what, ": weights in column-tile layout need AVX-512 (col_tiles_enabled())");
+    TORCH_CHECK(g_col_tiles, what, ": weights in column-tile layout while the column tiles are off (col_tiles_enabled())");
     TORCH_CHECK(w.is_contiguous() && w.size(3) == kColTile, what,
                 ": weights in column-tile layout are [E, N/32, K, 32], contiguous");
     return;
@@ -752,7 +852,7 @@ void head_gemm_pairs(const torch::Tensor& x, const torch::Tensor& w, torch::Tens
 // head_gemm for weights in column-tile layout, w [H, N/32, K, 32] fp32 or bf16: fp32 rows (bf16 rows widened
 // first); items are (head, tile) over torch's threads
 void head_gemm_cols(const torch::Tensor& x, const torch::Tensor& w, torch::Tensor& y) {
-  TORCH_CHECK(g_col_tiles, "head_gemm: weights in column-tile layout need AVX-512 (col_tiles_enabled())");
+  TORCH_CHECK(g_col_tiles, "head_gemm: weights in column-tile layout while the column tiles are off (col_tiles_enabled())");
   TORCH_CHECK(w.is_contiguous() && w.size(3) == kColTile,
               "head_gemm: weights in column-tile layout are [H, N/32, K, 32], contiguous");
   const int64_t M = x.size(0), H = x.size(1), K = x.size(2), tiles = w.size(1), N = tiles * kColTile;
@@ -1094,11 +1194,6 @@ PDSERVE_BF16_DOT void dot_attend(const float* qf, int64_t heads, int64_t D, cons
 // attend(). Items are (query, 16 heads); where a query has more heads, its items follow each other on a
 // thread, the next one reading the rows the last left in L2 (at most 1 MB / 2.3 KB ~ 450 of them).
 
-PDSERVE_AVX512 inline __m512 exp16(__m512 x) {
-  return _mm512_insertf32x8(_mm512_castps256_ps512(exp8(_mm512_castps512_ps256(x))),
-                            exp8(_mm512_extractf32x8_ps(x, 1)), 1);
-}
-
 constexpr int64_t kLaneHeads = 16;
 
 // s[t * 16 + h] = qT[., h] . keys[t] for t < KB: KB key rows' scores, 16 heads in the lanes. The rows' D
@@ -1209,7 +1304,7 @@ void decode_items(const float* qp, const W* cp, const int64_t* sq, const int64_t
   if constexpr (std::is_same_v<W, float>) {
     // an fp32 cache with AVX-512: 16 heads in the lanes (lane_attend), items of (query, 16 heads) where they
     // give every thread one
-    if (g_col_tiles && H % kLaneHeads == 0 && M * (H / kLaneHeads) >= at::get_num_threads()) {
+    if (g_avx512 && H % kLaneHeads == 0 && M * (H / kLaneHeads) >= at::get_num_threads()) {
       const int64_t slices = H / kLaneHeads;
       at::parallel_for(0, M * slices, 1, [&](int64_t i0, int64_t i1) {
         std::vector<const float*> rows, next;  // this item's rows and the next one's (prefetched during this one)
@@ -1440,7 +1535,7 @@ PDSERVE_BF16_DOT void prefill_item(const PrefillViews& a, int64_t h, int64_t q0,
 
 // ---- MLA prefill attention (fp32: AVX2 + FMA, or AVX-512) --------------------------------------------------
 //
-// The same pass for an fp32 model, in 8 lanes (AVX2 + FMA) or, on a CPU with AVX-512 while the column tiles are on,
+// The same pass for an fp32 model, in 8 lanes (AVX2 + FMA) or, on a CPU with AVX-512 (g_avx512),
 // 16: an item's 2 x lanes queries go in transposed ([D][queries]), so a key's scores against them are FMAs of its
 // dims broadcast, L::kScoreKeys keys a tile (each query vector loaded serving all of them); the same online
 // softmax over the queries' lanes; out += p @ v L::kValueQueries queries by 32 value columns at a time, each
@@ -1454,52 +1549,6 @@ PDSERVE_BF16_DOT void prefill_item(const PrefillViews& a, int64_t h, int64_t q0,
 // no faster there. 16 lanes (32 queries an item, 6 keys a tile, 4 queries a value tile): 0.69x the 8 lanes' time
 // at 256 tokens, 0.73x at 1024, 0.70x at 2048.
 constexpr int kQueryVectors = 2;  // query vectors per item
-
-struct Lanes8 {  // AVX2 + FMA
-  using V = __m256;
-  static constexpr int kLanes = 8, kScoreKeys = 4, kValueQueries = 2;
-  static V load(const float* p) { return _mm256_loadu_ps(p); }
-  static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
-  static V set1(float x) { return _mm256_set1_ps(x); }
-  static V zero() { return _mm256_setzero_ps(); }
-  static V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
-  static V fmsub(V a, V b, V c) { return _mm256_fmsub_ps(a, b, c); }
-  static V max(V a, V b) { return _mm256_max_ps(a, b); }
-  static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
-  static V sub(V a, V b) { return _mm256_sub_ps(a, b); }
-  static V add(V a, V b) { return _mm256_add_ps(a, b); }
-  static V exp(V x) { return exp8(x); }
-  // -inf in the lanes l where base + l < first (keys past those queries' positions)
-  static V mask_before(V row, int32_t base, int32_t first) {
-    const __m256i qi = _mm256_add_epi32(_mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0), _mm256_set1_epi32(base));
-    return _mm256_blendv_ps(row, set1(-INFINITY), _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(first), qi)));
-  }
-  static V zero_where_ninf(V p, V row) { return _mm256_blendv_ps(p, zero(), _mm256_cmp_ps(row, set1(-INFINITY), _CMP_EQ_OQ)); }
-};
-
-struct Lanes16 {  // AVX-512
-  using V = __m512;
-  static constexpr int kLanes = 16, kScoreKeys = 6, kValueQueries = 4;
-  PDSERVE_AVX512 static V load(const float* p) { return _mm512_loadu_ps(p); }
-  PDSERVE_AVX512 static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
-  PDSERVE_AVX512 static V set1(float x) { return _mm512_set1_ps(x); }
-  PDSERVE_AVX512 static V zero() { return _mm512_setzero_ps(); }
-  PDSERVE_AVX512 static V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
-  PDSERVE_AVX512 static V fmsub(V a, V b, V c) { return _mm512_fmsub_ps(a, b, c); }
-  PDSERVE_AVX512 static V max(V a, V b) { return _mm512_max_ps(a, b); }
-  PDSERVE_AVX512 static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
-  PDSERVE_AVX512 static V sub(V a, V b) { return _mm512_sub_ps(a, b); }
-  PDSERVE_AVX512 static V add(V a, V b) { return _mm512_add_ps(a, b); }
-  PDSERVE_AVX512 static V exp(V x) { return exp16(x); }
-  PDSERVE_AVX512 static V mask_before(V row, int32_t base, int32_t first) {
-    const __m512i qi = _mm512_add_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                        _mm512_set1_epi32(base));
-    return _mm512_mask_blend_ps(_mm512_cmplt_epi32_mask(qi, _mm512_set1_epi32(first)), row, set1(-INFINITY));
-  }
-  PDSERVE_AVX512 static V zero_where_ninf(V p, V row) {
-    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(row, set1(-INFINITY), _CMP_EQ_OQ), p, zero());
-  }
-};
 
 // acc[m] += the n dims of key rows[m] broadcast times the item's queries q [n][queries], for m < MB
 template <typename L, int MB>
@@ -1699,7 +1748,7 @@ torch::Tensor mla_prefill(const torch::Tensor& q_nope, const torch::Tensor& q_pe
     TORCH_CHECK(v.size(2) % 32 == 0, "mla_prefill: values a multiple of 32 wide");
     const auto a = prefill_views<float>(q_nope, q_pe, k_nope, k_pe, v);
     float* op = o.data_ptr<float>();
-    if (g_col_tiles)  // AVX-512
+    if (g_avx512)
       prefill_items<PrefillViewsOf<float>, PrefillScratchF<Lanes16>>(a, PrefillScratchF<Lanes16>::kQueries,
           [&](int64_t h, int64_t q0, int64_t qb, PrefillScratchF<Lanes16>& w) { prefill_item16(a, h, q0, qb, fscale, w, op); });
     else
@@ -1938,8 +1987,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bf16_dot_enabled", &bf16_dot_enabled, "whether bf16 rows run through the AVX512-BF16 products");
   m.def("set_bf16_dot", &set_bf16_dot, "turn the AVX512-BF16 products on or off (on only where the CPU has them); "
         "returns the previous setting");
-  m.def("col_tiles_enabled", &col_tiles_enabled, "whether head_gemm takes weights in column-tile layout (AVX-512)");
-  m.def("set_col_tiles", &set_col_tiles, "turn the column-tile layout on or off (on only where the CPU has AVX-512); "
-        "returns the previous setting");
+  m.def("col_tiles_enabled", &col_tiles_enabled, "whether the kernel takes weights in column-tile layout");
+  m.def("set_col_tiles", &set_col_tiles, "turn the column-tile layout on or off; returns the previous setting");
+  m.def("avx512_enabled", &avx512_enabled, "whether the fp32 paths written for both widths run their AVX-512 code");
+  m.def("set_avx512", &set_avx512, "turn the AVX-512 code of the fp32 paths on or off (on only where the CPU has "
+        "AVX-512); returns the previous setting");
   m.def("parallel_threads", &parallel_threads, "threads grouped_gemm's parallel_for spreads `items` over");
 }

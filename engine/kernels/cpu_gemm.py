@@ -28,6 +28,13 @@ it off). Side by side on a 2-core AMD EPYC with AVX512-BF16 (no AMX), bench pres
 tokens 0.5x the widened path's time, decode attention over 300 keys 0.5x. Its results equal the fp32
 arithmetic on the same values to bf16's precision, not bit for bit.
 
+An fp32 model's weights are also kept in column tiles (``col_layout``: 32 output columns a tile, each a
+contiguous stream of K vectors, multiplied as outer products) for the projections, heads, router, routed experts
+and W_UK / W_UV at decode sizes (``col_tiles()``; ``PDSERVE_CPU_KERNEL_COL_TILES=0`` turns them off); the code runs
+in 16 lanes on a CPU with AVX-512 and in 8 elsewhere (``avx512()``), as do the fp32 prefill attention and the
+decode attention's heads-in-lanes path (AVX-512 only). ``PDSERVE_CPU_MAX_ISA=avx2`` (``engine/dtype_choice.py``)
+keeps the kernel to its AVX2 + FMA code, as on a CPU without AVX-512.
+
 Built on first use by ``torch.utils.cpp_extension`` (a C++ compiler and ninja; ~40 s on 2 cores,
 once: the build is cached under ``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``,
 and concurrent processes wait on its lock). ``load()`` returns the module or None; when the CPU
@@ -99,13 +106,18 @@ def load() -> ModuleType | None:
         if module is None:
             log.warning("CPU kernel off, decode-sized matmuls use torch's bmm/sgemm/oneDNN: %s", reason)
         else:
-            if os.environ.get("PDSERVE_CPU_KERNEL_BF16_DOT", "1") == "0":
+            # The C++ side asks the CPU itself; cpu_flags() also knows PDSERVE_CPU_MAX_ISA.
+            flags = cpu_flags() or set()
+            if os.environ.get("PDSERVE_CPU_KERNEL_BF16_DOT", "1") == "0" or "avx512_bf16" not in flags:
                 module.set_bf16_dot(False)
+            if not {"avx512f", "avx512bw"} <= flags:
+                module.set_avx512(False)
             if os.environ.get("PDSERVE_CPU_KERNEL_COL_TILES", "1") == "0":
                 module.set_col_tiles(False)
-            log.info("CPU kernel loaded for decode-sized matmuls (engine/kernels/cpu_gemm.cpp, AVX2 + FMA%s%s)",
+            log.info("CPU kernel loaded for decode-sized matmuls (engine/kernels/cpu_gemm.cpp, AVX2 + FMA%s%s%s)",
+                     ", AVX-512" if module.avx512_enabled() else "",
                      "; a bf16 model's products by AVX512-BF16" if module.bf16_dot_enabled() else "",
-                     "; an fp32 model's weights in column tiles by AVX-512" if module.col_tiles_enabled() else "")
+                     "; an fp32 model's weights in column tiles" if module.col_tiles_enabled() else "")
         _state.update(module=module, reason=reason)
         return module
 
@@ -188,18 +200,31 @@ COL_TILE = 32  # weight rows (output columns) per tile of col_layout
 
 
 def col_tiles() -> bool:
-    """Whether the loaded kernel's ``head_gemm`` takes weights in ``col_layout`` (a CPU with AVX-512, unless
-    ``PDSERVE_CPU_KERNEL_COL_TILES=0`` or ``set_col_tiles(False)``)."""
+    """Whether the loaded kernel takes weights in ``col_layout`` (unless ``PDSERVE_CPU_KERNEL_COL_TILES=0`` or
+    ``set_col_tiles(False)``): AVX-512 code where ``avx512()``, else AVX2 + FMA."""
     module = _state.get("module")
     return module is not None and module.col_tiles_enabled()  # type: ignore[attr-defined]
 
 
 def set_col_tiles(on: bool) -> bool:
-    """Turn ``head_gemm``'s column-tile layout on (only where the CPU has AVX-512) or off, for side-by-side runs
-    and tests; returns the previous setting. Weights already laid out keep their layout, which the kernel refuses
-    while the tiles are off: lay them out again (the model's ``use_cpu_kernels()``). ``load()`` must have
-    succeeded."""
+    """Turn the column-tile layout on or off, for side-by-side runs and tests; returns the previous setting.
+    Weights already laid out keep their layout, which the kernel refuses while the tiles are off: lay them out
+    again (the model's ``use_cpu_kernels()``). ``load()`` must have succeeded."""
     return _module().set_col_tiles(on)  # type: ignore[attr-defined]
+
+
+def avx512() -> bool:
+    """Whether the loaded kernel's fp32 paths written for both vector widths (column tiles, prefill attention)
+    and its decode attention with the heads in the lanes run AVX-512 code: a CPU with AVX-512F and BW, unless
+    ``PDSERVE_CPU_MAX_ISA=avx2`` or ``set_avx512(False)``."""
+    module = _state.get("module")
+    return module is not None and module.avx512_enabled()  # type: ignore[attr-defined]
+
+
+def set_avx512(on: bool) -> bool:
+    """Turn that AVX-512 code on (only where the CPU has it) or off, for side-by-side runs and tests; returns the
+    previous setting. Results are the same bit for bit either way. ``load()`` must have succeeded."""
+    return _module().set_avx512(on)  # type: ignore[attr-defined]
 
 
 def col_fits(w: torch.Tensor) -> bool:
@@ -212,12 +237,13 @@ def col_fits(w: torch.Tensor) -> bool:
 # head_gemm on column tiles up to this many rows, torch's bmm past it. Bench preset's W_UK / W_UV (16 heads),
 # fp32, weights from memory, 2-core AMD EPYC with AVX-512 and AVX512-BF16, no AMX, side by side in one process:
 # 8 rows 0.72x / 0.52x the time of grouped_gemm's tiles (the path to 16 rows before), 32 rows 0.72x / 0.62x
-# bmm's, 512 rows 0.91x / 0.81x, 2048 rows 1.13x / 0.86x
+# bmm's, 512 rows 0.91x / 0.81x, 2048 rows 1.13x / 0.86x. The same machine capped at AVX2 (both products of 4
+# layers together, against bmm): 8 rows 0.50x, 32 rows 0.74x, 128 rows 0.91x, 512 rows 0.94x, 2048 rows 1.08x
 COL_MAX_ROWS = 512
 
 
 def col_layout(w: torch.Tensor) -> torch.Tensor:
-    """Per-head weights ``w [H, N, K]`` as ``head_gemm``'s AVX-512 column tiles read them (fp32 rows):
+    """Per-head weights ``w [H, N, K]`` as the kernel's column tiles read them (fp32 rows):
     ``[H, N/32, K, 32]``, each tile of 32 weight rows one contiguous stream of K vectors of its 32 columns
     (``cpu_gemm.cpp`` says why). A copy; ``col_fits(w)`` must hold."""
     heads, n, k = w.shape
@@ -254,7 +280,7 @@ def mla_prefill(q_nope: torch.Tensor, q_pe: torch.Tensor, k_nope: torch.Tensor, 
     """MLA's expanded (naive) attention of a prefill chunk, causal: ``q_nope [Q, H, Dn]``, ``q_pe [Q, H, Dr]``,
     ``k_nope [L, H, Dn]``, ``k_pe [L, Dr]`` (shared by the heads), ``v [L, H, Dv]``, views with any row and head
     strides (the last dim dense); query i sits at position L - Q + i and attends keys 0 .. L - Q + i.
-    -> ``[Q, H, Dv]`` in their dtype: fp32 by AVX2 + FMA (AVX-512 while ``col_tiles()``), or bf16 by the
+    -> ``[Q, H, Dv]`` in their dtype: fp32 by AVX2 + FMA (AVX-512 where ``avx512()``), or bf16 by the
     AVX512-BF16 products (only while ``bf16_dot()``; Dn, Dr even). Dv a multiple of 32 (``prefill_fits``)."""
     return _module().mla_prefill(q_nope, q_pe, k_nope, k_pe, v, scale)  # type: ignore[attr-defined]
 

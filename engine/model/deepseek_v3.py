@@ -124,7 +124,7 @@ class MLA(nn.Module):
         uk_t = MLAWeights.kernel_layout(w.weight, self.heads, self.nope, self.v_dim)  # [H, R, Dn]
         uv = w.weight.view(self.heads, self.nope + self.v_dim, -1)[:, self.nope:]  # [H, Dv, R]
         if w.weight.dtype == torch.float32 and cpu_gemm.col_fits(uk_t) and cpu_gemm.col_fits(uv):
-            # an fp32 model on a CPU with AVX-512: both in column tiles (cpu_gemm.cpp), bf16 where exact
+            # an fp32 model while the kernel's column tiles are on: both in them (cpu_gemm.cpp), bf16 where exact
             self.w_uk_t, self.w_uv_kernel = kernel_copy(cpu_gemm.col_layout(uk_t)), kernel_copy(cpu_gemm.col_layout(uv))
         else:
             self.w_uk_t, self.w_uv_kernel = kernel_copy(uk_t), kernel_copy(uv)
@@ -421,7 +421,7 @@ class DeepseekV3ForCausalLM(nn.Module):
         tiles = sum(t.numel() * t.element_size() for t in self.kernel_weights()
                     if t.dtype == torch.float32 and t.dim() == 4)
         if tiles:
-            log.info("the CPU kernel holds %.1f MiB of fp32 weights in column tiles (AVX-512) beside them", tiles / 2**20)
+            log.info("the CPU kernel holds %.1f MiB of fp32 weights in column tiles beside them", tiles / 2**20)
         return kernel is not None
 
     def kernel_weights(self):

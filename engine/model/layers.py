@@ -155,11 +155,14 @@ KERNEL_OVER_PACKED_MAX_ROWS = 2 if "avx512f" in (cpu_flags() or ()) else KERNEL_
 # Batch-1 decode and its speculative verification (k + 1 rows) are this size.
 DOT_MAX_ROWS = 4
 
-# On a CPU with AVX-512 an fp32 weight's kernel copy is in column tiles (``linear_kernel_weight``), which take fp32
-# rows up to this many: outer products with 8 rows per weight vector, no sums across lanes. 2-core AMD EPYC with
-# AVX-512 and AVX512-BF16, no AMX, fp32 weights from DRAM, side by side in one process, column tiles / prepacked
-# oneDNN: the bench preset's head (67 MB) 0.71x the time at 1 row, 0.65x at 8, 0.84x at 16, 0.93x at 32, 0.99x at
-# 48; its o_proj 0.71x at 8, 0.92x at 32, 1.01x at 40; the grouped_gemm tiles 0.93x at 1 row, 0.52x at 8
+# An fp32 weight's kernel copy is in column tiles (``linear_kernel_weight``), which take fp32 rows up to this
+# many: outer products with 8 rows per weight vector (AVX-512) or 3 (AVX2), no sums across lanes. 2-core AMD EPYC
+# with AVX-512 and AVX512-BF16, no AMX, fp32 weights from DRAM, side by side in one process, column tiles /
+# prepacked oneDNN: the bench preset's head (67 MB) 0.71x the time at 1 row, 0.65x at 8, 0.84x at 16, 0.93x at 32,
+# 0.99x at 48; its o_proj 0.71x at 8, 0.92x at 32, 1.01x at 40; the grouped_gemm tiles 0.93x at 1 row, 0.52x at 8.
+# The same machine capped at AVX2 (PDSERVE_CPU_MAX_ISA=avx2, ONEDNN_MAX_CPU_ISA=AVX2, ATEN_CPU_CAPABILITY=avx2), the
+# head, o_proj and dense MLP (268 MB), column tiles / the faster of oneDNN and the grouped_gemm tiles: 0.86x at 1
+# row, 0.64x at 4 and 8, 0.88x at 16, 0.72x at 32
 KERNEL_COL_MAX_ROWS = 32
 
 Kernel = Callable[[torch.Tensor, torch.Tensor, list[int]], torch.Tensor]  # engine.kernels.cpu_gemm.grouped_gemm
@@ -244,9 +247,9 @@ def kernel_copy(weight: torch.Tensor) -> torch.Tensor:
 
 
 def linear_kernel_weight(weight: torch.Tensor) -> torch.Tensor:
-    """What the CPU kernel reads for a projection's, head's or router's ``weight [out, in]``: on a CPU with
-    AVX-512 an fp32 weight in column tiles (``cpu_gemm.col_layout``, ``[1, out/32, in, 32]``, bf16 where every
-    value is one), else ``kernel_copy(weight)`` (the weight itself detached: a tensor, not a second registration
+    """What the CPU kernel reads for a projection's, head's or router's ``weight [out, in]``: an fp32 weight in
+    column tiles (``cpu_gemm.col_layout``, ``[1, out/32, in, 32]``, bf16 where every value is one) while the
+    kernel's column tiles are on, else ``kernel_copy(weight)`` (the weight itself detached: a tensor, not a second registration
     of the parameter under the module's ``kernel_weight``)."""
     if weight.dtype == torch.float32 and weight.dim() == 2 and cpu_gemm.col_fits(weight[None]):
         return kernel_copy(cpu_gemm.col_layout(weight[None]))

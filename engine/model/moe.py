@@ -232,9 +232,10 @@ class Experts(nn.Module):
 
     def _kernel_copies(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``kernel_copy`` of w13 and w2 (bf16 both, or the weights themselves, detached: tensors, not second
-        registrations of the parameters); on a CPU with AVX-512 fp32 experts in column tiles
+        registrations of the parameters); fp32 experts in column tiles while the kernel's tiles are on
         (``cpu_gemm.col_layout``: 0.54x the time of the grouped GEMM's tiles at 4 rows, 0.93x at 1, weights from
-        DRAM, the 2-core AMD EPYC of ``layers.KERNEL_COL_MAX_ROWS``), bf16 both or fp32 both."""
+        DRAM, the 2-core AMD EPYC of ``layers.KERNEL_COL_MAX_ROWS``; capped at AVX2 there, 32 experts' w13:
+        0.84x at 2 rows each, 0.47x at 4, 0.59x at 8), bf16 both or fp32 both."""
         w13, w2 = self.w13.detach(), self.w2.detach()
         if w13.dtype == torch.float32 and cpu_gemm.col_fits(w13) and cpu_gemm.col_fits(w2):
             w13, w2 = cpu_gemm.col_layout(w13), cpu_gemm.col_layout(w2)

@@ -12,6 +12,12 @@ tools/peers/setup_vllm.sh; vLLM is a benchmark peer only, never a pdserve depend
 Recommended environment on a small CPU machine (see docs/BENCHMARKS.md):
 ``VLLM_CPU_KVCACHE_SPACE=<GiB>``, ``VLLM_CPU_NUM_OF_RESERVED_CPU=0``, and
 ``LD_PRELOAD`` of tcmalloc + the venv's ``libiomp5.so``.
+
+With ``PDSERVE_CPU_MAX_ISA=avx2`` (pdserve's cap, engine/dtype_choice.py) vLLM is told the CPU has no AVX-512,
+AVX512-BF16 or AMX: torch's ``torch.cpu._is_*_supported`` probes, which vLLM asks when it picks its kernel build
+(``_C_AVX2`` then), its attention code and its dtypes, answer False. With ``ATEN_CPU_CAPABILITY=avx2`` and
+``ONEDNN_MAX_CPU_ISA=AVX2`` it then runs as on an AVX2-only CPU (``tools/bench_serving.py --max-cpu-isa avx2``).
+The patch is made at import, so processes vLLM spawns from this file get it too.
 """
 
 import importlib.metadata as md
@@ -40,6 +46,21 @@ def _patched_metadata(name: str):
 
 
 md.version, md.distribution, md.metadata = _patched_version, _patched_distribution, _patched_metadata
+
+_ABOVE_AVX2 = ("_is_avx512_supported", "_is_vnni_supported", "_is_avx512_bf16_supported",
+               "_is_amx_tile_supported", "_is_amx_fp16_supported")
+
+
+def cap_isa_at_avx2() -> None:
+    import torch
+
+    for name in _ABOVE_AVX2:
+        if hasattr(torch.cpu, name):
+            setattr(torch.cpu, name, lambda: False)
+
+
+if os.environ.get("PDSERVE_CPU_MAX_ISA", "").strip().lower() == "avx2":
+    cap_isa_at_avx2()
 
 
 def main() -> None:
