@@ -61,7 +61,7 @@ def test_tiny_run_serves_two_and_reports_vllm_not_run(tool, tmp_path):
         srv = servers[name]
         assert srv["status"] == "ok", srv["reason"]
         assert f"--dtype {doc['dtype']}" in " ".join(srv["cmd"])  # the one resolved dtype for every server
-        assert srv["env"] | tool.MAX_ISA_ENV == srv["env"]  # torch, oneDNN and pdserve capped at AVX2
+        assert srv["env"] | tool.AVX2_CAP_ENV == srv["env"]  # torch, oneDNN and pdserve capped at AVX2
         assert [r["concurrency"] for r in srv["runs"]] == [1, 2]
         seeds = [r["command"].split(" --seed ")[1].split()[0] for r in srv["runs"]]
         if name == "pdserve":  # its /metrics counts the prompt tokens found cached: none, every prompt is new

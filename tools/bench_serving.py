@@ -23,7 +23,7 @@ tools/peers/setup_vllm.sh) with tcmalloc and the venv's libiomp5.so preloaded wh
 without that venv its rows say "not run".
 
 With --max-cpu-isa avx2 every server runs with ``ATEN_CPU_CAPABILITY=avx2``, ``ONEDNN_MAX_CPU_ISA=AVX2`` and
-``PDSERVE_CPU_MAX_ISA=avx2`` (``MAX_ISA_ENV``): torch's and oneDNN's kernels stop at AVX2, pdserve takes the
+``PDSERVE_CPU_MAX_ISA=avx2`` (``AVX2_CAP_ENV``): torch's and oneDNN's kernels stop at AVX2, pdserve takes the
 CPU for one without AVX-512 (its dtype rule and its kernel's paths) and tools/peers/vllm_launch.py has vLLM
 load its AVX2 kernel build; ``dtype auto`` resolves as on such a CPU (float32). The same core's caches and
 memory stay, so it stands in for an AVX2-only machine of that generation, not for an older one.
@@ -377,7 +377,7 @@ def _indent(text: str) -> str:
 
 
 # --max-cpu-isa avx2: the environment every server gets (module docstring).
-MAX_ISA_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "PDSERVE_CPU_MAX_ISA": "avx2"}
+AVX2_CAP_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "PDSERVE_CPU_MAX_ISA": "avx2"}
 
 
 # Prompt tokens a server found in its prefix cache (Prometheus counters; transformers' server has none).
@@ -633,13 +633,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     if args.max_cpu_isa:
-        os.environ.update(MAX_ISA_ENV)  # this process resolves `auto` as the servers will
+        os.environ.update(AVX2_CAP_ENV)  # this process resolves `auto` as the servers will
     choice = dtype_choice.resolve(args.dtype, "cpu")
     print(f"dtype {choice.dtype} ({choice.reason}); every server gets --dtype {choice.dtype}", flush=True)
     if args.vllm_venv:
         shown.name(args.vllm_venv, "VLLM_VENV")
 
-    cpu = cpu_description() + (f", every server capped at AVX2 ({' '.join(f'{k}={v}' for k, v in MAX_ISA_ENV.items())})"
+    cpu = cpu_description() + (f", every server capped at AVX2 ({' '.join(f'{k}={v}' for k, v in AVX2_CAP_ENV.items())})"
                                if args.max_cpu_isa else "")
     meta = {"cpu": cpu, "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
             "commit": _git_commit(), "dtype": choice.dtype, "dtype_reason": choice.reason, "checkpoint": ckpt,
@@ -651,7 +651,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in (args.servers if r % 2 else args.servers[::-1]):
             srv = make_server(name, ckpt, choice.dtype, args, shown)
             if args.max_cpu_isa and srv.cmd is not None:
-                srv.env = {**MAX_ISA_ENV, **srv.env}
+                srv.env = {**AVX2_CAP_ENV, **srv.env}
             srv.round, srv.tag = r, (f"{name}-r{r}" if rounds > 1 else name)
             prompts = prompts_per_level(args.hf_num_prompts if name == "transformers" else args.num_prompts, name,
                                         args.concurrency)
