@@ -130,7 +130,7 @@ def test_the_cap_tells_vllm_the_cpu_has_no_avx512():
     import torch
 
     code = ("import sys, torch; sys.path.insert(0, 'tools/peers'); import vllm_launch; "
-            "print(','.join(f'{n}={int(getattr(torch.cpu, n)())}' for n in vllm_launch._ABOVE_AVX2))")
+            "print(','.join(f'{n}={int(getattr(torch.cpu, n)())}' for n in vllm_launch._PROBES_ABOVE_AVX2))")
     capped = dict(p.split("=") for p in _python(code, PDSERVE_CPU_MAX_ISA="avx2").split(","))
     assert len(capped) == 5 and set(capped.values()) == {"0"}
     assert _python(code) == ",".join(f"{n}={int(getattr(torch.cpu, n)())}" for n in capped)

@@ -47,14 +47,14 @@ def _patched_metadata(name: str):
 
 md.version, md.distribution, md.metadata = _patched_version, _patched_distribution, _patched_metadata
 
-_ABOVE_AVX2 = ("_is_avx512_supported", "_is_vnni_supported", "_is_avx512_bf16_supported",
+_PROBES_ABOVE_AVX2 = ("_is_avx512_supported", "_is_vnni_supported", "_is_avx512_bf16_supported",
                "_is_amx_tile_supported", "_is_amx_fp16_supported")
 
 
 def cap_isa_at_avx2() -> None:
     import torch
 
-    for name in _ABOVE_AVX2:
+    for name in _PROBES_ABOVE_AVX2:
         if hasattr(torch.cpu, name):
             setattr(torch.cpu, name, lambda: False)
 
