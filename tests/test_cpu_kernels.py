@@ -62,6 +62,9 @@ def test_packed_linear_leaves_many_rows_to_autograd():
 
 def test_pack_weight_declines_what_does_not_pay():
     assert layers.pack_weight(torch.zeros(64, 64)) is None  # under PACKED_MIN_NUMEL: the call overhead dominates
+    if HAS_PACKED:  # fp32 from PACKED_MIN_NUMEL (a q_a_proj's 384 x 1024 is prepacked), bf16 only from twice that
+        assert layers.pack_weight(torch.zeros(384, 1024)) is not None
+        assert layers.pack_weight(torch.zeros(384, 1024, dtype=torch.bfloat16)) is None
     assert layers.pack_weight(torch.zeros(4, 1024, 1024)) is None
     assert layers.pack_weight(torch.zeros(1024, 1024, dtype=torch.float16)) is None
     if auto_dtype("cpu").dtype != "bfloat16":  # no bf16 matrix instructions: bf16 stays with F.linear

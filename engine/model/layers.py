@@ -101,9 +101,14 @@ class ParallelGroup:
 # 2-4x faster than F.linear's MKL sgemm for a few rows (fp32, measured side by side on an AMD EPYC with AVX2,
 # no AVX-512/AMX; bench preset, 8 rows: head 19.7 -> 4.8 ms). Up to PACKED_MAX_ROWS rows every row count goes
 # as it is (in bf16 F.linear is oneDNN too: more rows go there); each call costs ~40 us of its own, more than a
-# small matmul takes: weights under PACKED_MIN_NUMEL stay unpacked.
+# small matmul takes: weights under PACKED_MIN_NUMEL stay unpacked (bf16: PACKED_MIN_NUMEL_BF16, where the kernel
+# keeps the few rows of the smaller ones, _by_kernel). fp32, 2-core AMD EPYC with AVX-512 and AVX512-BF16, no AMX,
+# prepacked / F.linear: the bench preset's q_a_proj (384 x 1024) 0.78x the time at 1 row, 0.36x at 4, 0.53x at 32,
+# 0.82x at 2048; its shared experts' 256 x 1024 1.20x at 1 row, 0.36x at 4, 0.84x at 2048, their 1024 x 256 0.61x
+# at 2048; 256 x 256 2.7x at 1 row, 0.86x at 32; 64 x 64 2.5-5.9x.
 PACKED_MAX_ROWS = 256
-PACKED_MIN_NUMEL = 2**19
+PACKED_MIN_NUMEL = 2**18
+PACKED_MIN_NUMEL_BF16 = 2**19
 # Above PACKED_MAX_ROWS an fp32 input takes the prepacked copy too, its rows padded with zeros up to a multiple of
 # PACKED_ROW_BUCKET (up to PACKED_BUCKET_MAX_ROWS rows, the default per-step token budget; F.linear above): oneDNN
 # runs these at ~195 GFLOP/s against MKL's ~146 (bench preset o_proj at 2048 rows) and a prefill step of 8 x 256
@@ -117,13 +122,16 @@ PACKED_ROW_BUCKET = 256
 PACKED_BUCKET_MAX_ROWS = 2048
 
 
-def pack_weight(weight: torch.Tensor, min_numel: int = PACKED_MIN_NUMEL) -> torch.Tensor | None:
+def pack_weight(weight: torch.Tensor, min_numel: int | None = None) -> torch.Tensor | None:
     """oneDNN's prepacked copy of a 2-D fp32 or bf16 CPU weight ``[out, in]``, or None where it does not pay
-    (weights under ``min_numel``, bf16 without bf16 matrix instructions) or this torch build or machine has no
-    such kernel (non-CPU devices, other dtypes). In bf16 on a CPU with AMX (bench preset, 8 rows, weights from
-    DRAM) it reads the weights ~1.3-1.6x faster than ``F.linear``, which lays them out for AMX on every call."""
+    (weights under ``min_numel``, by default PACKED_MIN_NUMEL in fp32 and PACKED_MIN_NUMEL_BF16 in bf16; bf16
+    without bf16 matrix instructions) or this torch build or machine has no such kernel (non-CPU devices, other
+    dtypes). In bf16 on a CPU with AMX (bench preset, 8 rows, weights from DRAM) it reads the weights ~1.3-1.6x
+    faster than ``F.linear``, which lays them out for AMX on every call."""
     if weight.dtype == torch.bfloat16 and auto_dtype("cpu").dtype != "bfloat16":
         return None
+    if min_numel is None:
+        min_numel = PACKED_MIN_NUMEL_BF16 if weight.dtype == torch.bfloat16 else PACKED_MIN_NUMEL
     if weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16) or weight.dim() != 2 \
             or weight.numel() < min_numel:
         return None
