@@ -101,14 +101,17 @@ class ParallelGroup:
 # 2-4x faster than F.linear's MKL sgemm for a few rows (fp32, measured side by side on an AMD EPYC with AVX2,
 # no AVX-512/AMX; bench preset, 8 rows: head 19.7 -> 4.8 ms). Up to PACKED_MAX_ROWS rows every row count goes
 # as it is (in bf16 F.linear is oneDNN too: more rows go there); each call costs ~40 us of its own, more than a
-# small matmul takes: weights under PACKED_MIN_NUMEL stay unpacked (bf16: PACKED_MIN_NUMEL_BF16, where the kernel
-# keeps the few rows of the smaller ones, _by_kernel). fp32, 2-core AMD EPYC with AVX-512 and AVX512-BF16, no AMX,
-# prepacked / F.linear: the bench preset's q_a_proj (384 x 1024) 0.78x the time at 1 row, 0.36x at 4, 0.53x at 32,
-# 0.82x at 2048; its shared experts' 256 x 1024 1.20x at 1 row, 0.36x at 4, 0.84x at 2048, their 1024 x 256 0.61x
-# at 2048; 256 x 256 2.7x at 1 row, 0.86x at 32; 64 x 64 2.5-5.9x.
+# small matmul takes: weights under PACKED_MIN_NUMEL take no packed copy for those rows (the kernel keeps their few
+# rows, _by_kernel). Each row count makes oneDNN a primitive per weight shape (~0.57 MB at the bench preset's
+# sizes), so smaller weights stay off this path: with fp32 ones from 2^18 on it too, the decode row counts 17-256
+# grew the engine by 408 MB for the three shapes that added (2026-12-03 midday, taken out again).
 PACKED_MAX_ROWS = 256
-PACKED_MIN_NUMEL = 2**18
-PACKED_MIN_NUMEL_BF16 = 2**19
+PACKED_MIN_NUMEL = 2**19
+# fp32 weights from PACKED_BUCKETED_MIN_NUMEL (the bench preset's q_a_proj and shared experts) hold a packed copy for
+# a prefill's rows only (above PACKED_MAX_ROWS, bucketed below: a few primitives each), which F.linear's MKL sgemm
+# ran slower: prepacked / F.linear 0.82x the time for q_a_proj (384 x 1024) at 2048 rows, 0.84x and 0.61x for the
+# shared experts' 256 x 1024 and 1024 x 256 (fp32, 2-core AMD EPYC with AVX-512 and AVX512-BF16, no AMX).
+PACKED_BUCKETED_MIN_NUMEL = 2**18
 # Above PACKED_MAX_ROWS an fp32 input takes the prepacked copy too, its rows padded with zeros up to a multiple of
 # PACKED_ROW_BUCKET (up to PACKED_BUCKET_MAX_ROWS rows, the default per-step token budget; F.linear above): oneDNN
 # runs these at ~195 GFLOP/s against MKL's ~146 (bench preset o_proj at 2048 rows) and a prefill step of 8 x 256
@@ -124,14 +127,14 @@ PACKED_BUCKET_MAX_ROWS = 2048
 
 def pack_weight(weight: torch.Tensor, min_numel: int | None = None) -> torch.Tensor | None:
     """oneDNN's prepacked copy of a 2-D fp32 or bf16 CPU weight ``[out, in]``, or None where it does not pay
-    (weights under ``min_numel``, by default PACKED_MIN_NUMEL in fp32 and PACKED_MIN_NUMEL_BF16 in bf16; bf16
+    (weights under ``min_numel``, by default PACKED_BUCKETED_MIN_NUMEL in fp32 and PACKED_MIN_NUMEL in bf16; bf16
     without bf16 matrix instructions) or this torch build or machine has no such kernel (non-CPU devices, other
     dtypes). In bf16 on a CPU with AMX (bench preset, 8 rows, weights from DRAM) it reads the weights ~1.3-1.6x
     faster than ``F.linear``, which lays them out for AMX on every call."""
     if weight.dtype == torch.bfloat16 and auto_dtype("cpu").dtype != "bfloat16":
         return None
     if min_numel is None:
-        min_numel = PACKED_MIN_NUMEL_BF16 if weight.dtype == torch.bfloat16 else PACKED_MIN_NUMEL
+        min_numel = PACKED_BUCKETED_MIN_NUMEL if weight.dtype == torch.float32 else PACKED_MIN_NUMEL
     if weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16) or weight.dim() != 2 \
             or weight.numel() < min_numel:
         return None
@@ -180,15 +183,18 @@ def linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None = 
            kernel: Kernel | None = None, kernel_weight: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight)``; for inputs of few rows through ``kernel`` (``cpu_gemm.grouped_gemm``, where
     the weight fits it; reading ``kernel_weight``, ``kernel_copy(weight)``, where given) or ``packed``
-    (``pack_weight(weight)``; in fp32 also a prefill's rows, padded to a PACKED_ROW_BUCKET multiple). A
-    ``kernel_weight`` in column tiles (``linear_kernel_weight``) takes fp32 inputs of up to KERNEL_COL_MAX_ROWS."""
+    (``pack_weight(weight)``: up to PACKED_MAX_ROWS rows for weights from PACKED_MIN_NUMEL; in fp32 also a prefill's
+    rows, padded to a PACKED_ROW_BUCKET multiple). A ``kernel_weight`` in column tiles (``linear_kernel_weight``)
+    takes fp32 inputs of up to KERNEL_COL_MAX_ROWS."""
     if _by_columns(x, kernel, kernel_weight):
         return cpu_gemm.head_gemm(x[:, None], kernel_weight)[:, 0]
     if _by_kernel(x, weight, packed, kernel, kernel_weight):
         return kernel(x, (weight if kernel_weight is None else kernel_weight)[None], [x.shape[0]])
     rows = x.shape[0] if x.dim() == 2 else 0
-    if packed is not None and x.dtype == weight.dtype and 0 < rows and (rows <= PACKED_MAX_ROWS or (
-            x.dtype == torch.float32 and rows <= PACKED_BUCKET_MAX_ROWS and not records_grad(x, weight))):
+    few = rows <= PACKED_MAX_ROWS
+    if packed is not None and x.dtype == weight.dtype and 0 < rows and (
+            (few and weight.numel() >= PACKED_MIN_NUMEL)
+            or (not few and x.dtype == torch.float32 and rows <= PACKED_BUCKET_MAX_ROWS and not records_grad(x, weight))):
         if rows > PACKED_MAX_ROWS:
             x = pad_rows(x, PACKED_ROW_BUCKET)
         return packed_matmul(x, packed)[:rows]
@@ -232,7 +238,7 @@ def _by_kernel(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | Non
         return False
     if kernel_weight is not None and kernel_weight.dim() == 4:
         return False
-    if packed is None:  # too small to prepack, where oneDNN's per-call cost dominates
+    if packed is None or weight.numel() < PACKED_MIN_NUMEL:  # too small for oneDNN's per-call cost at few rows
         return True
     if x.dtype == torch.float32:
         return rows <= KERNEL_OVER_PACKED_MAX_ROWS or (kernel_weight is not None
