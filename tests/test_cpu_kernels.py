@@ -61,14 +61,19 @@ def test_packed_linear_leaves_many_rows_to_autograd():
 
 
 def test_pack_weight_declines_what_does_not_pay():
-    assert layers.pack_weight(torch.zeros(64, 64)) is None  # under PACKED_MIN_NUMEL: the call overhead dominates
+    assert layers.pack_weight(torch.zeros(64, 64)) is None  # under PACKED_BUCKETED_MIN_NUMEL: the call's cost dominates
     if HAS_PACKED:  # fp32 from PACKED_BUCKETED_MIN_NUMEL (a q_a_proj's 384 x 1024), bf16 only from PACKED_MIN_NUMEL
         assert layers.pack_weight(torch.zeros(384, 1024)) is not None
         assert layers.pack_weight(torch.zeros(384, 1024, dtype=torch.bfloat16)) is None
+    assert layers.pack_weight(torch.zeros(4, 1024, 1024)) is None
+    assert layers.pack_weight(torch.zeros(1024, 1024, dtype=torch.float16)) is None
+    if auto_dtype("cpu").dtype != "bfloat16":  # no bf16 matrix instructions: bf16 stays with F.linear
+        assert layers.pack_weight(torch.zeros(1024, 1024, dtype=torch.bfloat16)) is None
 
 
 @pytest.mark.skipif(not HAS_PACKED, reason="this torch build has no oneDNN prepacked fp32 matmul")
-@pytest.mark.parametrize("rows", [3, 64, layers.PACKED_MAX_ROWS, layers.PACKED_MAX_ROWS + 1, 2 * layers.PACKED_ROW_BUCKET])
+@pytest.mark.parametrize("rows", [3, 64, layers.PACKED_MAX_ROWS, layers.PACKED_MAX_ROWS + 1,
+                                  2 * layers.PACKED_ROW_BUCKET])
 def test_a_smaller_weights_packed_copy_takes_only_a_prefills_rows(rows, monkeypatch):
     """An fp32 weight under PACKED_MIN_NUMEL (from PACKED_BUCKETED_MIN_NUMEL) goes through its packed copy only above
     PACKED_MAX_ROWS, bucketed, so that decode batches make oneDNN no primitive per row count; fewer rows take the
@@ -85,11 +90,8 @@ def test_a_smaller_weights_packed_copy_takes_only_a_prefills_rows(rows, monkeypa
     with torch.inference_mode():
         out = layers.linear(x, w, packed)
     torch.testing.assert_close(out, F.linear(x, w), rtol=1e-4, atol=1e-4)
-    assert shapes == ([] if rows <= layers.PACKED_MAX_ROWS else [-(-rows // layers.PACKED_ROW_BUCKET) * layers.PACKED_ROW_BUCKET])
-    assert layers.pack_weight(torch.zeros(4, 1024, 1024)) is None
-    assert layers.pack_weight(torch.zeros(1024, 1024, dtype=torch.float16)) is None
-    if auto_dtype("cpu").dtype != "bfloat16":  # no bf16 matrix instructions: bf16 stays with F.linear
-        assert layers.pack_weight(torch.zeros(1024, 1024, dtype=torch.bfloat16)) is None
+    bucketed = -(-rows // layers.PACKED_ROW_BUCKET) * layers.PACKED_ROW_BUCKET
+    assert shapes == ([] if rows <= layers.PACKED_MAX_ROWS else [bucketed])
 
 
 @pytest.mark.skipif(auto_dtype("cpu").dtype != "bfloat16" or not HAS_PACKED,

@@ -194,7 +194,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None = 
     few = rows <= PACKED_MAX_ROWS
     if packed is not None and x.dtype == weight.dtype and 0 < rows and (
             (few and weight.numel() >= PACKED_MIN_NUMEL)
-            or (not few and x.dtype == torch.float32 and rows <= PACKED_BUCKET_MAX_ROWS and not records_grad(x, weight))):
+            or (not few and x.dtype == torch.float32 and rows <= PACKED_BUCKET_MAX_ROWS
+                and not records_grad(x, weight))):
         if rows > PACKED_MAX_ROWS:
             x = pad_rows(x, PACKED_ROW_BUCKET)
         return packed_matmul(x, packed)[:rows]
@@ -229,10 +230,10 @@ def _by_columns(x: torch.Tensor, kernel: Kernel | None, kernel_weight: torch.Ten
 def _by_kernel(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None, kernel: Kernel | None,
                kernel_weight: torch.Tensor | None = None) -> bool:
     """Whether ``linear`` runs ``x`` through ``kernel`` (reading ``kernel_weight``, else ``weight``), up to
-    KERNEL_MAX_ROWS rows. A weight without a prepacked copy always. fp32: up to KERNEL_OVER_PACKED_MAX_ROWS
-    rows unless the kernel reads a bf16 copy. bf16: up to DOT_MAX_ROWS rows by AVX512-BF16; without it (x
-    widened to fp32 in the kernel) AMX streams the large ones faster. Never a ``kernel_weight`` in column
-    tiles (``_by_columns``)."""
+    KERNEL_MAX_ROWS rows. A weight without a prepacked copy, or under PACKED_MIN_NUMEL, always. fp32: up to
+    KERNEL_OVER_PACKED_MAX_ROWS rows unless the kernel reads a bf16 copy. bf16: up to DOT_MAX_ROWS rows by
+    AVX512-BF16; without it (x widened to fp32 in the kernel) AMX streams the large ones faster. Never a
+    ``kernel_weight`` in column tiles (``_by_columns``)."""
     rows = x.shape[0]
     if kernel is None or x.dim() != 2 or x.dtype != weight.dtype or not 0 < rows <= KERNEL_MAX_ROWS:
         return False
